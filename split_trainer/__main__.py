@@ -1,0 +1,71 @@
+"""Entry point: ``torchrun --nproc_per_node 4 -m split_trainer --config configs/mnist.yaml``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m split_trainer", description="Split-learning trainer.")
+    parser.add_argument("--config", help="YAML config file (defaults apply to keys it omits)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set train.max_steps=60 data.root=DIR")
+    parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                        help="auto: newest complete checkpoint, else a fresh start (default); never; or a "
+                             "checkpoint folder")
+    parser.add_argument("--quiet", action="store_true", help="print only errors and the final summary")
+    return parser.parse_args(argv)
+
+
+def _say(where: str, message: str) -> None:
+    print(f"split_trainer: {where}error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file or pipe as they happen
+    # torch's C++ side logs every torn pipe with a stack of frames when a peer dies; the central's
+    # one-line reason says it better. TORCH_CPP_LOG_LEVEL=INFO brings them back.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+    where = ""
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from .topology import set_threads, topology_from_env  # torch imports after argument checks
+
+        topo = topology_from_env(cfg)
+        where = f"[{topo.name}] "
+        threads = set_threads(cfg.train.threads, topo.local_world_size)
+        if topo.is_central:
+            from .central import run_central
+            run_central(cfg, topo, threads, args.resume, args.quiet)
+        else:
+            from .edge import serve
+            serve(topo, cfg)
+        return 0
+    except ConfigError as exc:
+        _say(where, str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _say(where, "interrupted")
+        return 130
+    except Exception as exc:  # one line for the person; the cause chain is not for them
+        text = str(exc).strip().splitlines()
+        _say(where, text[0][:400] if text else type(exc).__name__)
+        from torch.distributed import rpc
+        try:
+            rpc.shutdown(graceful=False)  # a dead or hung peer would block a graceful one
+        except Exception:
+            pass
+        return 1
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # RPC and loader threads can keep a failed process alive; the outcome is already decided.
+    os._exit(code) if code else sys.exit(0)

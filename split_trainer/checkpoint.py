@@ -1,0 +1,155 @@
+"""Checkpoints of both sides, written by the central, one folder per step.
+
+A checkpoint is written into a hidden temporary folder, every file fsynced, a manifest (sizes
+and SHA-256 of every file) written last, and the folder renamed to ``step_<N>``: a folder with
+that name and a manifest that matches its files is complete, and nothing else counts. A kill
+at any moment therefore leaves the newest complete checkpoint loadable. Files are read back with
+``torch.load(weights_only=True)``, so a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError
+from .metrics import atomic_write
+
+PATTERN = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Loaded:
+    path: Path
+    manifest: dict[str, Any]
+    parts: dict[str, Any]  # file stem -> loaded object ("central", "edge1", ...)
+
+    @property
+    def step(self) -> int:
+        return self.manifest["step"]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save(directory: Path, step: int, parts: dict[str, Any], meta: dict[str, Any], keep: int) -> tuple[Path, int]:
+    """Write ``parts`` (stem -> object) as step ``step``; return (folder, bytes written)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{step:08d}"
+    tmp = directory / f".step_{step:08d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files, total = {}, 0
+    for stem, obj in parts.items():
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        data = buffer.getvalue()
+        atomic_write(tmp / f"{stem}.pt", lambda f: f.write(data))
+        files[f"{stem}.pt"] = {"bytes": len(data), "sha256": _sha256(data)}
+        total += len(data)
+    manifest = {**meta, "step": step, "files": files, "written_at": time.time()}
+    atomic_write(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    if final.exists():  # an earlier attempt reached the same step: replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    _prune(directory, keep)
+    return final, total
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(directory: Path, keep: int) -> None:
+    for old in complete_candidates(directory)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Remove half-written folders left by a kill during a save."""
+    if directory.is_dir():
+        for path in directory.glob(".step_*.tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def complete_candidates(directory: Path) -> list[Path]:
+    """Checkpoint folders that have a manifest, newest first (contents not yet verified)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if PATTERN.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def load(path: Path) -> Loaded:
+    """Load and verify one checkpoint folder; raise ValueError saying what is wrong."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: no readable {MANIFEST} ({exc})") from None
+    parts = {}
+    for name, info in files.items():
+        try:
+            data = (path / name).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{path / name}: {exc.strerror}") from None
+        if len(data) != info["bytes"] or _sha256(data) != info["sha256"]:
+            raise ValueError(f"{path / name}: {len(data)} bytes, expected {info['bytes']} (truncated or altered)")
+        try:
+            parts[name.removesuffix(".pt")] = torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path / name}: not loadable ({str(exc).splitlines()[0][:200]})") from None
+    return Loaded(path, manifest, parts)
+
+
+def find_resumable(directory: Path, warn) -> Loaded | None:
+    """The newest checkpoint that loads and verifies; broken ones are skipped with a warning."""
+    for path in complete_candidates(directory):
+        try:
+            return load(path)
+        except ValueError as exc:
+            warn(f"skipping checkpoint {exc}")
+    return None
+
+
+def resolve(resume: str, directory: Path, warn) -> Loaded | None:
+    """Apply ``--resume auto|never|PATH``."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return find_resumable(directory, warn)
+    path = Path(resume)
+    if not (path / MANIFEST).is_file():
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no {MANIFEST}); "
+                          f"pass a step_NNNNNNNN folder, auto or never")
+    try:
+        return load(path)
+    except ValueError as exc:
+        raise ConfigError(f"--resume {resume}: {exc}") from None
+
+
+def check_fingerprint(loaded: Loaded, expected: dict[str, Any]) -> None:
+    """Refuse a checkpoint written for another topology or model layout."""
+    found = loaded.manifest.get("fingerprint", {})
+    for key, value in expected.items():
+        theirs = found.get(key)
+        if json.loads(json.dumps(theirs)) != json.loads(json.dumps(value)):
+            raise ConfigError(f"checkpoint {loaded.path} was written for {key}={theirs}, but the config gives "
+                              f"{key}={value}: run with the same topology and model, or --resume never")

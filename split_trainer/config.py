@@ -1,0 +1,254 @@
+"""Typed, validated run configuration: YAML file plus dotted ``KEY=VALUE`` overrides.
+
+Every check lives here so that a bad value fails on every rank before any process
+group, RPC agent or data set is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A usage or configuration mistake: reported as one line, exit code 2."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class TopologyConfig:
+    edges: int = 3
+    """Number of edge ranks (1..N); the job runs with world size 1 + edges, rank 0 being the central."""
+
+    def __post_init__(self) -> None:
+        _require(self.edges >= 1, f"topology.edges must be at least 1, got {self.edges}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mnist_cnn"
+    """Architecture name from the model registry (split_trainer.models)."""
+    split: str = "pool"
+    """Name of the last layer that runs on the edges; every later layer runs on the central."""
+    dropout: bool = True
+    """False replaces the dropout layers by identities (used by the equivalence test)."""
+
+
+@dataclass
+class DataConfig:
+    name: Literal["mnist"] = "mnist"
+    """Data set name."""
+    root: str = "data/mnist"
+    """Folder with the four MNIST IDX files (gzip or raw), directly or as MNIST/raw/."""
+    download: bool = False
+    """Download MNIST into root with torchvision when the files are missing."""
+    batch_size: int = 64
+    """Training samples per batch (one batch goes to one edge)."""
+    eval_batch_size: int = 1000
+    """Test samples per evaluation batch."""
+    num_workers: int = 0
+    """DataLoader worker processes on the central; 0 slices batches in the central itself."""
+    limit_train: Optional[int] = None
+    """Use only the first N training samples (quick runs and tests); null means all."""
+    limit_test: Optional[int] = None
+    """Use only the first N test samples; null means all."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, f"data.batch_size must be at least 1, got {self.batch_size}")
+        _require(self.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {self.eval_batch_size}")
+        _require(self.num_workers >= 0, f"data.num_workers must be 0 or more, got {self.num_workers}")
+        for key in ("limit_train", "limit_test"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"data.{key} must be null or at least 1, got {value}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    """Passes over the training set."""
+    max_steps: Optional[int] = None
+    """Stop after this many steps (batches) in total, even mid-epoch; null means no cap."""
+    optimizer: Literal["sgd", "adadelta", "adam"] = "sgd"
+    """torch.optim optimizer used on both sides (one instance per segment)."""
+    lr: float = 0.05
+    """Learning rate of the first epoch."""
+    lr_gamma: float = 0.7
+    """Learning rate multiplier applied at each epoch end (StepLR, step size 1 epoch)."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by other optimizers)."""
+    weight_decay: float = 0.0
+    """L2 penalty, for every optimizer."""
+    seed: int = 1
+    """Seeds weights, data order and dropout: the same seed and config give the same run."""
+    edge_sync_every: int = 20
+    """Average the edges' segment replicas every this many steps (and at every epoch end)."""
+    threads: int = 0
+    """Intra-op threads per rank; 0 divides the cores available by the ranks on this node."""
+    engine: Literal["autograd", "relay"] = "autograd"
+    """autograd: distributed autograd reaches the edge; relay: the central sends the activation
+    gradient and the edge backprops and steps by itself while the head moves on (same gradients)."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
+        _require(self.max_steps is None or self.max_steps >= 1,
+                 f"train.max_steps must be null or at least 1, got {self.max_steps}")
+        _require(self.lr > 0, f"train.lr must be positive, got {self.lr}")
+        _require(0 < self.lr_gamma <= 1, f"train.lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        _require(0 <= self.momentum < 1, f"train.momentum must be in [0, 1), got {self.momentum}")
+        _require(self.weight_decay >= 0, f"train.weight_decay must be 0 or more, got {self.weight_decay}")
+        _require(self.seed >= 0, f"train.seed must be 0 or more, got {self.seed}")
+        _require(self.edge_sync_every >= 1, f"train.edge_sync_every must be at least 1, got {self.edge_sync_every}")
+        _require(self.threads >= 0, f"train.threads must be 0 (auto) or more, got {self.threads}")
+
+
+@dataclass
+class RpcConfig:
+    timeout_s: float = 120.0
+    """Longest wait for any RPC, rendezvous or peer; a silent peer past it ends the job."""
+    num_worker_threads: int = 8
+    """TensorPipe worker threads per rank."""
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, f"rpc.timeout_s must be positive, got {self.timeout_s}")
+        _require(self.num_worker_threads >= 2,
+                 f"rpc.num_worker_threads must be at least 2, got {self.num_worker_threads}")
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = "runs/mnist"
+    """Folder for config.yaml, metrics.jsonl, summary.json and model.pt."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Checkpoint folder; null means <run_dir>/checkpoints."""
+    every_steps: int = 200
+    """Save every this many steps, and at every epoch end."""
+    keep: int = 3
+    """Newest complete checkpoints kept; older ones are removed."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, f"checkpoint.every_steps must be at least 1, got {self.every_steps}")
+        _require(self.keep >= 1, f"checkpoint.keep must be at least 1, got {self.keep}")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 50
+    """Write a metrics line (and a plain console line without a terminal) every this many steps."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, f"logging.every_steps must be at least 1, got {self.every_steps}")
+
+
+@dataclass
+class Config:
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rpc: RpcConfig = field(default_factory=RpcConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def world_size(self) -> int:
+        return 1 + self.topology.edges
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML alone reads ``1e-3`` as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """Return value (ints widened to float where a float is wanted) or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        _require(value in choices, f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _check_type(value, args[0], key)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    _require(ok, f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    _require(isinstance(raw, dict), f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        _require(key in names, f"unknown config key {prefix}{key} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], value parsed as a YAML scalar)."""
+    key, sep, value = text.partition("=")
+    _require(bool(sep) and bool(key.strip()), f"override {text!r} must look like KEY=VALUE, e.g. train.lr=0.1")
+    try:
+        parsed = yaml.load(value, Loader=_Loader) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    _require(not isinstance(parsed, (dict, list)), f"override {text!r}: the value must be a scalar")
+    return key.strip().split("."), parsed
+
+
+def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config:
+    """Read the YAML file (or defaults when path is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        _require(path.is_file(), f"config file {path} not found: pass --config with a YAML file, e.g. configs/mnist.yaml")
+        try:
+            raw = yaml.load(path.read_text(), Loader=_Loader) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}: fix its syntax") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            _require(isinstance(node, dict), f"override {text!r}: {part} is not a section")
+        node[keys[-1]] = value
+    return _build(Config, raw, "")

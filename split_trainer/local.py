@@ -1,0 +1,31 @@
+"""Single-process training of the same model on the same batches: the reference that split
+training is checked against (equivalence test) and measured against (benchmark)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .data import Split, epoch_order
+from .models import build_plan
+from .optim import lr_at, make_optimizer, set_lr
+
+
+def train_local(cfg: Config, train: Split, steps: int) -> nn.Sequential:
+    """Train the full model for ``steps`` batches in the split trainer's batch order and lr schedule."""
+    model = build_plan(cfg.model, cfg.train.seed).full  # also seeds the RNG exactly as the central does
+    optimizer = make_optimizer(cfg.train, model.parameters())
+    per_epoch = -(-len(train) // cfg.data.batch_size)
+    step = 0
+    while step < steps:
+        epoch = step // per_epoch
+        set_lr(optimizer, lr_at(cfg.train, epoch))
+        for idx in epoch_order(len(train), cfg.data.batch_size, cfg.train.seed, epoch)[: steps - step]:
+            loss = F.cross_entropy(model(train.images[idx]), train.labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return model

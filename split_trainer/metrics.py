@@ -1,0 +1,89 @@
+"""Run outputs: atomic file writes, the metrics.jsonl event log, and step-window statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, IO
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through ``write(fileobj)`` to a temporary name, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+class MetricsLog:
+    """Append-only JSON lines; each line is flushed whole, so a crash loses at most the last one.
+
+    ``keep_through=None`` starts a new log; a step keeps the records up to that step, so a run
+    resumed from a checkpoint logs every step once.
+    """
+
+    def __init__(self, path: str | Path, keep_through: int | None):
+        path = Path(path)
+        kept = []
+        if keep_through is not None and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= keep_through:
+                        kept.append(line + "\n")
+                except ValueError:  # a line torn by a kill
+                    pass
+        write_text(path, "".join(kept))
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, **record: Any) -> None:
+        record.setdefault("time", round(time.time(), 3))
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Window:
+    """Loss and throughput between reports, timed by when each step finished (not when it was logged)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.samples, self.loss_sum, self.batches = 0, 0.0, 0
+
+    def add(self, loss: float, finished_at: float, samples: int) -> None:
+        self.loss_sum += loss
+        self.batches += 1
+        self.samples += samples
+        self.last = finished_at
+
+    def take(self) -> tuple[float, float]:
+        """(mean loss, samples/s) over the window, then start a new one where it ended."""
+        elapsed = max(self.last - self.start, 1e-9)
+        result = self.loss_sum / max(self.batches, 1), self.samples / elapsed
+        self.start, self.samples, self.loss_sum, self.batches = self.last, 0, 0.0, 0
+        return result

@@ -1,0 +1,89 @@
+"""Shared helpers: the real MNIST files, and real torchrun launches on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = Path(os.environ.get("SPLIT_TRAINER_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    if not (MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"real MNIST not found at {MNIST}: set SPLIT_TRAINER_MNIST to the folder of the IDX files")
+    return MNIST
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MASTER_", "RANK", "WORLD_SIZE",
+                                                                      "LOCAL_RANK", "LOCAL_WORLD_SIZE"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+    return env
+
+
+def run(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout, kill the whole group and fail."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s:\n{out[-4000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # no rank outlives its test
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def torchrun_cmd(nproc: int, *args: str, max_restarts: int = 0) -> list[str]:
+    # --standalone: c10d rendezvous on localhost with a free port chosen by torchrun.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}", "-m", "split_trainer", *args]
+
+
+def quick_overrides(mnist: Path, run_dir: Path, edges: int, **keys: object) -> list[str]:
+    """Overrides for a small, fast run on a subset of the real MNIST."""
+    base = {"topology.edges": edges, "data.root": mnist, "output.run_dir": run_dir, "data.limit_train": 2048,
+            "data.limit_test": 1000, "rpc.timeout_s": 60, "logging.every_steps": 5}
+    base.update(keys)
+    return ["--set", *(f"{k}={v}" for k, v in base.items())]
+
+
+def rank_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of the worker that torchrun started with RANK=rank."""
+    children = [c for task in Path(f"/proc/{torchrun_pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    for child in children:
+        if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+            return int(child)
+    raise AssertionError(f"no worker with RANK={rank} under torchrun {torchrun_pid}")
+
+
+def run_and_kill(cmd: list[str], after_line: str, rank: int) -> tuple[int, str]:
+    """Start torchrun, SIGKILL the worker of ``rank`` once a line starts with ``after_line``."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(after_line):
+                os.kill(rank_pid(proc.pid, rank), signal.SIGKILL)
+                break
+        out, _ = proc.communicate(timeout=300)  # a hang fails here
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.returncode, "".join(lines) + out

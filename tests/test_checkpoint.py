@@ -1,0 +1,82 @@
+"""Checkpoint files: completeness, verification, pruning, kills during a write, refusals."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from split_trainer import checkpoint
+from split_trainer.config import ConfigError
+from conftest import ROOT, quick_overrides, run, torchrun_cmd
+
+
+def _parts(value: float) -> dict:
+    return {"central": {"w": torch.full((1000,), value)}, "edge1": {"w": torch.full((10,), value)}}
+
+
+def test_save_load_and_keep_newest(tmp_path):
+    for step in (10, 20, 30, 40):
+        checkpoint.save(tmp_path, step, _parts(step), {"fingerprint": {"edges": 1}}, keep=3)
+    assert [p.name for p in checkpoint.complete_candidates(tmp_path)] == ["step_00000040", "step_00000030",
+                                                                        "step_00000020"]
+    loaded = checkpoint.find_resumable(tmp_path, warn=pytest.fail)
+    assert loaded.step == 40 and torch.equal(loaded.parts["edge1"]["w"], torch.full((10,), 40.0))
+
+
+def test_truncated_file_is_skipped_for_the_previous_checkpoint(tmp_path):
+    for step in (10, 20):
+        checkpoint.save(tmp_path, step, _parts(step), {}, keep=3)
+    newest = tmp_path / "step_00000020" / "central.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    warnings = []
+    loaded = checkpoint.find_resumable(tmp_path, warn=warnings.append)
+    assert loaded.step == 10
+    assert len(warnings) == 1 and "step_00000020/central.pt" in warnings[0] and "truncated" in warnings[0]
+    with pytest.raises(ConfigError, match="truncated"):
+        checkpoint.resolve(str(tmp_path / "step_00000020"), tmp_path, warn=print)
+
+
+def test_a_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
+    # A real SIGKILL of a process in the middle of writing its second checkpoint.
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from split_trainer import checkpoint
+        directory = {str(tmp_path)!r}
+        from pathlib import Path
+        checkpoint.save(Path(directory), 10, {{"central": torch.ones(3), "edge1": torch.ones(2)}}, {{}}, keep=3)
+        real_save, calls = torch.save, []
+        def dying_save(obj, f):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_save(obj, f)
+        torch.save = dying_save
+        checkpoint.save(Path(directory), 20, {{"central": torch.zeros(3), "edge1": torch.zeros(2)}}, {{}}, keep=3)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120)
+    assert result.returncode == -9
+    assert any(p.name.startswith(".step_00000020.tmp") for p in tmp_path.iterdir())
+    loaded = checkpoint.find_resumable(tmp_path, warn=pytest.fail)
+    assert loaded.step == 10 and torch.equal(loaded.parts["central"], torch.ones(3))
+    checkpoint.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000010"]
+
+
+def test_checkpoint_files_load_with_weights_only(tmp_path):
+    checkpoint.save(tmp_path, 5, _parts(1.0), {}, keep=1)
+    torch.load(tmp_path / "step_00000005" / "central.pt", weights_only=True)
+    manifest = json.loads((tmp_path / "step_00000005" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"central.pt", "edge1.pt"}
+
+
+def test_checkpoint_from_another_topology_is_refused(mnist_root, tmp_path):
+    first = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **{"train.max_steps": 10,
+                                                                                 "checkpoint.every_steps": 5})))
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert (tmp_path / "checkpoints" / "step_00000010" / "manifest.json").is_file()
+    second = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path, edges=2, **{"train.max_steps": 20})))
+    assert second.returncode != 0 and "exitcode  : 2" in second.stdout
+    assert "was written for edges=1, but the config gives edges=2" in second.stdout

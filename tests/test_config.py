@@ -1,0 +1,101 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+from split_trainer.config import Config, ConfigError, load_config, parse_override
+from conftest import ROOT, child_env, run, torchrun_cmd
+
+
+def test_shipped_config_is_one_central_three_edges():
+    cfg = load_config(ROOT / "configs" / "mnist.yaml")
+    assert cfg.topology.edges == 3 and cfg.world_size == 4
+    assert cfg.model.name == "mnist_cnn" and cfg.model.split == "pool"
+
+
+def test_overrides_parse_yaml_scalars_and_dotted_keys():
+    cfg = load_config(None, ["train.max_steps=60", "train.lr=1e-2", "data.root=/x/y", "model.dropout=false",
+                             "train.max_steps=70"])
+    assert cfg.train.max_steps == 70 and cfg.train.lr == 0.01 and cfg.data.root == "/x/y"
+    assert cfg.model.dropout is False
+    assert parse_override("train.max_steps=null") == (["train", "max_steps"], None)
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+
+
+@pytest.mark.parametrize("override, words", [
+    (["train.bogus=1"], "unknown config key train.bogus"),
+    (["nosection.x=1"], "unknown config key nosection"),
+    (["train.epochs=two"], "train.epochs must be int"),
+    (["train.epochs=1.5"], "train.epochs must be int"),
+    (["data.download=1"], "data.download must be bool"),
+    (["train.seed=true"], "train.seed must be int"),
+    (["train.epochs=0"], "train.epochs must be at least 1"),
+    (["train.lr=-0.1"], "train.lr must be positive"),
+    (["train.lr_gamma=1.5"], "train.lr_gamma must be in (0, 1]"),
+    (["train.momentum=1"], "train.momentum must be in [0, 1)"),
+    (["topology.edges=0"], "topology.edges must be at least 1"),
+    (["data.batch_size=0"], "data.batch_size must be at least 1"),
+    (["train.optimizer=lbfgs"], "train.optimizer must be one of sgd, adadelta, adam"),
+    (["rpc.timeout_s=0"], "rpc.timeout_s must be positive"),
+    (["train.edge_sync_every=0"], "train.edge_sync_every must be at least 1"),
+    (["data.name=cifar"], "data.name must be one of mnist"),
+    (["train=3"], "train must be a mapping"),
+    (["novalue"], "must look like KEY=VALUE"),
+])
+def test_bad_values_name_the_key(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    assert words in str(err.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.max_steps=5"])
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+def _cli(*args: str):
+    return run([sys.executable, "-m", "split_trainer", *args], timeout=120)
+
+
+def test_cli_bad_value_exits_2_with_one_line():
+    result = _cli("--config", "configs/mnist.yaml", "--set", "train.lr=fast")
+    assert result.returncode == 2
+    assert result.stdout.strip() == "split_trainer: error: train.lr must be float, got str 'fast'"
+
+
+def test_cli_world_size_mismatch_exits_2():
+    result = _cli("--config", "configs/mnist.yaml")  # no torchrun: world size 1
+    assert result.returncode == 2
+    assert "world size 1 does not match topology.edges=3" in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+def test_torchrun_world_size_mismatch_exits_2_on_every_rank(tmp_path):
+    result = run(torchrun_cmd(2, "--config", "configs/mnist.yaml", "--set", f"output.run_dir={tmp_path}"),
+                 timeout=180)
+    assert result.returncode != 0
+    assert "world size 2 does not match topology.edges=3: 1 central + 3 edges needs 4 ranks" in result.stdout
+    assert "exitcode  : 2" in result.stdout  # torchrun's report of the ranks' exit code
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_missing_data_exits_2_before_training(tmp_path):
+    result = run(torchrun_cmd(2, "--set", "topology.edges=1", f"data.root={tmp_path / 'nowhere'}",
+                              f"output.run_dir={tmp_path / 'run'}"), timeout=180)
+    assert "lacks MNIST file(s) train-images-idx3-ubyte" in result.stdout
+    assert "exitcode  : 2" in result.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

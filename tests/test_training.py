@@ -1,0 +1,60 @@
+"""Real torchrun launches of the trainer on loopback, on real MNIST."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from split_trainer.config import load_config
+from split_trainer.data import load_mnist
+from split_trainer.local import train_local
+from conftest import quick_overrides, run, run_and_kill, torchrun_cmd
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_central_two_edges_trains_and_reports(mnist_root, tmp_path):
+    result = run(torchrun_cmd(3, "--config", "configs/mnist.yaml",
+                              *quick_overrides(mnist_root, tmp_path, edges=2, **{"train.epochs": 1})))
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 32 and summary["epochs"] == 1.0  # 2048 samples / batch 64
+    assert summary["samples_per_s"] > 0 and summary["wall_time_s"] > 0
+    steps = [r for r in _records(tmp_path) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(5, 33, 5)) + [32]
+    assert steps[-1]["loss"] < 0.7 * steps[0]["loss"], steps
+    evals = [r for r in _records(tmp_path) if r.get("event") == "eval"]
+    assert len(evals) == 1 and evals[0]["test_accuracy"] == summary["test_accuracy"] > 0.5
+    assert load_config(tmp_path / "config.yaml").topology.edges == 2
+    assert "Traceback" not in result.stdout
+
+
+def test_split_training_equals_local_training(mnist_root, tmp_path):
+    """1 edge, no dropout, plain SGD: after 20 steps the parameters equal single-process training."""
+    keys = {"train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
+            "train.max_steps": 20, "train.seed": 5}
+    result = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **keys)))
+    assert result.returncode == 0, result.stdout[-3000:]
+    split = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+
+    cfg = load_config(tmp_path / "config.yaml")
+    train, _ = load_mnist(cfg.data)
+    local = train_local(cfg, train, steps=20).state_dict()
+    initial = train_local(cfg, train, steps=0).state_dict()
+    assert split.keys() == local.keys()
+    for key in local:
+        assert not torch.equal(local[key], initial[key])  # training moved every tensor
+        torch.testing.assert_close(split[key], local[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_a_killed_edge_ends_the_job_with_one_line(mnist_root, tmp_path):
+    cmd = torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path, edges=2, **{"train.epochs": 50}))
+    code, output = run_and_kill(cmd, after_line="step 10/", rank=2)
+    assert code != 0
+    central_lines = [l for l in output.splitlines() if l.startswith("split_trainer: [central] error:")]
+    assert len(central_lines) == 1 and "edge2 failed" in central_lines[0], output[-3000:]
+    assert "Traceback" not in output.split(central_lines[0])[0]  # torchrun's own report comes after ours
+    assert not (tmp_path / "summary.json").exists()
