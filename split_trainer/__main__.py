@@ -26,6 +26,9 @@ def _say(where: str, message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("evaluate", "export"):
+        return _standalone(argv)
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file or pipe as they happen
     # torch's C++ side logs every torn pipe with a stack of frames when a peer dies; the central's
@@ -61,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             pass
         return 1
+
+
+def _standalone(argv: list[str]) -> int:
+    try:
+        from .standalone import main as standalone_main
+        return standalone_main(argv)
+    except ConfigError as exc:
+        _say("", str(exc))
+        return 2
 
 
 if __name__ == "__main__":

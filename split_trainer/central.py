@@ -24,7 +24,8 @@ from torch.distributed import rpc
 from . import checkpoint, edge
 from .config import Config, ConfigError
 from .data import Split, batch_loader, epoch_order, eval_batches
-from .metrics import MetricsLog, Window, atomic_write
+from .metrics import MetricsLog, Window, atomic_write, resident_bytes
+from .wire import TRAIN_KINDS, EdgeLink, nbytes, summary as wire_summary
 from .models import build_plan
 from .optim import lr_at, make_optimizer, step_with
 from .progress import Console
@@ -89,6 +90,8 @@ class Central:
         # Every replica starts from the central's seeded weights: one model, N copies.
         self.rrefs = [rpc.remote(name, edge.EdgeSegment, args=(cfg.model, cfg.train, self.edge_state))
                       for name in self.names]
+        self.links = [EdgeLink(name, host) for name, host in zip(self.names, self._hosts())]
+        console.attach(self.links)
         self.pool = ThreadPoolExecutor(len(self.names), thread_name_prefix="edge-pipeline")
         self.test_batches = eval_batches(test, cfg.data.eval_batch_size)
         self.steps_per_epoch = -(-len(train) // cfg.data.batch_size)
@@ -102,9 +105,14 @@ class Central:
         checkpoint.remove_stale_temporaries(self.checkpoint_dir)
         loaded = checkpoint.resolve(resume, self.checkpoint_dir, console.warn)
         self.resumed_from = loaded.step if loaded else None
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through=self.resumed_from)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through=self.resumed_from,
+                                  tensorboard_dir=self.run_dir / "tb" if cfg.logging.tensorboard else None)
         if loaded:
             self._restore(loaded)
+
+    def _hosts(self) -> list[str]:
+        futures = [rpc.rpc_async(n, edge.describe) for n in self.names]
+        return [f.wait() for f in futures]
 
     def _restore(self, loaded: checkpoint.Loaded) -> None:
         """Continue exactly where the checkpoint was taken: weights, optimizers, RNG, data position."""
@@ -115,7 +123,7 @@ class Central:
         torch.set_rng_state(central["rng"])
         progress = central["progress"]
         self.step, self.last_eval = progress["step"], tuple(progress["last_eval"])
-        self._on_edges(edge.import_state, [(r, loaded.parts[n]) for n, r in zip(self.names, self.rrefs)])
+        self._on_edges(edge.import_state, [(r, loaded.parts[n]) for n, r in zip(self.names, self.rrefs)], "control")
         self.edge_state = loaded.parts[self.names[0]]["module"]
         self.metrics.write(event="resume", step=self.step, from_checkpoint=str(loaded.path),
                            attempt=self.topo.restart)
@@ -124,7 +132,7 @@ class Central:
     def _checkpoint(self) -> None:
         """Both sides' full state at a quiet point; the edges' parts travel over RPC."""
         started = time.perf_counter()
-        edge_parts = self._on_edges(edge.export_state, [(r,) for r in self.rrefs])
+        edge_parts = self._on_edges(edge.export_state, [(r,) for r in self.rrefs], "control")
         epoch, position = divmod(self.step, self.steps_per_epoch)
         central = {"head": self.head.state_dict(), "optimizer": self.head_opt.state_dict(),
                    "rng": torch.get_rng_state(),
@@ -194,10 +202,11 @@ class Central:
 
     def _guarded(self, lane_fn, k: int, lane: list[Batch], turns: Turns, lr: float) -> None:
         try:
-            lane_fn(self.names[k], self.rrefs[k], lane, turns, lr)
+            lane_fn(self.links[k], self.rrefs[k], lane, turns, lr)
         except JobError:
             raise
         except Exception as exc:
+            self.links[k].lost = True
             raise JobError(f"{self.names[k]} failed: {_short(exc)}") from exc
 
     def _head_step(self, batch: Batch, act: torch.Tensor, turns: Turns, lr: float, ctx: int | None = None):
@@ -217,55 +226,75 @@ class Central:
         turns.done(batch.step)
         return act_grad
 
-    def _autograd_lane(self, name: str, rref: rpc.RRef, lane: list[Batch], turns: Turns, lr: float) -> None:
+    @staticmethod
+    def _call(link: EdgeLink, fn, args: tuple, sent: dict[str, int]) -> Any:
+        """One timed call on the hot path; the reply is an activation (or None)."""
+        started = time.perf_counter()
+        reply = rpc.rpc_async(link.name, fn, args=args).wait()
+        link.call(time.perf_counter() - started, sent, {"activations": nbytes(reply)})
+        return reply
+
+    def _autograd_lane(self, link: EdgeLink, rref: rpc.RRef, lane: list[Batch], turns: Turns, lr: float) -> None:
         for batch in lane:
             with dist_autograd.context() as ctx:
-                act = rpc.rpc_async(name, edge.train_forward, args=(rref, batch.x)).wait()
+                act = self._call(link, edge.train_forward, (rref, batch.x), {"inputs": nbytes(batch.x)})
                 self._head_step(batch, act, turns, lr, ctx)
-                rpc.rpc_async(name, edge.apply_step, args=(rref, ctx, lr)).wait()
+                link.batches += 1
+                # distributed autograd carried d loss / d act to the edge inside backward()
+                self._call(link, edge.apply_step, (rref, ctx, lr), {"activation_grads": nbytes(act)})
 
-    def _relay_lane(self, name: str, rref: rpc.RRef, lane: list[Batch], turns: Turns, lr: float) -> None:
-        act = rpc.rpc_async(name, edge.relay, args=(rref, lane[0].x, None, lr)).wait()
+    def _relay_lane(self, link: EdgeLink, rref: rpc.RRef, lane: list[Batch], turns: Turns, lr: float) -> None:
+        act = self._call(link, edge.relay, (rref, lane[0].x, None, lr), {"inputs": nbytes(lane[0].x)})
         for j, batch in enumerate(lane):
             grad = self._head_step(batch, act.requires_grad_(), turns, lr)
+            link.batches += 1
             # One call carries this batch's gradient and the next batch's input.
             following = lane[j + 1].x if j + 1 < len(lane) else None
-            act = rpc.rpc_async(name, edge.relay, args=(rref, following, grad, lr)).wait()
+            act = self._call(link, edge.relay, (rref, following, grad, lr),
+                             {"inputs": nbytes(following), "activation_grads": nbytes(grad)})
 
-    def _on_edges(self, fn, per_edge_args: list[tuple]) -> list[Any]:
+    def _on_edges(self, fn, per_edge_args: list[tuple], kind: str) -> list[Any]:
         """Call ``fn`` on every edge at once (edge k gets per_edge_args[k]) and wait for all."""
+        started = time.perf_counter()
         futures = [rpc.rpc_async(n, fn, args=args) for n, args in zip(self.names, per_edge_args)]
         results = []
-        for name, fut in zip(self.names, futures):
+        for link, args, fut in zip(self.links, per_edge_args, futures):
             try:
                 results.append(fut.wait())
             except Exception as exc:
-                raise JobError(f"{name} failed: {_short(exc)}") from exc
+                link.lost = True
+                raise JobError(f"{link.name} failed: {_short(exc)}") from exc
+            link.call(time.perf_counter() - started, {kind: nbytes(args)}, {kind: nbytes(results[-1])})
         return results
 
     def _sync_edges(self) -> None:
         """Average the replicas' parameters and buffers and push the average back."""
-        states = self._on_edges(edge.get_state, [(r,) for r in self.rrefs])
+        states = self._on_edges(edge.get_state, [(r,) for r in self.rrefs], "control")
         if len(states) > 1:
             self.edge_state = {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
                                for k, v in states[0].items()}
-            self._on_edges(edge.set_state, [(r, self.edge_state) for r in self.rrefs])
+            self._on_edges(edge.set_state, [(r, self.edge_state) for r in self.rrefs], "control")
         else:
             self.edge_state = states[0]
 
     # -- evaluation and records -------------------------------------------------------------
     def _evaluate(self, epoch: int) -> None:
         """Test loss and accuracy of the synchronised model, test batches spread over the edges."""
-        futures = [rpc.rpc_async(self.names[j % len(self.names)], edge.infer, args=(self.rrefs[j % len(self.names)], x))
+        n = len(self.names)
+        futures = [rpc.rpc_async(self.names[j % n], edge.infer, args=(self.rrefs[j % n], x))
                    for j, (x, _) in enumerate(self.test_batches)]
         loss_sum, correct, count = 0.0, 0, 0
         self.head.eval()
         with torch.no_grad():
-            for j, (fut, (_, y)) in enumerate(zip(futures, self.test_batches)):
+            for j, (fut, (x, y)) in enumerate(zip(futures, self.test_batches)):
+                link = self.links[j % n]
                 try:
-                    logits = self.head(fut.wait())
+                    act = fut.wait()
                 except Exception as exc:
-                    raise JobError(f"{self.names[j % len(self.names)]} failed in evaluation: {_short(exc)}") from exc
+                    link.lost = True
+                    raise JobError(f"{link.name} failed in evaluation: {_short(exc)}") from exc
+                link.count({"eval": nbytes(x)}, {"eval": nbytes(act)})
+                logits = self.head(act)
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
                 correct += int((logits.argmax(1) == y).sum())
                 count += len(y)
@@ -284,8 +313,18 @@ class Central:
             if step % every == 0 or step == self.total_steps:
                 loss, speed = window.take()
                 epoch = batch.step // self.steps_per_epoch
-                self.metrics.write(step=step, epoch=epoch + 1, loss=loss, samples_per_s=speed)
-                self.console.steps(step, epoch, loss, speed, plain=True)
+                sent = sum(link.sent[k] for link in self.links for k in TRAIN_KINDS)
+                received = sum(link.received[k] for link in self.links for k in TRAIN_KINDS)
+                self.metrics.write(step=step, epoch=epoch + 1, loss=loss, samples_per_s=speed,
+                                   bytes_sent=sent, bytes_received=received,
+                                   call_ms={link.name: round(link.round_trip_ms()[0], 3) for link in self.links},
+                                   rss_mb=self._memory_mb())
+                self.console.steps(step, epoch, loss, speed)
+
+    def _memory_mb(self) -> dict[str, float]:
+        """Resident memory of every rank: flat in a healthy run (contexts and futures are released)."""
+        edges = self._on_edges(edge.rss, [()] * len(self.names), "control")
+        return {name: round(b / 2**20, 1) for name, b in zip(["central", *self.names], [resident_bytes(), *edges])}
 
     def merged_state(self) -> dict[str, torch.Tensor]:
         """The one synchronised model: edge segment + head, under the full model's layer names."""
@@ -299,36 +338,42 @@ class Central:
                 "wall_time_s": round(wall, 3), "train_time_s": round(self.train_time, 3),
                 "samples_per_s": self.samples / max(self.train_time, 1e-9),
                 "checkpoint_time_s": round(self.checkpoint_time, 3),
-                "edges": len(self.names), "restarts": self.topo.restart, "resumed_from_step": self.resumed_from}
+                "edges": len(self.names), "restarts": self.topo.restart, "resumed_from_step": self.resumed_from,
+                "bytes": wire_summary(self.links, self.samples)}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
 
 
+def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
+    edges = ", ".join(f"{link.name} (rank {i + 1}, {link.host})" for i, link in enumerate(central.links))
+    edge_layers = central.layout[0][1]
+    return {"topology": f"central (rank 0) + {len(central.links)} edges: {edges}",
+            "model": f"{cfg.model.name}, edges run {edge_layers[0]}..{edge_layers[-1]}, engine {cfg.train.engine}",
+            "data": f"{cfg.data.root} ({len(central.train_split)} train / {sum(len(y) for _, y in central.test_batches)} test)",
+            "settings": f"batch {cfg.data.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, {cfg.train.epochs} "
+                        f"epochs ({central.total_steps} steps), sync every {cfg.train.edge_sync_every} steps, "
+                        f"{threads} thread(s)/rank",
+            "outputs": f"{central.run_dir} (checkpoints in {central.checkpoint_dir})"}
+
+
 def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto", quiet: bool = False) -> dict[str, Any]:
     """Load data, bring RPC up, train, write the outputs, and release the edges."""
     from .data import load_mnist
-    from .metrics import write_json, write_text
+    from .metrics import tensorboard_writer, write_json, write_text
     from .topology import init_rpc
 
     train, test = load_mnist(cfg.data)  # a bad data path fails here, before any RPC
     run_dir = Path(cfg.output.run_dir)
+    if cfg.logging.tensorboard:  # a missing extra fails here too, before any RPC
+        tensorboard_writer(run_dir / "tb").close()
     write_text(run_dir / "config.yaml", cfg.to_yaml())
     init_rpc(topo, cfg)
-    central = None
-    steps_per_epoch = -(-len(train) // cfg.data.batch_size)
-    console = Console(min(steps_per_epoch * cfg.train.epochs, cfg.train.max_steps or 1 << 62), quiet=quiet)
+    central, console = None, Console(quiet=quiet)
     try:
         central = Central(cfg, topo, train, test, console, resume)
-        console.banner({"topology": f"central (rank 0) + {topo.edges} edges: "
-                                    + ", ".join(f"{n} (rank {i + 1})" for i, n in enumerate(central.names)),
-                        "model": f"{cfg.model.name}, edge runs {central.layout[0][1][0]}..{central.layout[0][1][-1]}",
-                        "data": f"{cfg.data.root} ({len(train)} train / {len(test)} test)",
-                        "settings": f"batch {cfg.data.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, "
-                                    f"{cfg.train.epochs} epochs, sync every {cfg.train.edge_sync_every} steps, "
-                                    f"{threads} thread(s)/rank",
-                        "run_dir": str(run_dir)})
+        console.banner(_banner(cfg, central, threads), central.total_steps)
         summary = central.train()
         write_json(run_dir / "summary.json", summary)
         console.close(summary)

@@ -6,6 +6,7 @@ group, RPC agent or data set is touched.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -75,7 +76,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5
+    epochs: int = 6
     """Passes over the training set."""
     max_steps: Optional[int] = None
     """Stop after this many steps (batches) in total, even mid-epoch; null means no cap."""
@@ -95,7 +96,7 @@ class TrainConfig:
     """Average the edges' segment replicas every this many steps (and at every epoch end)."""
     threads: int = 0
     """Intra-op threads per rank; 0 divides the cores available by the ranks on this node."""
-    engine: Literal["autograd", "relay"] = "autograd"
+    engine: Literal["autograd", "relay"] = "relay"
     """autograd: distributed autograd reaches the edge; relay: the central sends the activation
     gradient and the edge backprops and steps by itself while the head moves on (same gradients)."""
 
@@ -149,6 +150,8 @@ class CheckpointConfig:
 class LoggingConfig:
     every_steps: int = 50
     """Write a metrics line (and a plain console line without a terminal) every this many steps."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard scalars under <run_dir>/tb (needs the tensorboard extra)."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 1, f"logging.every_steps must be at least 1, got {self.every_steps}")
@@ -244,6 +247,12 @@ def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"config file {path} is not valid YAML{where}: fix its syntax") from None
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
+    """Validate a plain mapping (a YAML file's, or one saved in a checkpoint) plus overrides."""
+    raw = copy.deepcopy(raw)
     for text in overrides:
         keys, value = parse_override(text)
         node = raw

@@ -6,6 +6,8 @@ segment's RRef and runs under the segment's lock, so a forward never overlaps a 
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 
@@ -16,6 +18,7 @@ from torch.distributed import rpc
 from .config import Config, ModelConfig, TrainConfig
 from .models import edge_segment
 from .optim import make_optimizer, step_with
+from .metrics import resident_bytes
 from .topology import Topology, init_rpc
 
 _finished = threading.Event()
@@ -101,6 +104,16 @@ def import_state(rref: rpc.RRef, state: dict) -> None:
         seg.module.load_state_dict(state["module"])
         seg.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+
+
+def describe() -> str:
+    """Where this edge runs, for the central's banner and table."""
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def rss() -> int:
+    """Resident memory of this edge process, in bytes."""
+    return resident_bytes()
 
 
 def finish() -> None:

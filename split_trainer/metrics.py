@@ -9,6 +9,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, IO
 
+from .config import ConfigError
+
+
+def resident_bytes() -> int:
+    """Current resident set size of this process (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write through ``write(fileobj)`` to a temporary name, fsync, then rename over ``path``."""
@@ -46,8 +57,9 @@ class MetricsLog:
     resumed from a checkpoint logs every step once.
     """
 
-    def __init__(self, path: str | Path, keep_through: int | None):
+    def __init__(self, path: str | Path, keep_through: int | None, tensorboard_dir: Path | None = None):
         path = Path(path)
+        self._tb = tensorboard_writer(tensorboard_dir) if tensorboard_dir else None
         kept = []
         if keep_through is not None and path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -63,9 +75,36 @@ class MetricsLog:
         record.setdefault("time", round(time.time(), 3))
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._tb is not None and "step" in record:
+            group = record.get("event", "train")
+            for key, value in _flatten(record).items():
+                if key not in ("step", "epoch", "time") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{group}/{key}", value, record["step"])
 
     def close(self) -> None:
         self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def tensorboard_writer(directory: Path):
+    """A SummaryWriter, or a ConfigError when the optional extra is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("logging.tensorboard=true needs the tensorboard extra: pip install -e \".[tensorboard]\" "
+                          "(or set logging.tensorboard=false)") from None
+    return SummaryWriter(log_dir=str(directory))
 
 
 class Window:

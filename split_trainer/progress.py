@@ -1,29 +1,47 @@
-"""What the person running the job sees: a rich live bar on a terminal, plain lines otherwise."""
+"""What the person running the job sees.
+
+On a terminal: a rich live view, a progress bar for the whole run and a table with one row per
+edge (host, batches served, call times, bytes each way, status). Without one (CI, nohup, a
+file): no control codes, one plain line every ``logging.every_steps`` steps. ``--quiet``: only
+errors and the final summary.
+"""
 
 from __future__ import annotations
 
 import sys
 from typing import Any
 
-from rich.console import Console as RichConsole
+from rich.console import Console as RichConsole, Group
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .wire import EdgeLink, statuses
+
+STYLE = {"ok": "green", "slow": "yellow", "lost": "bold red"}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
 
 class Console:
-    def __init__(self, total_steps: int, quiet: bool = False):
+    def __init__(self, quiet: bool = False, live: bool | None = None):
         self.quiet = quiet
-        self.live = sys.stdout.isatty() and not quiet
-        self.out = RichConsole(highlight=False, soft_wrap=True, force_terminal=self.live or None,
+        self.live = (sys.stdout.isatty() if live is None else live) and not quiet
+        self.out = RichConsole(highlight=False, soft_wrap=not self.live, force_terminal=self.live,
                                no_color=not self.live)
-        self.total = total_steps
+        self.total = 0
         self.info: dict[str, str] = {}
-        self._bar: Progress | None = None
-        if self.live:
-            self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[info]}"), console=self.out, transient=False)
-            self._task = self._bar.add_task("train", total=total_steps, info="")
+        self.links: list[EdgeLink] = []
+        self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                             TextColumn("{task.fields[info]}"), console=self.out)
+        self._task = self._bar.add_task("train", total=None, info="")
+        self._live: Live | None = None
+
+    def attach(self, links: list[EdgeLink]) -> None:
+        self.links = links
 
     def print(self, text: str) -> None:
         if not self.quiet:
@@ -32,24 +50,45 @@ class Console:
     def warn(self, text: str) -> None:
         print(f"split_trainer: warning: {text}", file=sys.stderr, flush=True)
 
-    def banner(self, rows: dict[str, Any]) -> None:
+    def banner(self, rows: dict[str, Any], total_steps: int) -> None:
+        self.total = total_steps
+        self._bar.update(self._task, total=total_steps)
         if self.quiet:
             return
-        if self.live:
-            table = Table(title="split_trainer", show_header=False, box=None)
-            for key, value in rows.items():
-                table.add_row(f"[cyan]{key}", str(value))
-            self.out.print(table)
-            self._bar.start()
-        else:
+        if not self.live:
             for key, value in rows.items():
                 self.out.print(f"{key}: {value}")
+            return
+        table = Table(title="split_trainer", show_header=False, box=None)
+        for key, value in rows.items():
+            table.add_row(f"[cyan]{key}", str(value))
+        self.out.print(table)
+        self._live = Live(self, console=self.out, refresh_per_second=4)
+        self._live.start()
 
-    def steps(self, step: int, epoch: int, loss: float, samples_per_s: float, plain: bool) -> None:
-        self.info.update(epoch=str(epoch + 1), loss=f"{loss:.4f}", **{"samples/s": f"{samples_per_s:.0f}"})
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step, info=self._line())
-        elif plain and not self.quiet:
+    def __rich__(self) -> Group:
+        """Redrawn by the live view a few times a second."""
+        return Group(self._bar, self.edge_table())
+
+    def edge_table(self) -> Table:
+        table = Table(title=None, header_style="bold")
+        for column in ("edge", "host", "batches", "call ms (mean)", "call ms (p95)", "sent", "received", "status"):
+            table.add_column(column, justify="left" if column in ("edge", "host", "status") else "right")
+        state = statuses(self.links)
+        for link in self.links:
+            mean, p95 = link.round_trip_ms()
+            status = state[link.name]
+            table.add_row(link.name, link.host, str(link.batches), f"{mean:.1f}", f"{p95:.1f}",
+                          _mb(sum(link.sent.values())), _mb(sum(link.received.values())),
+                          f"[{STYLE[status]}]{status}")
+        return table
+
+    def steps(self, step: int, epoch: int, loss: float, samples_per_s: float) -> None:
+        state = statuses(self.links).values()
+        self.info.update({"epoch": str(epoch + 1), "loss": f"{loss:.4f}", "samples/s": f"{samples_per_s:.0f}",
+                          "edges ok": f"{sum(s == 'ok' for s in state)}/{len(self.links)}"})
+        self._bar.update(self._task, completed=step, info=self._line())
+        if self._live is None and not self.quiet:
             self.out.print(f"step {step}/{self.total} {self._line()}")
 
     def evaluated(self, epoch: int, test_loss: float, test_accuracy: float) -> None:
@@ -60,11 +99,14 @@ class Console:
         return " ".join(f"{k} {v}" for k, v in self.info.items())
 
     def close(self, summary: dict[str, Any] | None) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        if self.live and self.links:
+            self.out.print(self.edge_table())  # the final state, or who was lost
         if summary is None:
             return
         keys = ("steps", "epochs", "test_loss", "test_accuracy", "wall_time_s", "samples_per_s")
         text = " ".join(f"{k} {summary[k]:.4f}" if isinstance(summary[k], float) else f"{k} {summary[k]}"
                         for k in keys)
-        self.out.print(f"done: {text}")
+        self.out.print(f"done: {text} bytes/sample {summary['bytes']['per_train_sample']:,.0f}")

@@ -90,10 +90,6 @@ def init_rpc(topo: Topology, cfg: Config) -> None:
                               f"(e.g. torchrun --nproc_per_node {cfg.world_size} -m split_trainer ...)")
     options = rpc.TensorPipeRpcBackendOptions(
         num_worker_threads=cfg.rpc.num_worker_threads, rpc_timeout=cfg.rpc.timeout_s, init_method=f"{SCHEME}://")
-    if os.environ.get("ST_TRANSPORT"):
-        options._transports = os.environ["ST_TRANSPORT"].split(",")
-    if os.environ.get("ST_CHANNELS"):
-        options._channels = os.environ["ST_CHANNELS"].split(",")
     with warnings.catch_warnings():  # upstream #149393: init_rpc's own Gloo group warns of itself
         warnings.filterwarnings("ignore", message=".*as a ProcessGroup.*")
         rpc.init_rpc(topo.name, rank=topo.rank, world_size=topo.world_size, rpc_backend_options=options)

@@ -21,6 +21,16 @@ def mnist_root() -> Path:
     return MNIST
 
 
+@pytest.fixture(scope="session")
+def trained_run(mnist_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One real 1 central + 2 edge run of one epoch on 2,048 samples, shared by the tests that read it."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    result = run(torchrun_cmd(3, "--config", "configs/mnist.yaml",
+                              *quick_overrides(mnist_root, run_dir, edges=2, **{"train.epochs": 1})))
+    assert result.returncode == 0, result.stdout[-3000:]
+    return run_dir, result
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MASTER_", "RANK", "WORLD_SIZE",
                                                                       "LOCAL_RANK", "LOCAL_WORLD_SIZE"))}

@@ -16,10 +16,8 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_one_central_two_edges_trains_and_reports(mnist_root, tmp_path):
-    result = run(torchrun_cmd(3, "--config", "configs/mnist.yaml",
-                              *quick_overrides(mnist_root, tmp_path, edges=2, **{"train.epochs": 1})))
-    assert result.returncode == 0, result.stdout[-3000:]
+def test_one_central_two_edges_trains_and_reports(trained_run):
+    tmp_path, result = trained_run
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 32 and summary["epochs"] == 1.0  # 2048 samples / batch 64
     assert summary["samples_per_s"] > 0 and summary["wall_time_s"] > 0

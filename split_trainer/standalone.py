@@ -1,0 +1,90 @@
+"""The merged model outside the cluster: ``evaluate`` and ``export`` in one process, no RPC.
+
+    python -m split_trainer evaluate --checkpoint PATH [--set data.root=DIR]
+    python -m split_trainer export --checkpoint PATH --out model.pt
+
+PATH is a checkpoint folder (``.../checkpoints/step_NNNNNNNN``), a checkpoint directory (its
+newest complete checkpoint is used) or a run's ``model.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint
+from .config import Config, ConfigError, config_from_dict
+from .data import eval_batches, load_mnist
+from .metrics import atomic_write
+from .models import build_full
+
+
+def _average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The edge replicas as one segment: the same averaging the central does at a sync."""
+    return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+
+
+def load_merged(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict or {}, model config dict, merged state_dict) from a checkpoint or a model file."""
+    if path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+            return {}, saved["model"], saved["state_dict"]
+        except Exception as exc:
+            raise ConfigError(f"{path} is not a split_trainer model file ({str(exc).splitlines()[0][:200]})") from None
+    if path.is_dir() and not (path / checkpoint.MANIFEST).is_file():
+        loaded = checkpoint.find_resumable(path, warn=lambda text: print(f"split_trainer: warning: {text}"))
+        if loaded is None:
+            raise ConfigError(f"{path} holds no complete checkpoint: pass a step_NNNNNNNN folder or a model.pt")
+    else:
+        loaded = checkpoint.resolve(str(path), path.parent, warn=print)
+    parts = loaded.parts
+    edges = [parts[name]["module"] for name in sorted(parts) if name != "central"]
+    config = loaded.manifest["config"]
+    return config, config["model"], {**_average(edges), **parts["central"]["head"]}
+
+
+def build_model(model_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Sequential:
+    model = build_full(config_from_dict({"model": model_cfg}).model)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def evaluate(model: nn.Module, cfg: Config) -> tuple[float, float]:
+    """Test loss and accuracy on the configured test split, batched as in training."""
+    _, test = load_mnist(cfg.data)
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for x, y in eval_batches(test, cfg.data.eval_batch_size):
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(1) == y).sum())
+    return loss_sum / len(test), correct / len(test)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m split_trainer {argv[0]}")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder, checkpoint dir or model.pt")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    if argv[0] == "export":
+        parser.add_argument("--out", required=True, type=Path, help="where to write the standalone model file")
+    args = parser.parse_args(argv[1:])
+    if not args.checkpoint.exists():
+        raise ConfigError(f"--checkpoint {args.checkpoint} does not exist")
+    config, model_cfg, state = load_merged(args.checkpoint)
+    model = build_model(model_cfg, state)
+    if argv[0] == "export":
+        saved = {"name": model_cfg["name"], "model": model_cfg, "state_dict": model.state_dict()}
+        atomic_write(args.out, lambda f: torch.save(saved, f))
+        print(f"wrote {args.out} ({model_cfg['name']}, {sum(p.numel() for p in model.parameters())} parameters)")
+        return 0
+    cfg = config_from_dict(config, args.overrides)
+    test_loss, test_accuracy = evaluate(model, cfg)
+    print(f"test_loss {test_loss:.6f} test_accuracy {test_accuracy:.4f} ({args.checkpoint})")
+    return 0

@@ -1,0 +1,20 @@
+"""The throughput benchmark in its smoke mode: every path runs and the report is complete (no timing asserted)."""
+
+import json
+import sys
+
+from conftest import run
+
+
+def test_benchmark_smoke(mnist_root, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run([sys.executable, "benchmarks/throughput.py", "--smoke", "--data", str(mnist_root), "--out", str(out)],
+                 timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["rows"]) == {"local", "split 1+1", "split 1+3"}
+    for name, row in report["rows"].items():
+        assert row["samples_per_s"] > 0 and row["ratio_to_local"] > 0, name
+    assert set(report["rows"]["split 1+3"]["peak_rss_mb"]) == {"central", "edge1", "edge2", "edge3"}
+    assert report["rows"]["split 1+1"]["bytes_per_sample"] > 2 * 64 * 12 * 12 * 4
+    assert "x local" in result.stdout
