@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
+import warnings
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -123,6 +125,9 @@ def finish() -> None:
 def serve(topo: Topology, cfg: Config) -> None:
     """Serve RPCs until the central says the job is done; give up if it falls silent."""
     torch.manual_seed(cfg.train.seed + topo.rank)
+    # An edge prints only warnings and errors, each on one line under its own name.
+    warnings.showwarning = lambda message, category, *_args, **_kw: print(
+        f"split_trainer: [{topo.name}] warning: {category.__name__}: {message}", file=sys.stderr, flush=True)
     init_rpc(topo, cfg)
     _last_seen[0] = time.monotonic()
     poll = min(5.0, cfg.rpc.timeout_s)

@@ -30,10 +30,11 @@ def test_one_central_two_edges_trains_and_reports(trained_run):
     assert "Traceback" not in result.stdout
 
 
-def test_split_training_equals_local_training(mnist_root, tmp_path):
+@pytest.mark.parametrize("engine", ["autograd", "relay"])
+def test_split_training_equals_local_training(mnist_root, tmp_path, engine):
     """1 edge, no dropout, plain SGD: after 20 steps the parameters equal single-process training."""
     keys = {"train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
-            "train.max_steps": 20, "train.seed": 5}
+            "train.max_steps": 20, "train.seed": 5, "train.engine": engine}
     result = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **keys)))
     assert result.returncode == 0, result.stdout[-3000:]
     split = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
