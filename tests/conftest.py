@@ -79,8 +79,8 @@ def rank_pid(torchrun_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under torchrun {torchrun_pid}")
 
 
-def run_and_kill(cmd: list[str], after_line: str, rank: int) -> tuple[int, str]:
-    """Start torchrun, SIGKILL the worker of ``rank`` once a line starts with ``after_line``."""
+def run_and_kill(cmd: list[str], after_line: str, rank: int, sig: int = signal.SIGKILL) -> tuple[int, str]:
+    """Start torchrun, send ``sig`` to the worker of ``rank`` once a line starts with ``after_line``."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines = []
@@ -88,7 +88,7 @@ def run_and_kill(cmd: list[str], after_line: str, rank: int) -> tuple[int, str]:
         for line in proc.stdout:
             lines.append(line)
             if line.startswith(after_line):
-                os.kill(rank_pid(proc.pid, rank), signal.SIGKILL)
+                os.kill(rank_pid(proc.pid, rank), sig)
                 break
         out, _ = proc.communicate(timeout=300)  # a hang fails here
     finally:
