@@ -361,13 +361,13 @@ def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
 def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto", quiet: bool = False) -> dict[str, Any]:
     """Load data, bring RPC up, train, write the outputs, and release the edges."""
     from .data import load_mnist
-    from .metrics import tensorboard_writer, write_json, write_text
+    from .metrics import require_tensorboard, write_json, write_text
     from .topology import init_rpc
 
     train, test = load_mnist(cfg.data)  # a bad data path fails here, before any RPC
     run_dir = Path(cfg.output.run_dir)
     if cfg.logging.tensorboard:  # a missing extra fails here too, before any RPC
-        tensorboard_writer(run_dir / "tb").close()
+        require_tensorboard()
     write_text(run_dir / "config.yaml", cfg.to_yaml())
     init_rpc(topo, cfg)
     central, console = None, Console(quiet=quiet)

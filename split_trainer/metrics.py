@@ -97,14 +97,18 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def tensorboard_writer(directory: Path):
-    """A SummaryWriter, or a ConfigError when the optional extra is not installed."""
+def require_tensorboard() -> type:
+    """torch's SummaryWriter, or a ConfigError when the optional extra is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError("logging.tensorboard=true needs the tensorboard extra: pip install -e \".[tensorboard]\" "
                           "(or set logging.tensorboard=false)") from None
-    return SummaryWriter(log_dir=str(directory))
+    return SummaryWriter
+
+
+def tensorboard_writer(directory: Path):
+    return require_tensorboard()(log_dir=str(directory))
 
 
 class Window:
