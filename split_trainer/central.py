@@ -56,7 +56,7 @@ class Turns:
             if self.failed:
                 raise JobError("aborted: another edge failed")
             if not ready:
-                raise JobError(f"batch {step} waited {self.timeout_s:g} s for the head (rpc.timeout_s)")
+                raise JobError(f"batch {step} waited {self.timeout_s:g} s for the head (2 x rpc.timeout_s)")
 
     def done(self, step: int) -> None:
         with self.cond:
@@ -188,16 +188,18 @@ class Central:
             yield chunk
 
     def _train_chunk(self, chunk: list[Batch], lr: float) -> None:
-        turns = Turns(chunk[0].step, self.cfg.rpc.timeout_s)
+        # A batch waits at most for the batch before it: one call (bounded by rpc.timeout_s) and a
+        # head step. Twice the RPC bound lets a hung edge's own timeout be the error reported.
+        turns = Turns(chunk[0].step, 2 * self.cfg.rpc.timeout_s)
         lanes = [[b for b in chunk if b.step % len(self.names) == k] for k in range(len(self.names))]
         lane_fn = self._relay_lane if self.cfg.train.engine == "relay" else self._autograd_lane
         futures = [self.pool.submit(self._guarded, lane_fn, k, lane, turns, lr) for k, lane in enumerate(lanes) if lane]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in done if f.exception() is not None]
+        failed = [f.exception() for f in done if f.exception() is not None]
         if failed:
             turns.fail()
             wait(pending, timeout=self.cfg.rpc.timeout_s)
-            raise failed[0].exception()
+            raise failed[0]
         self.step = chunk[-1].step + 1
 
     def _guarded(self, lane_fn, k: int, lane: list[Batch], turns: Turns, lr: float) -> None:
