@@ -39,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from .topology import set_threads, topology_from_env  # torch imports after argument checks
 
+        from .models import build_plan
+
         topo = topology_from_env(cfg)
         where = f"[{topo.name}] "
+        build_plan(cfg.model, cfg.train.seed)  # an unknown model or split point fails on every rank, now
         threads = set_threads(cfg.train.threads, topo.local_world_size)
         if topo.is_central:
             from .central import run_central

@@ -76,13 +76,13 @@ def _short(exc: BaseException) -> str:
 
 class Central:
     def __init__(self, cfg: Config, topo: Topology, train: Split, test: Split, console: Console,
-                 resume: str = "auto"):
+                 loaded: checkpoint.Loaded | None = None):
         self.cfg, self.topo, self.train_split, self.console = cfg, topo, train, console
         plan = build_plan(cfg.model, cfg.train.seed)
         if [s.place for s in plan.segments] != ["edge", "central"]:
             raise ConfigError(f"model {cfg.model.name} has layout {plan.layout}: this trainer runs [edge, central]")
         self.layout = plan.layout
-        self.fingerprint = {"edges": topo.edges, "model": cfg.model.name, "layout": plan.layout}
+        self.fingerprint = checkpoint.fingerprint(cfg, plan.layout)
         self.head = plan.segments[1].module
         self.head_opt = make_optimizer(cfg.train, self.head.parameters())
         self.edge_state = {k: v.clone() for k, v in plan.segments[0].module.state_dict().items()}
@@ -101,9 +101,7 @@ class Central:
         self.losses: dict[int, tuple[float, float]] = {}  # step -> (loss, when the head finished it)
         self.last_eval: tuple[float, float] = (float("nan"), float("nan"))
         self.run_dir = Path(cfg.output.run_dir)
-        self.checkpoint_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
-        checkpoint.remove_stale_temporaries(self.checkpoint_dir)
-        loaded = checkpoint.resolve(resume, self.checkpoint_dir, console.warn)
+        self.checkpoint_dir = checkpoint.directory(cfg)
         self.resumed_from = loaded.step if loaded else None
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through=self.resumed_from,
                                   tensorboard_dir=self.run_dir / "tb" if cfg.logging.tensorboard else None)
@@ -116,7 +114,6 @@ class Central:
 
     def _restore(self, loaded: checkpoint.Loaded) -> None:
         """Continue exactly where the checkpoint was taken: weights, optimizers, RNG, data position."""
-        checkpoint.check_fingerprint(loaded, self.fingerprint)
         central = loaded.parts["central"]
         self.head.load_state_dict(central["head"])
         self.head_opt.load_state_dict(central["optimizer"])
@@ -366,15 +363,21 @@ def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto",
     from .metrics import require_tensorboard, write_json, write_text
     from .topology import init_rpc
 
-    train, test = load_mnist(cfg.data)  # a bad data path fails here, before any RPC
-    run_dir = Path(cfg.output.run_dir)
-    if cfg.logging.tensorboard:  # a missing extra fails here too, before any RPC
+    # Everything a user can get wrong fails here, before any RPC and before anything is written.
+    console = Console(quiet=quiet)
+    train, test = load_mnist(cfg.data)
+    if cfg.logging.tensorboard:
         require_tensorboard()
+    checkpoint.remove_stale_temporaries(checkpoint.directory(cfg))
+    loaded = checkpoint.resolve(resume, checkpoint.directory(cfg), console.warn)
+    if loaded:
+        checkpoint.check_fingerprint(loaded, checkpoint.fingerprint(cfg, build_plan(cfg.model, 0).layout))
+    run_dir = Path(cfg.output.run_dir)
     write_text(run_dir / "config.yaml", cfg.to_yaml())
     init_rpc(topo, cfg)
-    central, console = None, Console(quiet=quiet)
+    central = None
     try:
-        central = Central(cfg, topo, train, test, console, resume)
+        central = Central(cfg, topo, train, test, console, loaded)
         console.banner(_banner(cfg, central, threads), central.total_steps)
         summary = central.train()
         write_json(run_dir / "summary.json", summary)

@@ -22,11 +22,20 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
+from .config import Config, ConfigError
 from .metrics import atomic_write
 
 PATTERN = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
+
+
+def directory(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.output.run_dir) / "checkpoints")
+
+
+def fingerprint(cfg: Config, layout: list) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: the topology and the model layout."""
+    return {"edges": cfg.topology.edges, "model": cfg.model.name, "layout": layout}
 
 
 @dataclass

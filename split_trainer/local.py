@@ -3,7 +3,6 @@ training is checked against (equivalence test) and measured against (benchmark).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -1,10 +1,9 @@
 import sys
-from pathlib import Path
 
 import pytest
 
-from split_trainer.config import Config, ConfigError, load_config, parse_override
-from conftest import ROOT, child_env, run, torchrun_cmd
+from split_trainer.config import ConfigError, load_config, parse_override
+from conftest import ROOT, run, torchrun_cmd
 
 
 def test_shipped_config_is_one_central_three_edges():
@@ -99,3 +98,13 @@ def test_missing_data_exits_2_before_training(tmp_path):
     assert "lacks MNIST file(s) train-images-idx3-ubyte" in result.stdout
     assert "exitcode  : 2" in result.stdout
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "topology.edges=1", "model.split=fc2"], "model.split 'fc2' is not a layer of mnist_cnn"),
+    (["--resume", "/nonexistent/step_00000010", "--set", "topology.edges=1"], "not a complete checkpoint folder"),
+])
+def test_bad_model_or_resume_path_exits_2_before_writing(mnist_root, tmp_path, args, words):
+    result = run(torchrun_cmd(2, *args, f"data.root={mnist_root}", f"output.run_dir={tmp_path}"), timeout=180)
+    assert words in result.stdout and "exitcode  : 2" in result.stdout, result.stdout[-3000:]
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, not even config.yaml

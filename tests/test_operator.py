@@ -8,9 +8,8 @@ import sys
 
 import torch
 
-from split_trainer.config import ModelConfig
+from split_trainer.config import DataConfig, ModelConfig
 from split_trainer.data import eval_batches, load_mnist
-from split_trainer.config import DataConfig
 from split_trainer.models import build_full
 from conftest import ROOT, child_env, quick_overrides, run, torchrun_cmd
 
