@@ -26,7 +26,7 @@ from .config import Config, ConfigError
 from .data import Split, batch_loader, epoch_order, eval_batches
 from .metrics import MetricsLog, Window, atomic_write, resident_bytes
 from .wire import TRAIN_KINDS, EdgeLink, nbytes, summary as wire_summary
-from .models import build_plan
+from .models import average_states, build_plan
 from .optim import lr_at, make_optimizer, step_with
 from .progress import Console
 from .topology import Topology
@@ -85,10 +85,10 @@ class Central:
         self.fingerprint = checkpoint.fingerprint(cfg, plan.layout)
         self.head = plan.segments[1].module
         self.head_opt = make_optimizer(cfg.train, self.head.parameters())
-        self.edge_state = {k: v.clone() for k, v in plan.segments[0].module.state_dict().items()}
+        initial = plan.segments[0].module.state_dict()
         self.names = topo.edge_names
         # Every replica starts from the central's seeded weights: one model, N copies.
-        self.rrefs = [rpc.remote(name, edge.EdgeSegment, args=(cfg.model, cfg.train, self.edge_state))
+        self.rrefs = [rpc.remote(name, edge.EdgeSegment, args=(cfg.model, cfg.train, initial))
                       for name in self.names]
         self.links = [EdgeLink(name, host) for name, host in zip(self.names, self._hosts())]
         console.attach(self.links)
@@ -121,7 +121,6 @@ class Central:
         progress = central["progress"]
         self.step, self.last_eval = progress["step"], tuple(progress["last_eval"])
         self._on_edges(edge.import_state, [(r, loaded.parts[n]) for n, r in zip(self.names, self.rrefs)], "control")
-        self.edge_state = loaded.parts[self.names[0]]["module"]
         self.metrics.write(event="resume", step=self.step, from_checkpoint=str(loaded.path),
                            attempt=self.topo.restart)
         self.console.print(f"resumed from {loaded.path} (step {self.step}, attempt {self.topo.restart})")
@@ -268,13 +267,10 @@ class Central:
 
     def _sync_edges(self) -> None:
         """Average the replicas' parameters and buffers and push the average back."""
-        states = self._on_edges(edge.get_state, [(r,) for r in self.rrefs], "control")
-        if len(states) > 1:
-            self.edge_state = {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
-                               for k, v in states[0].items()}
-            self._on_edges(edge.set_state, [(r, self.edge_state) for r in self.rrefs], "control")
-        else:
-            self.edge_state = states[0]
+        if len(self.rrefs) == 1:
+            return  # one replica is its own average
+        average = average_states(self._on_edges(edge.get_state, [(r,) for r in self.rrefs], "control"))
+        self._on_edges(edge.set_state, [(r, average) for r in self.rrefs], "control")
 
     # -- evaluation and records -------------------------------------------------------------
     def _evaluate(self, epoch: int) -> None:
@@ -326,8 +322,10 @@ class Central:
         return {name: round(b / 2**20, 1) for name, b in zip(["central", *self.names], [resident_bytes(), *edges])}
 
     def merged_state(self) -> dict[str, torch.Tensor]:
-        """The one synchronised model: edge segment + head, under the full model's layer names."""
-        return {**self.edge_state, **{k: v.detach().clone() for k, v in self.head.state_dict().items()}}
+        """The one synchronised model (called after the final sync, so any replica will do):
+        edge segment + head, under the full model's layer names."""
+        segment = rpc.rpc_sync(self.names[0], edge.get_state, args=(self.rrefs[0],))
+        return {**segment, **{k: v.detach().clone() for k, v in self.head.state_dict().items()}}
 
     def _finish(self, wall: float) -> dict[str, Any]:
         model = {"name": self.cfg.model.name, "model": self.cfg.to_dict()["model"], "state_dict": self.merged_state()}

@@ -93,6 +93,13 @@ def build_plan(cfg: ModelConfig, seed: int) -> ModelPlan:
     return ModelPlan(cfg.name, segments, full)
 
 
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One segment from its replicas: floating-point parameters and buffers averaged, integer
+    buffers (counters) taken from the first."""
+    return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+
+
 def edge_segment(cfg: ModelConfig, seed: int = 0) -> nn.Sequential:
     """The edge segment alone (its weights are replaced by the central's right after)."""
     return next(s.module for s in build_plan(cfg, seed).segments if s.place == "edge")

@@ -21,13 +21,7 @@ from . import checkpoint
 from .config import Config, ConfigError, config_from_dict
 from .data import eval_batches, load_mnist
 from .metrics import atomic_write
-from .models import build_full
-
-
-def _average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The edge replicas as one segment: the same averaging the central does at a sync."""
-    return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
-            for k, v in states[0].items()}
+from .models import average_states, build_full
 
 
 def load_merged(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
@@ -47,7 +41,7 @@ def load_merged(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, t
     parts = loaded.parts
     edges = [parts[name]["module"] for name in sorted(parts) if name != "central"]
     config = loaded.manifest["config"]
-    return config, config["model"], {**_average(edges), **parts["central"]["head"]}
+    return config, config["model"], {**average_states(edges), **parts["central"]["head"]}
 
 
 def build_model(model_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Sequential:
