@@ -24,11 +24,12 @@ from torch.distributed import rpc
 from . import checkpoint, edge
 from .config import Config, ConfigError
 from .data import Split, batch_loader, epoch_order, eval_batches
-from .metrics import MetricsLog, Window, atomic_write, resident_bytes
+from .metrics import MetricsLog, Window, resident_bytes
 from .wire import TRAIN_KINDS, EdgeLink, nbytes, summary as wire_summary
 from .models import average_states, build_plan
 from .optim import lr_at, make_optimizer, step_with
 from .progress import Console
+from .standalone import save_model
 from .topology import Topology
 
 
@@ -328,8 +329,7 @@ class Central:
         return {**segment, **{k: v.detach().clone() for k, v in self.head.state_dict().items()}}
 
     def _finish(self, wall: float) -> dict[str, Any]:
-        model = {"name": self.cfg.model.name, "model": self.cfg.to_dict()["model"], "state_dict": self.merged_state()}
-        atomic_write(self.run_dir / "model.pt", lambda f: torch.save(model, f))
+        save_model(self.run_dir / "model.pt", self.cfg.to_dict()["model"], self.merged_state())
         return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 4),
                 "test_loss": self.last_eval[0], "test_accuracy": self.last_eval[1],
                 "wall_time_s": round(wall, 3), "train_time_s": round(self.train_time, 3),

@@ -44,6 +44,12 @@ def load_merged(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, t
     return config, config["model"], {**average_states(edges), **parts["central"]["head"]}
 
 
+def save_model(path: Path, model_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """The standalone model file: architecture + state_dict, readable with weights_only=True."""
+    saved = {"name": model_cfg["name"], "model": model_cfg, "state_dict": state}
+    atomic_write(path, lambda f: torch.save(saved, f))
+
+
 def build_model(model_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Sequential:
     model = build_full(config_from_dict({"model": model_cfg}).model)
     model.load_state_dict(state)
@@ -74,8 +80,7 @@ def main(argv: list[str]) -> int:
     config, model_cfg, state = load_merged(args.checkpoint)
     model = build_model(model_cfg, state)
     if argv[0] == "export":
-        saved = {"name": model_cfg["name"], "model": model_cfg, "state_dict": model.state_dict()}
-        atomic_write(args.out, lambda f: torch.save(saved, f))
+        save_model(args.out, model_cfg, model.state_dict())
         print(f"wrote {args.out} ({model_cfg['name']}, {sum(p.numel() for p in model.parameters())} parameters)")
         return 0
     cfg = config_from_dict(config, args.overrides)
