@@ -7,6 +7,7 @@ import os
 import sys
 
 from .config import ConfigError, load_config
+from .failures import Terminated, short
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,15 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say(where, "interrupted")
         return 130
-    except Exception as exc:  # one line for the person; the cause chain is not for them
-        text = str(exc).strip().splitlines()
-        _say(where, text[0][:400] if text else type(exc).__name__)
+    except (Exception, Terminated) as exc:  # one line for the person; the cause chain is not for them
+        if isinstance(exc, Terminated) and isinstance(exc.__context__, Exception):
+            exc = exc.__context__  # the signal came while this error was on its way here
+        _say(where, short(exc))
         from torch.distributed import rpc
         try:
             rpc.shutdown(graceful=False)  # a dead or hung peer would block a graceful one
         except Exception:
             pass
-        return 1
+        return 143 if isinstance(exc, Terminated) else 1
 
 
 def _standalone(argv: list[str]) -> int:
@@ -79,7 +81,10 @@ def _standalone(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except Terminated:  # the signal came while an earlier error was being reported: that report stands
+        code = 143
     sys.stdout.flush()
     sys.stderr.flush()
     # RPC and loader threads can keep a failed process alive; the outcome is already decided.

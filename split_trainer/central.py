@@ -23,6 +23,7 @@ from torch.distributed import rpc
 
 from . import checkpoint, edge
 from .config import Config, ConfigError
+from .failures import JobError, Terminated, cause_of, raise_on_sigterm
 from .data import Split, batch_loader, epoch_order, eval_batches
 from .metrics import MetricsLog, Window, resident_bytes
 from .wire import TRAIN_KINDS, EdgeLink, nbytes, summary as wire_summary
@@ -31,10 +32,6 @@ from .optim import lr_at, make_optimizer, step_with
 from .progress import Console
 from .standalone import save_model
 from .topology import Topology
-
-
-class JobError(RuntimeError):
-    """A failure of the distributed job, already phrased for the one-line report."""
 
 
 @dataclass
@@ -70,11 +67,6 @@ class Turns:
             self.cond.notify_all()
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
 class Central:
     def __init__(self, cfg: Config, topo: Topology, train: Split, test: Split, console: Console,
                  loaded: checkpoint.Loaded | None = None):
@@ -93,6 +85,7 @@ class Central:
                       for name in self.names]
         self.links = [EdgeLink(name, host) for name, host in zip(self.names, self._hosts())]
         console.attach(self.links)
+        self.in_flight: list = []  # the futures of the chunk in flight, one per edge
         self.pool = ThreadPoolExecutor(len(self.names), thread_name_prefix="edge-pipeline")
         self.test_batches = eval_batches(test, cfg.data.eval_batch_size)
         self.steps_per_epoch = -(-len(train) // cfg.data.batch_size)
@@ -145,6 +138,12 @@ class Central:
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        try:
+            return self._train()
+        except Terminated as stop:
+            raise cause_of(stop, self.links, self.in_flight, grace_s=min(5.0, self.cfg.rpc.timeout_s)) from None
+
+    def _train(self) -> dict[str, Any]:
         started, window = time.perf_counter(), Window()
         while self.step < self.total_steps:
             epoch = self.step // self.steps_per_epoch
@@ -191,12 +190,12 @@ class Central:
         lanes = [[b for b in chunk if b.step % len(self.names) == k] for k in range(len(self.names))]
         lane_fn = self._relay_lane if self.cfg.train.engine == "relay" else self._autograd_lane
         futures = [self.pool.submit(self._guarded, lane_fn, k, lane, turns, lr) for k, lane in enumerate(lanes) if lane]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        self.in_flight = futures
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f.exception() for f in done if f.exception() is not None]
         if failed:
-            turns.fail()
-            wait(pending, timeout=self.cfg.rpc.timeout_s)
-            raise failed[0]
+            turns.fail()  # the report goes out now: torchrun stops the job about 0.1 s after a rank dies
+            raise min(failed, key=lambda e: getattr(e, "when", float("inf")))
         self.step = chunk[-1].step + 1
 
     def _guarded(self, lane_fn, k: int, lane: list[Batch], turns: Turns, lr: float) -> None:
@@ -205,8 +204,7 @@ class Central:
         except JobError:
             raise
         except Exception as exc:
-            self.links[k].lost = True
-            raise JobError(f"{self.names[k]} failed: {_short(exc)}") from exc
+            raise self.links[k].fail(exc) from exc
 
     def _head_step(self, batch: Batch, act: torch.Tensor, turns: Turns, lr: float, ctx: int | None = None):
         """The head's turn for one batch: forward, loss, backward, step. Returns d loss / d act
@@ -229,7 +227,7 @@ class Central:
     def _call(link: EdgeLink, fn, args: tuple, sent: dict[str, int]) -> Any:
         """One timed call on the hot path; the reply is an activation (or None)."""
         started = time.perf_counter()
-        reply = rpc.rpc_async(link.name, fn, args=args).wait()
+        reply = link.watch(rpc.rpc_async(link.name, fn, args=args)).wait()
         link.call(time.perf_counter() - started, sent, {"activations": nbytes(reply)})
         return reply
 
@@ -255,14 +253,13 @@ class Central:
     def _on_edges(self, fn, per_edge_args: list[tuple], kind: str) -> list[Any]:
         """Call ``fn`` on every edge at once (edge k gets per_edge_args[k]) and wait for all."""
         started = time.perf_counter()
-        futures = [rpc.rpc_async(n, fn, args=args) for n, args in zip(self.names, per_edge_args)]
+        futures = [link.watch(rpc.rpc_async(link.name, fn, args=args)) for link, args in zip(self.links, per_edge_args)]
         results = []
         for link, args, fut in zip(self.links, per_edge_args, futures):
             try:
                 results.append(fut.wait())
             except Exception as exc:
-                link.lost = True
-                raise JobError(f"{link.name} failed: {_short(exc)}") from exc
+                raise link.fail(exc) from exc
             link.call(time.perf_counter() - started, {kind: nbytes(args)}, {kind: nbytes(results[-1])})
         return results
 
@@ -277,8 +274,8 @@ class Central:
     def _evaluate(self, epoch: int) -> None:
         """Test loss and accuracy of the synchronised model, test batches spread over the edges."""
         n = len(self.names)
-        futures = [rpc.rpc_async(self.names[j % n], edge.infer, args=(self.rrefs[j % n], x))
-                   for j, (x, _) in enumerate(self.test_batches)]
+        futures = [self.links[j % n].watch(rpc.rpc_async(self.names[j % n], edge.infer, args=(self.rrefs[j % n], x)),
+                                           " in evaluation") for j, (x, _) in enumerate(self.test_batches)]
         loss_sum, correct, count = 0.0, 0, 0
         self.head.eval()
         with torch.no_grad():
@@ -287,8 +284,7 @@ class Central:
                 try:
                     act = fut.wait()
                 except Exception as exc:
-                    link.lost = True
-                    raise JobError(f"{link.name} failed in evaluation: {_short(exc)}") from exc
+                    raise link.fail(exc, " in evaluation") from exc
                 link.count({"eval": nbytes(x)}, {"eval": nbytes(act)})
                 logits = self.head(act)
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -361,6 +357,7 @@ def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto",
     from .metrics import require_tensorboard, write_json, write_text
     from .topology import init_rpc
 
+    raise_on_sigterm()
     # Everything a user can get wrong fails here, before any RPC and before anything is written.
     console = Console(quiet=quiet)
     train, test = load_mnist(cfg.data)

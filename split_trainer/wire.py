@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .failures import JobError, short
+
 TRAIN_KINDS = ("inputs", "activations", "activation_grads", "control")
 
 
@@ -35,9 +37,31 @@ class EdgeLink:
         self.sent: Counter[str] = Counter()  # central -> edge
         self.received: Counter[str] = Counter()  # edge -> central
         self.batches = 0
-        self.lost = False
+        self.failure: JobError | None = None
         self._times: deque[float] = deque(maxlen=512)
         self._lock = threading.Lock()
+
+    @property
+    def lost(self) -> bool:
+        return self.failure is not None
+
+    def fail(self, exc: BaseException, during: str = "") -> JobError:
+        """Record the edge's first failure (its time names the cause later) and return it."""
+        with self._lock:
+            if self.failure is None:
+                self.failure = exc if isinstance(exc, JobError) else JobError(f"{self.name} failed{during}: {short(exc)}")
+            return self.failure
+
+    def watch(self, fut: torch.futures.Future, during: str = "") -> torch.futures.Future:
+        """Record the call's failure the moment it happens, on the RPC thread that completes it:
+        the central's main thread may be stopped by SIGTERM before it reads the error itself."""
+        def note(done: torch.futures.Future) -> None:
+            try:
+                done.value()
+            except Exception as exc:
+                self.fail(exc, during)
+        fut.add_done_callback(note)
+        return fut
 
     def call(self, seconds: float, sent: dict[str, int], received: dict[str, int]) -> None:
         with self._lock:

@@ -1,6 +1,7 @@
 """Real torchrun launches of the trainer on loopback, on real MNIST."""
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -56,4 +57,15 @@ def test_a_killed_edge_ends_the_job_with_one_line(mnist_root, tmp_path):
     central_lines = [l for l in output.splitlines() if l.startswith("split_trainer: [central] error:")]
     assert len(central_lines) == 1 and "edge2 failed" in central_lines[0], output[-3000:]
     assert "Traceback" not in output.split(central_lines[0])[0]  # torchrun's own report comes after ours
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_terminated_central_says_so_in_one_line(mnist_root, tmp_path):
+    """SIGTERM is how torchrun and schedulers stop a job: one line, no traceback, no summary."""
+    cmd = torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path, edges=2, **{"train.epochs": 50}))
+    code, output = run_and_kill(cmd, after_line="step 10/", rank=0, sig=signal.SIGTERM)
+    assert code != 0
+    central_lines = [l for l in output.splitlines() if l.startswith("split_trainer: [central] error:")]
+    assert len(central_lines) == 1 and "stopped by SIGTERM" in central_lines[0], output[-3000:]
+    assert "exitcode  : 143" in output and "Traceback" not in output.split(central_lines[0])[0]
     assert not (tmp_path / "summary.json").exists()
