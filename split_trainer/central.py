@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -85,7 +85,7 @@ class Central:
                       for name in self.names]
         self.links = [EdgeLink(name, host) for name, host in zip(self.names, self._hosts())]
         console.attach(self.links)
-        self.in_flight: list = []  # the futures of the chunk in flight, one per edge
+        self.in_flight: list[Future] = []  # the futures of the chunk in flight, one per edge
         self.pool = ThreadPoolExecutor(len(self.names), thread_name_prefix="edge-pipeline")
         self.test_batches = eval_batches(test, cfg.data.eval_batch_size)
         self.steps_per_epoch = -(-len(train) // cfg.data.batch_size)
@@ -195,7 +195,7 @@ class Central:
         failed = [f.exception() for f in done if f.exception() is not None]
         if failed:
             turns.fail()  # the report goes out now: torchrun stops the job about 0.1 s after a rank dies
-            raise min(failed, key=lambda e: getattr(e, "when", float("inf")))
+            raise min(failed, key=lambda e: e.when)  # _guarded raises JobErrors only
         self.step = chunk[-1].step + 1
 
     def _guarded(self, lane_fn, k: int, lane: list[Batch], turns: Turns, lr: float) -> None:

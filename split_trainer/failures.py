@@ -47,11 +47,8 @@ def raise_on_sigterm() -> None:
 
 
 def cause_of(stop: Terminated, links: list, in_flight: list[Future], grace_s: float) -> BaseException:
-    """What made torchrun stop the job, if the central can tell: an error already on its way up
-    when the signal came, else the earliest edge failure before it (``links``: the central's
-    EdgeLinks). Edges that torchrun stopped together with the central fail after it: not causes."""
-    if isinstance(stop.__context__, JobError):
-        return stop.__context__
+    """The earliest edge failure before the signal (``links``: the central's EdgeLinks), else
+    ``stop`` itself. Edges that torchrun stopped together with the central fail after it: not causes."""
     # An edge that died mid-call fails its lane within milliseconds; give the calls in flight that long.
     wait(in_flight, timeout=grace_s, return_when=FIRST_EXCEPTION)
     causes = [link.failure for link in links if link.failure is not None and link.failure.when <= stop.when]
