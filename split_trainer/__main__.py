@@ -40,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from .topology import set_threads, topology_from_env  # torch imports after argument checks
 
-        from .models import build_plan
+        from .plan import build_plan
 
+        build_plan(cfg.model, cfg.train.seed)  # an unknown model or a bad plan fails on every rank, now
         topo = topology_from_env(cfg)
         where = f"[{topo.name}] "
-        build_plan(cfg.model, cfg.train.seed)  # an unknown model or split point fails on every rank, now
         threads = set_threads(cfg.train.threads, topo.local_world_size)
         if topo.is_central:
             from .central import run_central

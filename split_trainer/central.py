@@ -1,10 +1,10 @@
-"""The central rank: data, head, loss, evaluation, and the driver of the edges.
+"""The central rank's driver: it feeds batches to the edges, keeps the central's turns in order,
+and decides when to synchronise the replicas, evaluate and checkpoint.
 
-Batch i goes to edge i mod N. One central thread per edge keeps one batch in flight on every
-edge, so the edges compute at once; each thread opens its own distributed-autograd context
-(contexts are thread-local). The head takes batches strictly in dispatch order (``Turns``),
-which makes a run a function of its seed, and it steps before the next batch's forward reads
-its weights. An edge steps before its next forward for the same reason.
+Batch i goes to edge i mod N. One central thread per edge (a *lane*) keeps one batch in flight
+on every edge, so the edges compute at once; what each batch does on its way through the plan is
+``schedule.Schedule``'s business. Batches take the central's turn strictly in dispatch order
+(``Turns``), which makes a run a function of its seed and config.
 """
 
 from __future__ import annotations
@@ -12,37 +12,28 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed.autograd as dist_autograd
-import torch.nn.functional as F
-from torch.distributed import rpc
 
-from . import checkpoint, edge
-from .config import Config, ConfigError
-from .failures import JobError, Terminated, cause_of, raise_on_sigterm
+from . import checkpoint, state
+from .config import Config
 from .data import Split, batch_loader, epoch_order, eval_batches
+from .failures import JobError, Terminated, cause_of, raise_on_sigterm
+from .fleet import Fleet
 from .metrics import MetricsLog, Window, resident_bytes
-from .wire import TRAIN_KINDS, EdgeLink, nbytes, summary as wire_summary
-from .models import average_states, build_plan
-from .optim import lr_at, make_optimizer, step_with
+from .optim import lr_at
+from .plan import build_plan, describe
 from .progress import Console
+from .schedule import Batch, Schedule, Side
 from .standalone import save_model
 from .topology import Topology
-
-
-@dataclass
-class Batch:
-    step: int
-    x: torch.Tensor
-    y: torch.Tensor
+from .wire import TRAIN_KINDS, summary as wire_summary
 
 
 class Turns:
-    """Hands the head to batches strictly in dispatch order; ``fail`` releases every waiter."""
+    """Hands the central's turn to batches strictly in dispatch order; ``fail`` releases every waiter."""
 
     def __init__(self, first: int, timeout_s: float):
         self.next, self.timeout_s, self.failed = first, timeout_s, False
@@ -54,7 +45,7 @@ class Turns:
             if self.failed:
                 raise JobError("aborted: another edge failed")
             if not ready:
-                raise JobError(f"batch {step} waited {self.timeout_s:g} s for the head (2 x rpc.timeout_s)")
+                raise JobError(f"batch {step} waited {self.timeout_s:g} s for the central's turn")
 
     def done(self, step: int) -> None:
         with self.cond:
@@ -71,77 +62,42 @@ class Central:
     def __init__(self, cfg: Config, topo: Topology, train: Split, test: Split, console: Console,
                  loaded: checkpoint.Loaded | None = None):
         self.cfg, self.topo, self.train_split, self.console = cfg, topo, train, console
-        plan = build_plan(cfg.model, cfg.train.seed)
-        if [s.place for s in plan.segments] != ["edge", "central"]:
-            raise ConfigError(f"model {cfg.model.name} has layout {plan.layout}: this trainer runs [edge, central]")
-        self.layout = plan.layout
-        self.fingerprint = checkpoint.fingerprint(cfg, plan.layout)
-        self.head = plan.segments[1].module
-        self.head_opt = make_optimizer(cfg.train, self.head.parameters())
-        initial = plan.segments[0].module.state_dict()
-        self.names = topo.edge_names
-        # Every replica starts from the central's seeded weights: one model, N copies.
-        self.rrefs = [rpc.remote(name, edge.EdgeSegment, args=(cfg.model, cfg.train, initial))
-                      for name in self.names]
-        self.links = [EdgeLink(name, host) for name, host in zip(self.names, self._hosts())]
-        console.attach(self.links)
-        self.in_flight: list[Future] = []  # the futures of the chunk in flight, one per edge
-        self.pool = ThreadPoolExecutor(len(self.names), thread_name_prefix="edge-pipeline")
+        self.plan = build_plan(cfg.model, cfg.train.seed)
+        self.fingerprint = checkpoint.fingerprint(cfg, describe(self.plan.layout))
+        self.side = Side(self.plan.on("central"), cfg.train)
+        edge_side = Side(self.plan.on("edge"), cfg.train)
+        self.fleet = Fleet(cfg, topo.edge_names, edge_side.state_dict())
+        self.schedule = Schedule(self.plan.places, cfg.train.engine, self.side)
+        console.attach(self.fleet.links)
+        self.in_flight: list[Future] = []  # the lanes at work, one per edge
+        self.pool = ThreadPoolExecutor(len(self.fleet), thread_name_prefix="edge-lane")
         self.test_batches = eval_batches(test, cfg.data.eval_batch_size)
         self.steps_per_epoch = -(-len(train) // cfg.data.batch_size)
         total = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.max_steps or total)
-        self.step, self.samples, self.train_time, self.checkpoint_time = 0, 0, 0.0, 0.0
-        self.losses: dict[int, tuple[float, float]] = {}  # step -> (loss, when the head finished it)
-        self.last_eval: tuple[float, float] = (float("nan"), float("nan"))
+        self.progress = state.Progress(seed=cfg.train.seed)
+        self.samples, self.train_time, self.checkpoint_time = 0, 0.0, 0.0
+        self.losses: dict[int, tuple[float, float]] = {}  # step -> (loss, when its turn ended)
         self.run_dir = Path(cfg.output.run_dir)
-        self.checkpoint_dir = checkpoint.directory(cfg)
         self.resumed_from = loaded.step if loaded else None
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through=self.resumed_from,
                                   tensorboard_dir=self.run_dir / "tb" if cfg.logging.tensorboard else None)
         if loaded:
-            self._restore(loaded)
+            self.progress = state.restore(loaded, self.side, self.fleet)
+            self.metrics.write(event="resume", step=self.step, from_checkpoint=str(loaded.path),
+                               attempt=topo.restart)
+            console.print(f"resumed from {loaded.path} (step {self.step}, attempt {topo.restart})")
 
-    def _hosts(self) -> list[str]:
-        futures = [rpc.rpc_async(n, edge.describe) for n in self.names]
-        return [f.wait() for f in futures]
-
-    def _restore(self, loaded: checkpoint.Loaded) -> None:
-        """Continue exactly where the checkpoint was taken: weights, optimizers, RNG, data position."""
-        central = loaded.parts["central"]
-        self.head.load_state_dict(central["head"])
-        self.head_opt.load_state_dict(central["optimizer"])
-        torch.set_rng_state(central["rng"])
-        progress = central["progress"]
-        self.step, self.last_eval = progress["step"], tuple(progress["last_eval"])
-        self._on_edges(edge.import_state, [(r, loaded.parts[n]) for n, r in zip(self.names, self.rrefs)], "control")
-        self.metrics.write(event="resume", step=self.step, from_checkpoint=str(loaded.path),
-                           attempt=self.topo.restart)
-        self.console.print(f"resumed from {loaded.path} (step {self.step}, attempt {self.topo.restart})")
-
-    def _checkpoint(self) -> None:
-        """Both sides' full state at a quiet point; the edges' parts travel over RPC."""
-        started = time.perf_counter()
-        edge_parts = self._on_edges(edge.export_state, [(r,) for r in self.rrefs], "control")
-        epoch, position = divmod(self.step, self.steps_per_epoch)
-        central = {"head": self.head.state_dict(), "optimizer": self.head_opt.state_dict(),
-                   "rng": torch.get_rng_state(),
-                   "progress": {"step": self.step, "epoch": epoch, "position": position,
-                                "seed": self.cfg.train.seed, "last_eval": list(self.last_eval)}}
-        meta = {"epoch": epoch, "position": position, "fingerprint": self.fingerprint, "config": self.cfg.to_dict()}
-        path, size = checkpoint.save(self.checkpoint_dir, self.step, {"central": central, **dict(zip(self.names, edge_parts))},
-                                     meta, self.cfg.checkpoint.keep)
-        seconds = time.perf_counter() - started
-        self.checkpoint_time += seconds
-        self.metrics.write(event="checkpoint", step=self.step, seconds=round(seconds, 4), bytes=size, path=str(path))
-        self.console.print(f"checkpoint step {self.step} saved: {path} ({size / 1e6:.1f} MB, {seconds:.2f} s)")
+    @property
+    def step(self) -> int:
+        return self.progress.step
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         try:
             return self._train()
         except Terminated as stop:
-            raise cause_of(stop, self.links, self.in_flight, grace_s=min(5.0, self.cfg.rpc.timeout_s)) from None
+            raise cause_of(stop, self.fleet.links, self.in_flight, grace_s=min(5.0, self.cfg.rpc.timeout_s)) from None
 
     def _train(self) -> dict[str, Any]:
         started, window = time.perf_counter(), Window()
@@ -153,7 +109,7 @@ class Central:
                 self._train_chunk(chunk, lr)
                 boundary = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
                 if boundary or self.step % self.cfg.train.edge_sync_every == 0:
-                    self._sync_edges()
+                    self.fleet.sync()
                 self.train_time += time.perf_counter() - t0
                 self._log_chunk(chunk, window)
                 paused = time.perf_counter()
@@ -183,121 +139,83 @@ class Central:
         if chunk:
             yield chunk
 
-    def _train_chunk(self, chunk: list[Batch], lr: float) -> None:
-        # A batch waits at most for the batch before it: one call (bounded by rpc.timeout_s) and a
-        # head step. Twice the RPC bound lets a hung edge's own timeout be the error reported.
-        turns = Turns(chunk[0].step, 2 * self.cfg.rpc.timeout_s)
-        lanes = [[b for b in chunk if b.step % len(self.names) == k] for k in range(len(self.names))]
-        lane_fn = self._relay_lane if self.cfg.train.engine == "relay" else self._autograd_lane
-        futures = [self.pool.submit(self._guarded, lane_fn, k, lane, turns, lr) for k, lane in enumerate(lanes) if lane]
+    def _lanes(self, work: Callable, shares: list[list], turns: Turns | None = None) -> None:
+        """``work(k, shares[k])`` for every edge k at once, one thread each; the first failure
+        ends them all and is raised (the report goes out now: torchrun stops the job about 0.1 s
+        after a rank dies)."""
+        futures = [self.pool.submit(self._guarded, work, k, share) for k, share in enumerate(shares) if share]
         self.in_flight = futures
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f.exception() for f in done if f.exception() is not None]
         if failed:
-            turns.fail()  # the report goes out now: torchrun stops the job about 0.1 s after a rank dies
+            if turns is not None:
+                turns.fail()
             raise min(failed, key=lambda e: e.when)  # _guarded raises JobErrors only
-        self.step = chunk[-1].step + 1
 
-    def _guarded(self, lane_fn, k: int, lane: list[Batch], turns: Turns, lr: float) -> None:
+    def _guarded(self, work: Callable, k: int, share: list) -> None:
         try:
-            lane_fn(self.links[k], self.rrefs[k], lane, turns, lr)
+            work(k, share)
         except JobError:
             raise
         except Exception as exc:
-            raise self.links[k].fail(exc) from exc
+            raise self.fleet.links[k].fail(exc) from exc
 
-    def _head_step(self, batch: Batch, act: torch.Tensor, turns: Turns, lr: float, ctx: int | None = None):
-        """The head's turn for one batch: forward, loss, backward, step. Returns d loss / d act
-        (relay), or lets distributed autograd carry it to the edge (ctx given)."""
-        turns.wait(batch.step)
-        loss = F.cross_entropy(self.head(act), batch.y)
-        params = list(self.head.parameters())
-        if ctx is not None:
-            dist_autograd.backward(ctx, [loss])  # reaches the edge's segment over RPC
-            grads, act_grad = dist_autograd.get_gradients(ctx), None
-        else:
-            act_grad, *head_grads = torch.autograd.grad(loss, [act, *params])
-            grads = dict(zip(params, head_grads))
-        step_with(self.head_opt, grads, lr)
-        self.losses[batch.step] = (loss.item(), time.perf_counter())
-        turns.done(batch.step)
-        return act_grad
+    def _train_chunk(self, chunk: list[Batch], lr: float) -> None:
+        # A batch waits at most for the batch before it: its first call, then its turn, one call
+        # per edge hop in the turn. One bound more lets a hung edge's own timeout be the report.
+        edge_hops = sum(hop.place == "edge" for hop in self.schedule.route.turn)
+        turns = Turns(chunk[0].step, (2 + edge_hops) * self.cfg.rpc.timeout_s)
+        n = len(self.fleet)
 
-    @staticmethod
-    def _call(link: EdgeLink, fn, args: tuple, sent: dict[str, int]) -> Any:
-        """One timed call on the hot path; the reply is an activation (or None)."""
-        started = time.perf_counter()
-        reply = link.watch(rpc.rpc_async(link.name, fn, args=args)).wait()
-        link.call(time.perf_counter() - started, sent, {"activations": nbytes(reply)})
-        return reply
+        def lane(k: int, batches: list[Batch]) -> None:
+            link = self.fleet.links[k]
 
-    def _autograd_lane(self, link: EdgeLink, rref: rpc.RRef, lane: list[Batch], turns: Turns, lr: float) -> None:
-        for batch in lane:
-            with dist_autograd.context() as ctx:
-                act = self._call(link, edge.train_forward, (rref, batch.x), {"inputs": nbytes(batch.x)})
-                self._head_step(batch, act, turns, lr, ctx)
+            def finished(batch: Batch, loss: float) -> None:
+                self.losses[batch.step] = (loss, time.perf_counter())
                 link.batches += 1
-                # distributed autograd carried d loss / d act to the edge inside backward()
-                self._call(link, edge.apply_step, (rref, ctx, lr), {"activation_grads": nbytes(act)})
 
-    def _relay_lane(self, link: EdgeLink, rref: rpc.RRef, lane: list[Batch], turns: Turns, lr: float) -> None:
-        act = self._call(link, edge.relay, (rref, lane[0].x, None, lr), {"inputs": nbytes(lane[0].x)})
-        for j, batch in enumerate(lane):
-            grad = self._head_step(batch, act.requires_grad_(), turns, lr)
-            link.batches += 1
-            # One call carries this batch's gradient and the next batch's input.
-            following = lane[j + 1].x if j + 1 < len(lane) else None
-            act = self._call(link, edge.relay, (rref, following, grad, lr),
-                             {"inputs": nbytes(following), "activation_grads": nbytes(grad)})
+            self.schedule.train_lane(self.fleet.edges[k], batches, turns, lr, finished)
 
-    def _on_edges(self, fn, per_edge_args: list[tuple], kind: str) -> list[Any]:
-        """Call ``fn`` on every edge at once (edge k gets per_edge_args[k]) and wait for all."""
-        started = time.perf_counter()
-        futures = [link.watch(rpc.rpc_async(link.name, fn, args=args)) for link, args in zip(self.links, per_edge_args)]
-        results = []
-        for link, args, fut in zip(self.links, per_edge_args, futures):
-            try:
-                results.append(fut.wait())
-            except Exception as exc:
-                raise link.fail(exc) from exc
-            link.call(time.perf_counter() - started, {kind: nbytes(args)}, {kind: nbytes(results[-1])})
-        return results
+        self._lanes(lane, [[b for b in chunk if b.step % n == k] for k in range(n)], turns)
+        self.progress.step = chunk[-1].step + 1
 
-    def _sync_edges(self) -> None:
-        """Average the replicas' parameters and buffers and push the average back."""
-        if len(self.rrefs) == 1:
-            return  # one replica is its own average
-        average = average_states(self._on_edges(edge.get_state, [(r,) for r in self.rrefs], "control"))
-        self._on_edges(edge.set_state, [(r, average) for r in self.rrefs], "control")
-
-    # -- evaluation and records -------------------------------------------------------------
+    # -- evaluation, checkpoints and records -------------------------------------------------
     def _evaluate(self, epoch: int) -> None:
-        """Test loss and accuracy of the synchronised model, test batches spread over the edges."""
-        n = len(self.names)
-        futures = [self.links[j % n].watch(rpc.rpc_async(self.names[j % n], edge.infer, args=(self.rrefs[j % n], x)),
-                                           " in evaluation") for j, (x, _) in enumerate(self.test_batches)]
-        loss_sum, correct, count = 0.0, 0, 0
-        self.head.eval()
-        with torch.no_grad():
-            for j, (fut, (x, y)) in enumerate(zip(futures, self.test_batches)):
-                link = self.links[j % n]
-                try:
-                    act = fut.wait()
-                except Exception as exc:
-                    raise link.fail(exc, " in evaluation") from exc
-                link.count({"eval": nbytes(x)}, {"eval": nbytes(act)})
-                logits = self.head(act)
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-                correct += int((logits.argmax(1) == y).sum())
-                count += len(y)
-        self.head.train()
-        self.last_eval = (loss_sum / count, correct / count)
+        """Test loss and accuracy of the synchronised model; each edge takes every n-th test batch,
+        one at a time, so no call waits behind another on its edge."""
+        n = len(self.fleet)
+        scores: dict[int, tuple[float, int]] = {}
+
+        def lane(k: int, indices: list[int]) -> None:
+            for j in indices:
+                x, y = self.test_batches[j]
+                scores[j] = self.schedule.evaluate(self.fleet.edges[k], x, y)
+
+        self.side.train(False)
+        try:
+            self._lanes(lane, [list(range(k, len(self.test_batches), n)) for k in range(n)])
+        finally:
+            self.side.train(True)
+        count = sum(len(y) for _, y in self.test_batches)
+        loss_sum = sum(scores[j][0] for j in range(len(self.test_batches)))  # in order: the same sum every run
+        correct = sum(scores[j][1] for j in range(len(self.test_batches)))
+        self.progress.last_eval = [loss_sum / count, correct / count]
         self.metrics.write(event="eval", step=self.step, epoch=epoch + 1,
-                           test_loss=self.last_eval[0], test_accuracy=self.last_eval[1])
-        self.console.evaluated(epoch, *self.last_eval)
+                           test_loss=self.progress.last_eval[0], test_accuracy=self.progress.last_eval[1])
+        self.console.evaluated(epoch, *self.progress.last_eval)
+
+    def _checkpoint(self) -> None:
+        started = time.perf_counter()
+        self.progress.epoch, self.progress.position = divmod(self.step, self.steps_per_epoch)
+        path, size = state.save(self.cfg, self.fingerprint, self.side, self.fleet, self.progress)
+        seconds = time.perf_counter() - started
+        self.checkpoint_time += seconds
+        self.metrics.write(event="checkpoint", step=self.step, seconds=round(seconds, 4), bytes=size, path=str(path))
+        self.console.print(f"checkpoint step {self.step} saved: {path} ({size / 1e6:.1f} MB, {seconds:.2f} s)")
 
     def _log_chunk(self, chunk: list[Batch], window: Window) -> None:
         every = self.cfg.logging.every_steps
+        links = self.fleet.links
         for batch in chunk:
             window.add(*self.losses.pop(batch.step), len(batch.y))
             self.samples += len(batch.y)
@@ -305,34 +223,34 @@ class Central:
             if step % every == 0 or step == self.total_steps:
                 loss, speed = window.take()
                 epoch = batch.step // self.steps_per_epoch
-                sent = sum(link.sent[k] for link in self.links for k in TRAIN_KINDS)
-                received = sum(link.received[k] for link in self.links for k in TRAIN_KINDS)
+                sent = sum(link.sent[k] for link in links for k in TRAIN_KINDS)
+                received = sum(link.received[k] for link in links for k in TRAIN_KINDS)
                 self.metrics.write(step=step, epoch=epoch + 1, loss=loss, samples_per_s=speed,
                                    bytes_sent=sent, bytes_received=received,
-                                   call_ms={link.name: round(link.round_trip_ms()[0], 3) for link in self.links},
+                                   call_ms={link.name: round(link.round_trip_ms()[0], 3) for link in links},
                                    rss_mb=self._memory_mb())
                 self.console.steps(step, epoch, loss, speed)
 
     def _memory_mb(self) -> dict[str, float]:
         """Resident memory of every rank: flat in a healthy run (contexts and futures are released)."""
-        edges = self._on_edges(edge.rss, [()] * len(self.names), "control")
-        return {name: round(b / 2**20, 1) for name, b in zip(["central", *self.names], [resident_bytes(), *edges])}
+        sizes = [resident_bytes(), *self.fleet.memory_bytes()]
+        return {name: round(b / 2**20, 1) for name, b in zip(["central", *self.fleet.names], sizes)}
 
     def merged_state(self) -> dict[str, torch.Tensor]:
-        """The one synchronised model (called after the final sync, so any replica will do):
-        edge segment + head, under the full model's layer names."""
-        segment = rpc.rpc_sync(self.names[0], edge.get_state, args=(self.rrefs[0],))
-        return {**segment, **{k: v.detach().clone() for k, v in self.head.state_dict().items()}}
+        """The one synchronised model (called after the final sync): every segment, under the full
+        model's layer names."""
+        return {**self.fleet.state(), **self.side.state_dict()}
 
     def _finish(self, wall: float) -> dict[str, Any]:
         save_model(self.run_dir / "model.pt", self.cfg.to_dict()["model"], self.merged_state())
+        test_loss, test_accuracy = self.progress.last_eval
         return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 4),
-                "test_loss": self.last_eval[0], "test_accuracy": self.last_eval[1],
+                "test_loss": test_loss, "test_accuracy": test_accuracy,
                 "wall_time_s": round(wall, 3), "train_time_s": round(self.train_time, 3),
                 "samples_per_s": self.samples / max(self.train_time, 1e-9),
                 "checkpoint_time_s": round(self.checkpoint_time, 3),
-                "edges": len(self.names), "restarts": self.topo.restart, "resumed_from_step": self.resumed_from,
-                "bytes": wire_summary(self.links, self.samples)}
+                "edges": len(self.fleet), "restarts": self.topo.restart, "resumed_from_step": self.resumed_from,
+                "bytes": wire_summary(self.fleet.links, self.samples, self.plan.cuts)}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -340,19 +258,20 @@ class Central:
 
 
 def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
-    edges = ", ".join(f"{link.name} (rank {i + 1}, {link.host})" for i, link in enumerate(central.links))
-    edge_layers = central.layout[0][1]
-    return {"topology": f"central (rank 0) + {len(central.links)} edges: {edges}",
-            "model": f"{cfg.model.name}, edges run {edge_layers[0]}..{edge_layers[-1]}, engine {cfg.train.engine}",
+    edges = ", ".join(f"{link.name} (rank {i + 1}, {link.host})" for i, link in enumerate(central.fleet.links))
+    return {"topology": f"central (rank 0) + {len(central.fleet)} edges: {edges}",
+            "model": f"{cfg.model.name}: {describe(central.plan.layout)}; engine {cfg.train.engine}",
             "data": f"{cfg.data.root} ({len(central.train_split)} train / {sum(len(y) for _, y in central.test_batches)} test)",
             "settings": f"batch {cfg.data.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, {cfg.train.epochs} "
                         f"epochs ({central.total_steps} steps), sync every {cfg.train.edge_sync_every} steps, "
                         f"{threads} thread(s)/rank",
-            "outputs": f"{central.run_dir} (checkpoints in {central.checkpoint_dir})"}
+            "outputs": f"{central.run_dir} (checkpoints in {checkpoint.directory(cfg)})"}
 
 
 def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto", quiet: bool = False) -> dict[str, Any]:
     """Load data, bring RPC up, train, write the outputs, and release the edges."""
+    from torch.distributed import rpc
+
     from .data import load_mnist
     from .metrics import require_tensorboard, write_json, write_text
     from .topology import init_rpc
@@ -366,7 +285,7 @@ def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto",
     checkpoint.remove_stale_temporaries(checkpoint.directory(cfg))
     loaded = checkpoint.resolve(resume, checkpoint.directory(cfg), console.warn)
     if loaded:
-        checkpoint.check_fingerprint(loaded, checkpoint.fingerprint(cfg, build_plan(cfg.model, 0).layout))
+        checkpoint.check_fingerprint(loaded, checkpoint.fingerprint(cfg, describe(build_plan(cfg.model, 0).layout)))
     run_dir = Path(cfg.output.run_dir)
     write_text(run_dir / "config.yaml", cfg.to_yaml())
     init_rpc(topo, cfg)
@@ -377,8 +296,7 @@ def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto",
         summary = central.train()
         write_json(run_dir / "summary.json", summary)
         console.close(summary)
-        for name in central.names:
-            rpc.rpc_sync(name, edge.finish)
+        central.fleet.finish()
     except BaseException:
         console.close(None)
         raise

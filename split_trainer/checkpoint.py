@@ -33,9 +33,10 @@ def directory(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.output.run_dir) / "checkpoints")
 
 
-def fingerprint(cfg: Config, layout: list) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed: the topology and the model layout."""
-    return {"edges": cfg.topology.edges, "model": cfg.model.name, "layout": layout}
+def fingerprint(cfg: Config, plan: str) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: the topology, the model and its plan
+    (``plan.describe`` of the layout: which layers run where)."""
+    return {"edges": cfg.topology.edges, "model": cfg.model.name, "plan": plan}
 
 
 @dataclass
@@ -161,4 +162,4 @@ def check_fingerprint(loaded: Loaded, expected: dict[str, Any]) -> None:
         theirs = found.get(key)
         if json.loads(json.dumps(theirs)) != json.loads(json.dumps(value)):
             raise ConfigError(f"checkpoint {loaded.path} was written for {key}={theirs}, but the config gives "
-                              f"{key}={value}: run with the same topology and model, or --resume never")
+                              f"{key}={value}: run with the same topology, model and plan, or --resume never")

@@ -40,10 +40,30 @@ class TopologyConfig:
 class ModelConfig:
     name: str = "mnist_cnn"
     """Architecture name from the model registry (split_trainer.models)."""
-    split: str = "pool"
-    """Name of the last layer that runs on the edges; every later layer runs on the central."""
+    split: Optional[str] = "pool"
+    """Shorthand for the plan [{place: edge, until: split}, {place: central}]; null when plan is given."""
+    plan: Optional[list] = None
+    """Ordered segments [{place: edge|central, until: LAYER}, ...]; the last one runs to the end."""
     dropout: bool = True
     """False replaces the dropout layers by identities (used by the equivalence test)."""
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            _require(self.split is not None, "model.split and model.plan are both null: set one of them")
+            return
+        self.split = None  # the plan says where every layer runs; a split beside it would say it twice
+        _require(len(self.plan) >= 2, f"model.plan needs at least two segments (an edge one and a central one), "
+                                      f"got {len(self.plan)}")
+        for i, segment in enumerate(self.plan, 1):
+            _require(isinstance(segment, dict) and set(segment) <= {"place", "until"} and "place" in segment,
+                     f"model.plan segment {i} must be a mapping {{place: edge|central, until: LAYER}}, got {segment!r}")
+            _require(segment["place"] in ("edge", "central"),
+                     f"model.plan segment {i}: place must be edge or central, got {segment['place']!r}")
+            until = segment.get("until")
+            _require(i == len(self.plan) or until is not None,
+                     f"model.plan segment {i} needs until: LAYER (only the last segment runs to the end by itself)")
+            _require(until is None or isinstance(until, str),
+                     f"model.plan segment {i}: until must be a layer name, got {until!r}")
 
 
 @dataclass
@@ -119,6 +139,9 @@ class RpcConfig:
     """Longest wait for any RPC, rendezvous or peer; a silent peer past it ends the job."""
     num_worker_threads: int = 8
     """TensorPipe worker threads per rank."""
+    transport: Literal["tcp", "auto"] = "tcp"
+    """tcp: TensorPipe's TCP transport between all ranks; auto: TensorPipe's choice (shared memory
+    between ranks of one host, which busy-polls; TCP or InfiniBand across hosts)."""
 
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, f"rpc.timeout_s must be positive, got {self.timeout_s}")
@@ -231,7 +254,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.load(value, Loader=_Loader) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
-    _require(not isinstance(parsed, (dict, list)), f"override {text!r}: the value must be a scalar")
+    _require(not isinstance(parsed, dict), f"override {text!r}: the value must be a scalar or a list")
     return key.strip().split("."), parsed
 
 

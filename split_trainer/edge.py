@@ -1,7 +1,8 @@
-"""The edge rank: hosts one replica of the edge segment behind an RRef and serves the central's RPCs.
+"""The edge rank: hosts one replica of the plan's edge segments behind an RRef and serves the
+central's RPCs.
 
 The functions at module level are what the central calls with ``rpc_async``; each takes the
-segment's RRef and runs under the segment's lock, so a forward never overlaps a step.
+host's RRef and runs under its lock, so a forward never overlaps a step.
 """
 
 from __future__ import annotations
@@ -12,99 +13,85 @@ import sys
 import threading
 import time
 import warnings
+from typing import Any, Optional
 
 import torch
-import torch.distributed.autograd as dist_autograd
 from torch.distributed import rpc
 
 from .config import Config, ModelConfig, TrainConfig
-from .models import edge_segment
-from .optim import make_optimizer, step_with
 from .metrics import resident_bytes
+from .plan import build_plan
+from .schedule import Hop, Side
 from .topology import Topology, init_rpc
 
 _finished = threading.Event()
 _last_seen = [time.monotonic()]  # the last time the central called us
 
 
-class EdgeSegment:
+class EdgeHost:
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, state: dict[str, torch.Tensor]):
-        self.module = edge_segment(model_cfg)
-        self.module.load_state_dict(state)
-        self.optimizer = make_optimizer(train_cfg, self.module.parameters())
+        rng = torch.get_rng_state()  # building the plan seeds the RNG; this edge keeps its own stream
+        self.side = Side(build_plan(model_cfg, 0).on("edge"), train_cfg)
+        torch.set_rng_state(rng)
+        self.side.load_state_dict(state)
         self.lock = threading.Lock()
-        self.pending: torch.Tensor | None = None  # relay engine: the last activation, graph attached
 
 
-def _segment(rref: rpc.RRef) -> EdgeSegment:
+def _host(rref: rpc.RRef) -> EdgeHost:
     _last_seen[0] = time.monotonic()
     return rref.local_value()
 
 
-def train_forward(rref: rpc.RRef, x: torch.Tensor) -> torch.Tensor:
-    """Forward inside the caller's distributed-autograd context (it travels with the RPC)."""
-    seg = _segment(rref)
-    with seg.lock:
-        return seg.module(x)
+def run(rref: rpc.RRef, work: list[tuple[Hop, Optional[torch.Tensor]]], labels: Optional[torch.Tensor],
+        lr: float) -> tuple[Optional[torch.Tensor], Any]:
+    """Run the hops in ``work`` in order, each on its own input; reply with the last one's result.
+    With the autograd engine this runs inside the caller's distributed-autograd context."""
+    host = _host(rref)
+    out, stat = None, None
+    evaluating = any(hop.kind in ("infer", "score") for hop, _ in work)
+    with host.lock:
+        if evaluating:
+            host.side.train(False)
+        try:
+            for hop, tensor in work:
+                out, stat = host.side.run(hop, tensor, labels, lr)
+        finally:
+            if evaluating:
+                host.side.train(True)
+    return out, stat
 
 
 def apply_step(rref: rpc.RRef, context_id: int, lr: float) -> None:
-    seg = _segment(rref)
-    with seg.lock:
-        step_with(seg.optimizer, dist_autograd.get_gradients(context_id), lr)
-
-
-def relay(rref: rpc.RRef, x: torch.Tensor | None, grad: torch.Tensor | None, lr: float) -> torch.Tensor | None:
-    """Relay engine, one call per batch: backprop ``grad`` through the previous activation and
-    step, then run the forward of ``x`` and keep its graph for the gradient that comes next."""
-    seg = _segment(rref)
-    with seg.lock:
-        if grad is not None:
-            params = list(seg.module.parameters())
-            grads = torch.autograd.grad(seg.pending, params, grad)
-            seg.pending = None
-            step_with(seg.optimizer, dict(zip(params, grads)), lr)
-        if x is None:
-            return None
-        seg.pending = seg.module(x)
-        return seg.pending.detach()
-
-
-def infer(rref: rpc.RRef, x: torch.Tensor) -> torch.Tensor:
-    seg = _segment(rref)
-    with seg.lock, torch.no_grad():
-        seg.module.eval()
-        try:
-            return seg.module(x)
-        finally:
-            seg.module.train()
+    host = _host(rref)
+    with host.lock:
+        host.side.step_from_context(context_id, lr)
 
 
 def get_state(rref: rpc.RRef) -> dict[str, torch.Tensor]:
-    seg = _segment(rref)
-    with seg.lock:
-        return {k: v.detach().clone() for k, v in seg.module.state_dict().items()}
+    host = _host(rref)
+    with host.lock:
+        return host.side.state_dict()
 
 
 def set_state(rref: rpc.RRef, state: dict[str, torch.Tensor]) -> None:
-    seg = _segment(rref)
-    with seg.lock:
-        seg.module.load_state_dict(state)
+    host = _host(rref)
+    with host.lock:
+        host.side.load_state_dict(state)
 
 
 def export_state(rref: rpc.RRef) -> dict:
     """Everything a checkpoint needs from this edge (the reply is pickled, so no aliasing)."""
-    seg = _segment(rref)
-    with seg.lock:
-        return {"module": seg.module.state_dict(), "optimizer": seg.optimizer.state_dict(),
+    host = _host(rref)
+    with host.lock:
+        return {"module": host.side.state_dict(), "optimizers": host.side.optimizer_states(),
                 "rng": torch.get_rng_state()}
 
 
 def import_state(rref: rpc.RRef, state: dict) -> None:
-    seg = _segment(rref)
-    with seg.lock:
-        seg.module.load_state_dict(state["module"])
-        seg.optimizer.load_state_dict(state["optimizer"])
+    host = _host(rref)
+    with host.lock:
+        host.side.load_state_dict(state["module"])
+        host.side.load_optimizer_states(state["optimizers"])
         torch.set_rng_state(state["rng"])
 
 
@@ -113,8 +100,9 @@ def describe() -> str:
     return f"{socket.gethostname()} pid {os.getpid()}"
 
 
-def rss() -> int:
+def rss(rref: rpc.RRef) -> int:
     """Resident memory of this edge process, in bytes."""
+    _host(rref)
     return resident_bytes()
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import Config
 from .data import Split, epoch_order
-from .models import build_plan
+from .plan import build_plan
 from .optim import lr_at, make_optimizer, set_lr
 
 

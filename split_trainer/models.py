@@ -1,23 +1,16 @@
-"""Model registry and split plans.
-
-An architecture is registered as a builder returning an ``nn.Sequential`` of named layers.
-A plan cuts it into an ordered list of segments, each tagged with where it runs. The core
-trainer runs plans of the form [edge, central]; plans with more cuts (U-shaped, alternating)
-are lists of the same kind, so they extend this module rather than replace it.
-"""
+"""Model registry: each architecture is a builder returning an ``nn.Sequential`` of named layers,
+so that a plan (split_trainer.plan) can cut it between any two layers by name."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig
 
-Place = Literal["edge", "central"]
 Builder = Callable[[ModelConfig], nn.Sequential]
 _REGISTRY: dict[str, Builder] = {}
 
@@ -52,23 +45,23 @@ def mnist_cnn(cfg: ModelConfig) -> nn.Sequential:
     ]))
 
 
-@dataclass
-class Segment:
-    place: Place
-    layers: tuple[str, ...]
-    module: nn.Sequential
-
-
-@dataclass
-class ModelPlan:
-    name: str
-    segments: list[Segment]
-    full: nn.Sequential
-
-    @property
-    def layout(self) -> list[tuple[str, tuple[str, ...]]]:
-        """Where each layer runs: part of the fingerprint that checkpoints are checked against."""
-        return [(s.place, s.layers) for s in self.segments]
+@register("tutorial_cnn")
+def tutorial_cnn(cfg: ModelConfig) -> nn.Sequential:
+    """The split-learning tutorial's model (its Layer_0..Layer_3), layer for layer; its own layout is
+    the plan edge until pool0, central until pool1, edge until relu2, central."""
+    return nn.Sequential(OrderedDict([
+        ("conv0", nn.Conv2d(1, 16, 3, stride=2, padding=1)),
+        ("relu0", nn.ReLU()),
+        ("pool0", nn.MaxPool2d(2)),
+        ("conv1", nn.Conv2d(16, 32, 3, stride=2, padding=1)),
+        ("relu1", nn.ReLU()),
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(32, 64, 3, stride=2, padding=1)),
+        ("relu2", nn.ReLU()),
+        ("avgpool", nn.AdaptiveAvgPool2d(1)),
+        ("flatten", nn.Flatten()),
+        ("fc", nn.Linear(64, 10)),
+    ]))
 
 
 def build_full(cfg: ModelConfig) -> nn.Sequential:
@@ -77,29 +70,8 @@ def build_full(cfg: ModelConfig) -> nn.Sequential:
     return _REGISTRY[cfg.name](cfg)
 
 
-def build_plan(cfg: ModelConfig, seed: int) -> ModelPlan:
-    """Build the architecture with weights from ``seed`` and cut it after layer ``cfg.split``."""
-    torch.manual_seed(seed)
-    full = build_full(cfg)
-    names = list(full._modules)
-    if cfg.split not in names[:-1]:
-        raise ConfigError(f"model.split {cfg.split!r} is not a layer of {cfg.name} that can end the edge "
-                          f"segment (choose one of: {', '.join(names[:-1])})")
-    cut = names.index(cfg.split) + 1
-    # Slicing a Sequential keeps the layer names and shares the modules, so the segments'
-    # state_dict keys are the full model's keys.
-    segments = [Segment("edge", tuple(names[:cut]), full[:cut]),
-                Segment("central", tuple(names[cut:]), full[cut:])]
-    return ModelPlan(cfg.name, segments, full)
-
-
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One segment from its replicas: floating-point parameters and buffers averaged, integer
     buffers (counters) taken from the first."""
     return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
             for k, v in states[0].items()}
-
-
-def edge_segment(cfg: ModelConfig, seed: int = 0) -> nn.Sequential:
-    """The edge segment alone (its weights are replaced by the central's right after)."""
-    return next(s.module for s in build_plan(cfg, seed).segments if s.place == "edge")

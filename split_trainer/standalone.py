@@ -41,7 +41,7 @@ def load_merged(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, t
     parts = loaded.parts
     edges = [parts[name]["module"] for name in sorted(parts) if name != "central"]
     config = loaded.manifest["config"]
-    return config, config["model"], {**average_states(edges), **parts["central"]["head"]}
+    return config, config["model"], {**average_states(edges), **parts["central"]["module"]}
 
 
 def save_model(path: Path, model_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> None:

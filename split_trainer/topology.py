@@ -88,8 +88,12 @@ def init_rpc(topo: Topology, cfg: Config) -> None:
         if var not in os.environ:
             raise ConfigError(f"{var} is not set: start split_trainer with torchrun "
                               f"(e.g. torchrun --nproc_per_node {cfg.world_size} -m split_trainer ...)")
+    # TensorPipe's own choice between ranks of one host is its shared-memory transport, which
+    # busy-polls: on a host with fewer spare cores than ranks the polling eats the compute.
+    transports = {"tcp": ["uv"], "auto": None}[cfg.rpc.transport]
     options = rpc.TensorPipeRpcBackendOptions(
-        num_worker_threads=cfg.rpc.num_worker_threads, rpc_timeout=cfg.rpc.timeout_s, init_method=f"{SCHEME}://")
+        num_worker_threads=cfg.rpc.num_worker_threads, rpc_timeout=cfg.rpc.timeout_s, init_method=f"{SCHEME}://",
+        _transports=transports)
     with warnings.catch_warnings():  # upstream #149393: init_rpc's own Gloo group warns of itself
         warnings.filterwarnings("ignore", message=".*as a ProcessGroup.*")
         rpc.init_rpc(topo.name, rank=topo.rank, world_size=topo.world_size, rpc_backend_options=options)

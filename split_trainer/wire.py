@@ -15,7 +15,7 @@ import torch
 
 from .failures import JobError, short
 
-TRAIN_KINDS = ("inputs", "activations", "activation_grads", "control")
+TRAIN_KINDS = ("inputs", "labels", "activations", "activation_grads", "control")
 
 
 def nbytes(obj: Any) -> int:
@@ -36,6 +36,7 @@ class EdgeLink:
         self.name, self.host = name, host
         self.sent: Counter[str] = Counter()  # central -> edge
         self.received: Counter[str] = Counter()  # edge -> central
+        self.cuts: Counter[tuple[int, str]] = Counter()  # (cut, forward | backward) -> bytes, both ways
         self.batches = 0
         self.failure: JobError | None = None
         self._times: deque[float] = deque(maxlen=512)
@@ -63,15 +64,13 @@ class EdgeLink:
         fut.add_done_callback(note)
         return fut
 
-    def call(self, seconds: float, sent: dict[str, int], received: dict[str, int]) -> None:
+    def call(self, seconds: float, sent: dict[str, int], received: dict[str, int],
+             cuts: dict[tuple[int, str], int] | None = None) -> None:
         with self._lock:
             self._times.append(seconds)
-        self.count(sent, received)
-
-    def count(self, sent: dict[str, int], received: dict[str, int]) -> None:
-        with self._lock:
             self.sent.update(sent)
             self.received.update(received)
+            self.cuts.update(cuts or {})
 
     def round_trip_ms(self) -> tuple[float, float]:
         """(mean, p95) of the recent calls, in ms."""
@@ -94,10 +93,12 @@ def statuses(links: list[EdgeLink]) -> dict[str, str]:
     return {link.name: "lost" if link.lost else "slow" if means[link.name] > 2 * median else "ok" for link in links}
 
 
-def summary(links: list[EdgeLink], train_samples: int) -> dict[str, Any]:
+def summary(links: list[EdgeLink], train_samples: int, cut_names: list[str]) -> dict[str, Any]:
     per_edge = {link.name: link.totals() for link in links}
     train = sum(link.sent[k] + link.received[k] for link in links for k in TRAIN_KINDS)
-    return {"per_edge": per_edge,
+    per_cut = {f"after {name}": {way: sum(link.cuts[(cut, way)] for link in links) for way in ("forward", "backward")}
+               for cut, name in enumerate(cut_names)}
+    return {"per_edge": per_edge, "per_cut": per_cut,
             "sent_total": sum(e["sent_total"] for e in per_edge.values()),
             "received_total": sum(e["received_total"] for e in per_edge.values()),
             "train_total": train,

@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = Path(os.environ.get("SPLIT_TRAINER_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
+# The tutorial's own layout of its model: edge, central, edge, central.
+TUTORIAL_PLAN = "[{place: edge, until: pool0}, {place: central, until: pool1}, {place: edge, until: relu2}, {place: central}]"
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import torch
 from split_trainer.config import load_config
 from split_trainer.data import load_mnist
 from split_trainer.local import train_local
-from conftest import quick_overrides, run, run_and_kill, torchrun_cmd
+from conftest import TUTORIAL_PLAN, quick_overrides, run, run_and_kill, torchrun_cmd
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -31,11 +31,16 @@ def test_one_central_two_edges_trains_and_reports(trained_run):
     assert "Traceback" not in result.stdout
 
 
+PLANS = {"single cut": {"model.name": "mnist_cnn", "model.split": "pool"},
+         "alternating": {"model.name": "tutorial_cnn", "model.plan": TUTORIAL_PLAN}}
+
+
 @pytest.mark.parametrize("engine", ["autograd", "relay"])
-def test_split_training_equals_local_training(mnist_root, tmp_path, engine):
+@pytest.mark.parametrize("shape", PLANS)
+def test_split_training_equals_local_training(mnist_root, tmp_path, engine, shape):
     """1 edge, no dropout, plain SGD: after 20 steps the parameters equal single-process training."""
     keys = {"train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
-            "train.max_steps": 20, "train.seed": 5, "train.engine": engine}
+            "train.max_steps": 20, "train.seed": 5, "train.engine": engine, **PLANS[shape]}
     result = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **keys)))
     assert result.returncode == 0, result.stdout[-3000:]
     split = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]

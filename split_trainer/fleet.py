@@ -1,0 +1,116 @@
+"""The central's handle on its edges: one RRef and one link per edge, calls that are timed,
+counted and watched for failure, and fan-outs that keep at most one call in flight per edge.
+
+An RPC's time bound counts from the moment it is sent, waiting on the edge included, so no path
+queues a second call on an edge before the first returns: the bound then covers a call's own work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Callable, Optional
+
+import torch
+from torch.distributed import rpc
+
+from . import edge
+from .config import Config
+from .models import average_states
+from .schedule import Hop
+from .wire import EdgeLink, nbytes
+
+Tensor = torch.Tensor
+
+
+class EdgeHandle:
+    """The central's line to one edge: what ``Schedule`` calls to run the edge's hops."""
+
+    def __init__(self, link: EdgeLink, rref: rpc.RRef):
+        self.link, self.rref = link, rref
+
+    def call(self, fn: Callable, args: tuple, during: str = "") -> Any:
+        """One call, its failure recorded the moment it happens (see EdgeLink.watch)."""
+        try:
+            return self.link.watch(rpc.rpc_async(self.link.name, fn, args=(self.rref, *args)), during).wait()
+        except Exception as exc:
+            raise self.link.fail(exc, during) from exc
+
+    def run(self, work: list[tuple[Hop, Optional[Tensor]]], labels: Optional[Tensor], lr: float,
+            evaluating: bool = False) -> tuple[Optional[Tensor], Any]:
+        sent, cuts = Counter(), Counter()
+        for hop, tensor in work:
+            kind, cut = ("eval", None) if evaluating else hop.arrives()
+            sent[kind] += nbytes(tensor)
+            if cut is not None and tensor is not None:
+                cuts[(cut, "forward" if kind == "activations" else "backward")] += nbytes(tensor)
+        if labels is not None:
+            sent["labels"] += nbytes(labels)
+        started = time.perf_counter()
+        out, stat = self.call(edge.run, (work, labels, lr), " in evaluation" if evaluating else "")
+        received = {}
+        if out is not None:
+            kind, cut = ("eval", None) if evaluating else work[-1][0].leaves()
+            received[kind] = nbytes(out)
+            if cut is not None:
+                cuts[(cut, "forward" if kind == "activations" else "backward")] += nbytes(out)
+        self.link.call(time.perf_counter() - started, sent, received, cuts)
+        return out, stat
+
+    def step(self, context_id: int, lr: float) -> None:
+        """Autograd engine: the edge steps its segments with the context's gradients."""
+        self.call(edge.apply_step, (context_id, lr))
+
+
+class Fleet:
+    """Every edge of the job, each hosting one replica of the plan's edge segments."""
+
+    def __init__(self, cfg: Config, names: list[str], initial: dict[str, Tensor]):
+        self.names = names
+        # Every replica starts from the central's seeded weights: one model, N copies.
+        rrefs = [rpc.remote(name, edge.EdgeHost, args=(cfg.model, cfg.train, initial)) for name in names]
+        hosts = [f.wait() for f in [rpc.rpc_async(name, edge.describe) for name in names]]
+        self.links = [EdgeLink(name, host) for name, host in zip(names, hosts)]
+        self.edges = [EdgeHandle(link, rref) for link, rref in zip(self.links, rrefs)]
+
+    def __len__(self) -> int:
+        return len(self.edges)
+
+    def on_all(self, fn: Callable, per_edge_args: list[tuple], kind: str = "control") -> list[Any]:
+        """``fn(rref, *per_edge_args[k])`` on every edge k at once, one call each; wait for all."""
+        started = time.perf_counter()
+        futures = [h.link.watch(rpc.rpc_async(h.link.name, fn, args=(h.rref, *args)))
+                   for h, args in zip(self.edges, per_edge_args)]
+        results = []
+        for h, args, fut in zip(self.edges, per_edge_args, futures):
+            try:
+                results.append(fut.wait())
+            except Exception as exc:
+                raise h.link.fail(exc) from exc
+            h.link.call(time.perf_counter() - started, {kind: nbytes(args)}, {kind: nbytes(results[-1])})
+        return results
+
+    def sync(self) -> None:
+        """Average the replicas' parameters and buffers and push the average back."""
+        if len(self.edges) == 1:
+            return  # one replica is its own average
+        average = average_states(self.on_all(edge.get_state, [()] * len(self.edges)))
+        self.on_all(edge.set_state, [(average,)] * len(self.edges))
+
+    def state(self) -> dict[str, Tensor]:
+        """The edge segments of the one synchronised model (after a sync any replica will do)."""
+        return self.edges[0].call(edge.get_state, ())
+
+    def export(self) -> dict[str, Any]:
+        """Every edge's checkpoint part, by edge name."""
+        return dict(zip(self.names, self.on_all(edge.export_state, [()] * len(self.edges))))
+
+    def restore(self, parts: dict[str, Any]) -> None:
+        self.on_all(edge.import_state, [(parts[name],) for name in self.names])
+
+    def memory_bytes(self) -> list[int]:
+        return self.on_all(edge.rss, [()] * len(self.edges))
+
+    def finish(self) -> None:
+        for name in self.names:
+            rpc.rpc_sync(name, edge.finish)
