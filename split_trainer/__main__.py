@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from . import faults
 from .config import ConfigError, load_config
 from .failures import Terminated, short
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         build_plan(cfg.model, cfg.train.seed)  # an unknown model or a bad plan fails on every rank, now
         topo = topology_from_env(cfg)
         where = f"[{topo.name}] "
+        faults.arm(topo.name, topo.restart)
         threads = set_threads(cfg.train.threads, topo.local_world_size)
         if topo.is_central:
             from .central import run_central

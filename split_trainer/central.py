@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import checkpoint, state
+from . import checkpoint, faults, state
 from .config import Config
 from .data import Split, batch_loader, epoch_order, eval_batches
 from .failures import JobError, Terminated, cause_of, raise_on_sigterm
@@ -173,6 +173,7 @@ class Central:
             def finished(batch: Batch, loss: float) -> None:
                 self.losses[batch.step] = (loss, time.perf_counter())
                 link.batches += 1
+                faults.hit("train")
 
             self.schedule.train_lane(self.fleet.edges[k], batches, turns, lr, finished)
 

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from . import faults
 from .config import Config, ConfigError
+from .failures import JobError
 from .metrics import atomic_write
 
 PATTERN = re.compile(r"^step_(\d{8})$")
@@ -55,26 +57,33 @@ def _sha256(data: bytes) -> str:
 
 
 def save(directory: Path, step: int, parts: dict[str, Any], meta: dict[str, Any], keep: int) -> tuple[Path, int]:
-    """Write ``parts`` (stem -> object) as step ``step``; return (folder, bytes written)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``parts`` (stem -> object) as step ``step``; return (folder, bytes written). A write
+    that fails (no space, a read-only folder) leaves no trace and raises JobError naming the folder."""
     final = directory / f"step_{step:08d}"
     tmp = directory / f".step_{step:08d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files, total = {}, 0
-    for stem, obj in parts.items():
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        data = buffer.getvalue()
-        atomic_write(tmp / f"{stem}.pt", lambda f: f.write(data))
-        files[f"{stem}.pt"] = {"bytes": len(data), "sha256": _sha256(data)}
-        total += len(data)
-    manifest = {**meta, "step": step, "files": files, "written_at": time.time()}
-    atomic_write(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-    if final.exists():  # an earlier attempt reached the same step: replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        files, total = {}, 0
+        for stem, obj in parts.items():
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            data = buffer.getvalue()
+            faults.hit("checkpoint")
+            atomic_write(tmp / f"{stem}.pt", lambda f: f.write(data))
+            files[f"{stem}.pt"] = {"bytes": len(data), "sha256": _sha256(data)}
+            total += len(data)
+        manifest = {**meta, "step": step, "files": files, "written_at": time.time()}
+        atomic_write(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        if final.exists():  # an earlier attempt reached the same step: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise JobError(f"cannot write checkpoint step {step} into {directory}: {exc.strerror or exc} (free space "
+                       f"or make the folder writable; earlier checkpoints there are intact)") from None
     _prune(directory, keep)
     return final, total
 
@@ -120,12 +129,15 @@ def load(path: Path) -> Loaded:
             data = (path / name).read_bytes()
         except OSError as exc:
             raise ValueError(f"{path / name}: {exc.strerror}") from None
-        if len(data) != info["bytes"] or _sha256(data) != info["sha256"]:
-            raise ValueError(f"{path / name}: {len(data)} bytes, expected {info['bytes']} (truncated or altered)")
-        try:
+        if len(data) != info["bytes"]:
+            raise ValueError(f"{path / name}: {len(data)} bytes, expected {info['bytes']} (truncated)")
+        if _sha256(data) != info["sha256"]:
+            raise ValueError(f"{path / name}: altered (its SHA-256 does not match the manifest)")
+        try:  # weights_only: tensors and plain containers; a pickled object that would run code is refused
             parts[name.removesuffix(".pt")] = torch.load(io.BytesIO(data), weights_only=True)
         except Exception as exc:
-            raise ValueError(f"{path / name}: not loadable ({str(exc).splitlines()[0][:200]})") from None
+            raise ValueError(f"{path / name}: refused by torch.load(weights_only=True) "
+                             f"({str(exc).strip().splitlines()[0][:160]})") from None
     return Loaded(path, manifest, parts)
 
 

@@ -136,7 +136,10 @@ class TrainConfig:
 @dataclass
 class RpcConfig:
     timeout_s: float = 120.0
-    """Longest wait for any RPC, rendezvous or peer; a silent peer past it ends the job."""
+    """Longest wait for any RPC, rendezvous or peer; a silent peer past it ends the job. It bounds
+    one call's own work (no call waits behind another on its edge)."""
+    startup_timeout_s: float = 120.0
+    """Longest wait for each edge's first calls: connecting and building its segments."""
     num_worker_threads: int = 8
     """TensorPipe worker threads per rank."""
     transport: Literal["tcp", "auto"] = "tcp"
@@ -145,6 +148,7 @@ class RpcConfig:
 
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, f"rpc.timeout_s must be positive, got {self.timeout_s}")
+        _require(self.startup_timeout_s > 0, f"rpc.startup_timeout_s must be positive, got {self.startup_timeout_s}")
         _require(self.num_worker_threads >= 2,
                  f"rpc.num_worker_threads must be at least 2, got {self.num_worker_threads}")
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 from torch.distributed import rpc
 
+from . import faults
 from .config import Config, ModelConfig, TrainConfig
 from .metrics import resident_bytes
 from .plan import build_plan
@@ -49,6 +50,7 @@ def run(rref: rpc.RRef, work: list[tuple[Hop, Optional[torch.Tensor]]], labels: 
     host = _host(rref)
     out, stat = None, None
     evaluating = any(hop.kind in ("infer", "score") for hop, _ in work)
+    faults.hit("eval" if evaluating else "train")
     with host.lock:
         if evaluating:
             host.side.train(False)
@@ -69,6 +71,7 @@ def apply_step(rref: rpc.RRef, context_id: int, lr: float) -> None:
 
 def get_state(rref: rpc.RRef) -> dict[str, torch.Tensor]:
     host = _host(rref)
+    faults.hit("sync")
     with host.lock:
         return host.side.state_dict()
 
@@ -82,6 +85,7 @@ def set_state(rref: rpc.RRef, state: dict[str, torch.Tensor]) -> None:
 def export_state(rref: rpc.RRef) -> dict:
     """Everything a checkpoint needs from this edge (the reply is pickled, so no aliasing)."""
     host = _host(rref)
+    faults.hit("export")
     with host.lock:
         return {"module": host.side.state_dict(), "optimizers": host.side.optimizer_states(),
                 "rng": torch.get_rng_state()}
@@ -95,8 +99,9 @@ def import_state(rref: rpc.RRef, state: dict) -> None:
         torch.set_rng_state(state["rng"])
 
 
-def describe() -> str:
-    """Where this edge runs, for the central's banner and table."""
+def describe(rref: rpc.RRef) -> str:
+    """Where this edge runs, for the central's banner and table (once its segments are built)."""
+    _host(rref)
     return f"{socket.gethostname()} pid {os.getpid()}"
 
 

@@ -68,8 +68,12 @@ class Fleet:
     def __init__(self, cfg: Config, names: list[str], initial: dict[str, Tensor]):
         self.names = names
         # Every replica starts from the central's seeded weights: one model, N copies.
-        rrefs = [rpc.remote(name, edge.EdgeHost, args=(cfg.model, cfg.train, initial)) for name in names]
-        hosts = [f.wait() for f in [rpc.rpc_async(name, edge.describe) for name in names]]
+        # The first calls also connect and build the segments: a loaded host may take a while.
+        startup = cfg.rpc.startup_timeout_s
+        rrefs = [rpc.remote(name, edge.EdgeHost, args=(cfg.model, cfg.train, initial), timeout=startup)
+                 for name in names]
+        hosts = [f.wait() for f in [rpc.rpc_async(name, edge.describe, args=(r,), timeout=startup)
+                                    for name, r in zip(names, rrefs)]]
         self.links = [EdgeLink(name, host) for name, host in zip(names, hosts)]
         self.edges = [EdgeHandle(link, rref) for link, rref in zip(self.links, rrefs)]
 

@@ -1,5 +1,6 @@
 """Checkpoint files: completeness, verification, pruning, kills during a write, refusals."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -80,3 +81,50 @@ def test_checkpoint_from_another_topology_is_refused(mnist_root, tmp_path):
     second = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path, edges=2, **{"train.max_steps": 20})))
     assert second.returncode != 0 and "exitcode  : 2" in second.stdout
     assert "was written for edges=1, but the config gives edges=2" in second.stdout
+    other_plan = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **{"train.max_steps": 20,
+                                                                                      "model.split": "relu1"})))
+    assert other_plan.returncode != 0 and "exitcode  : 2" in other_plan.stdout
+    assert ("was written for plan=edge conv1..pool | central dropout1..fc2, but the config gives "
+            "plan=edge conv1..relu1 | central conv2..fc2") in other_plan.stdout
+
+
+def test_altered_bytes_of_the_same_size_are_skipped(tmp_path):
+    for step in (10, 20):
+        checkpoint.save(tmp_path, step, _parts(step), {}, keep=3)
+    newest = tmp_path / "step_00000020" / "edge1.pt"
+    data = bytearray(newest.read_bytes())
+    data[-40] ^= 0xFF  # one flipped byte inside the tensor data, same size
+    newest.write_bytes(bytes(data))
+    warnings = []
+    assert checkpoint.find_resumable(tmp_path, warn=warnings.append).step == 10
+    assert len(warnings) == 1 and "edge1.pt: altered" in warnings[0]
+
+
+class _Payload:
+    """Unpickling this would create the marker file: code run by loading a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    checkpoint.save(tmp_path, 10, _parts(1.0), {}, keep=3)
+    checkpoint.save(tmp_path, 20, _parts(2.0), {}, keep=3)
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "step_00000020" / "central.pt"
+    torch.save({"w": torch.ones(3), "x": _Payload(str(marker))}, hostile)
+    # Whoever planted it rewrote the manifest too, so sizes and hashes match.
+    manifest_path = tmp_path / "step_00000020" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    data = hostile.read_bytes()
+    manifest["files"]["central.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest_path.write_text(json.dumps(manifest))
+    warnings = []
+    assert checkpoint.find_resumable(tmp_path, warn=warnings.append).step == 10
+    assert len(warnings) == 1 and "refused by torch.load(weights_only=True)" in warnings[0]
+    with pytest.raises(ConfigError, match="refused by torch.load"):
+        checkpoint.resolve(str(tmp_path / "step_00000020"), tmp_path, warn=print)
+    assert not marker.exists()  # nothing ran

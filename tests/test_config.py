@@ -108,3 +108,28 @@ def test_bad_model_or_resume_path_exits_2_before_writing(mnist_root, tmp_path, a
     result = run(torchrun_cmd(2, *args, f"data.root={mnist_root}", f"output.run_dir={tmp_path}"), timeout=180)
     assert words in result.stdout and "exitcode  : 2" in result.stdout, result.stdout[-3000:]
     assert list(tmp_path.iterdir()) == []  # nothing half-written, not even config.yaml
+
+
+@pytest.mark.parametrize("plan, words", [
+    ("[{place: edge, until: pool0}, {place: edge, until: pool1}, {place: central}]", "places must alternate"),
+    ("[{place: edge, until: pool0}, {place: central, until: nope}, {place: edge}]", "'nope' is not a layer"),
+    ("[{place: edge, until: pool1}, {place: central, until: pool0}, {place: edge}]", "does not come after"),
+    ("[{place: edge, until: pool0}, {place: central, until: relu2}]", "leaves layers avgpool, flatten, fc"),
+])
+def test_a_bad_plan_exits_2_with_one_line(tmp_path, plan, words):
+    result = _cli("--config", "configs/mnist_tutorial.yaml", "--set", f"model.plan={plan}",
+                  f"output.run_dir={tmp_path}")
+    assert result.returncode == 2
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("split_trainer: error: model.plan") and words in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_plan_stops_every_rank_before_rpc(tmp_path):
+    plan = "[{place: edge, until: pool0}, {place: edge, until: pool1}, {place: central}]"
+    result = run(torchrun_cmd(3, "--config", "configs/mnist_tutorial.yaml", "--set", "topology.edges=2",
+                              f"model.plan={plan}", f"output.run_dir={tmp_path}"), timeout=180)
+    # Each rank checks before RPC; torchrun stops the others as soon as the first has exited 2.
+    assert "split_trainer: error: model.plan: segments 1 and 2 both run on the edge" in result.stdout
+    assert "exitcode  : 2" in result.stdout and "Traceback" not in result.stdout.split("error: model.plan")[0]
+    assert list(tmp_path.iterdir()) == []
