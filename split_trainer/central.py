@@ -59,11 +59,12 @@ class Turns:
 
 
 class Central:
-    def __init__(self, cfg: Config, topo: Topology, train: Split, test: Split, console: Console,
+    def __init__(self, cfg: Config, topo: Topology, train: Split, test: Split, console: Console, job: str,
                  loaded: checkpoint.Loaded | None = None):
         self.cfg, self.topo, self.train_split, self.console = cfg, topo, train, console
         self.plan = build_plan(cfg.model, cfg.train.seed)
         self.fingerprint = checkpoint.fingerprint(cfg, describe(self.plan.layout))
+        self.job = job
         self.side = Side(self.plan.on("central"), cfg.train)
         edge_side = Side(self.plan.on("edge"), cfg.train)
         self.fleet = Fleet(cfg, topo.edge_names, edge_side.state_dict())
@@ -208,7 +209,8 @@ class Central:
     def _checkpoint(self) -> None:
         started = time.perf_counter()
         self.progress.epoch, self.progress.position = divmod(self.step, self.steps_per_epoch)
-        path, size = state.save(self.cfg, self.fingerprint, self.side, self.fleet, self.progress)
+        path, size = state.save(self.cfg, {"fingerprint": self.fingerprint, "job": self.job}, self.side,
+                                self.fleet, self.progress)
         seconds = time.perf_counter() - started
         self.checkpoint_time += seconds
         self.metrics.write(event="checkpoint", step=self.step, seconds=round(seconds, 4), bytes=size, path=str(path))
@@ -284,15 +286,17 @@ def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto",
     if cfg.logging.tensorboard:
         require_tensorboard()
     checkpoint.remove_stale_temporaries(checkpoint.directory(cfg))
-    loaded = checkpoint.resolve(resume, checkpoint.directory(cfg), console.warn)
+    run_dir = Path(cfg.output.run_dir)
+    job = checkpoint.job_of_run(run_dir) if topo.restart else None  # a restart resumes its own job first
+    loaded = checkpoint.resolve(resume, checkpoint.directory(cfg), console.warn, job)
     if loaded:
         checkpoint.check_fingerprint(loaded, checkpoint.fingerprint(cfg, describe(build_plan(cfg.model, 0).layout)))
-    run_dir = Path(cfg.output.run_dir)
+    job = job or checkpoint.start_job(run_dir)
     write_text(run_dir / "config.yaml", cfg.to_yaml())
     init_rpc(topo, cfg)
     central = None
     try:
-        central = Central(cfg, topo, train, test, console, loaded)
+        central = Central(cfg, topo, train, test, console, job, loaded)
         console.banner(_banner(cfg, central, threads), central.total_steps)
         summary = central.train()
         write_json(run_dir / "summary.json", summary)

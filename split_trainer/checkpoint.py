@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from .metrics import atomic_write
 
 PATTERN = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
+JOB = "job.json"
 
 
 def directory(cfg: Config) -> Path:
@@ -109,11 +111,13 @@ def remove_stale_temporaries(directory: Path) -> None:
 
 
 def complete_candidates(directory: Path) -> list[Path]:
-    """Checkpoint folders that have a manifest, newest first (contents not yet verified)."""
+    """Checkpoint folders that have a manifest, newest first (contents not yet verified). Newest
+    means last written, not highest step: a run started over in the same folder (``--resume
+    never``) counts from step 0 again, and its checkpoints are the ones to keep."""
     if not directory.is_dir():
         return []
     found = [p for p in directory.iterdir() if PATTERN.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: p.name, reverse=True)
+    return sorted(found, key=lambda p: (_manifest_field(p, "written_at") or 0, p.name), reverse=True)
 
 
 def load(path: Path) -> Loaded:
@@ -141,9 +145,19 @@ def load(path: Path) -> Loaded:
     return Loaded(path, manifest, parts)
 
 
-def find_resumable(directory: Path, warn) -> Loaded | None:
-    """The newest checkpoint that loads and verifies; broken ones are skipped with a warning."""
+def _manifest_field(path: Path, key: str) -> Any:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def find_resumable(directory: Path, warn, job: str | None = None) -> Loaded | None:
+    """The newest checkpoint that loads and verifies (of ``job`` only, when given); broken ones
+    are skipped with a warning."""
     for path in complete_candidates(directory):
+        if job is not None and _manifest_field(path, "job") != job:
+            continue
         try:
             return load(path)
         except ValueError as exc:
@@ -151,8 +165,28 @@ def find_resumable(directory: Path, warn) -> Loaded | None:
     return None
 
 
-def resolve(resume: str, directory: Path, warn) -> Loaded | None:
-    """Apply ``--resume auto|never|PATH``."""
+def job_of_run(run_dir: Path) -> str | None:
+    """The id that the first attempt of this torchrun job wrote (restarts read it), if any."""
+    try:
+        return json.loads((run_dir / JOB).read_text())["id"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def start_job(run_dir: Path) -> str:
+    """A new job: a fresh id that its checkpoints carry, so that its restarts find their own."""
+    job = uuid.uuid4().hex
+    atomic_write(run_dir / JOB, lambda f: f.write(json.dumps({"id": job, "started_at": time.time()}).encode()))
+    return job
+
+
+def resolve(resume: str, directory: Path, warn, job: str | None = None) -> Loaded | None:
+    """Apply ``--resume auto|never|PATH``. A restarted attempt of a job (``job`` given) first
+    takes that job's own newest checkpoint, whatever the first attempt was told."""
+    if job is not None:
+        own = find_resumable(directory, warn, job)
+        if own is not None:
+            return own
     if resume == "never":
         return None
     if resume == "auto":

@@ -28,13 +28,13 @@ class Progress:
     """(test loss, test accuracy) of the latest evaluation."""
 
 
-def save(cfg: Config, fingerprint: dict[str, Any], central: Side, fleet: Fleet, progress: Progress) -> tuple[Path, int]:
-    """Both sides' full state at a quiet point (no batch in flight), as checkpoint ``progress.step``."""
+def save(cfg: Config, meta: dict[str, Any], central: Side, fleet: Fleet, progress: Progress) -> tuple[Path, int]:
+    """Both sides' full state at a quiet point (no batch in flight), as checkpoint ``progress.step``;
+    ``meta`` (fingerprint, job) goes into the manifest."""
     parts = {"central": {"module": central.state_dict(), "optimizers": central.optimizer_states(),
                          "rng": torch.get_rng_state(), "progress": asdict(progress)},
              **fleet.export()}
-    meta = {"epoch": progress.epoch, "position": progress.position, "fingerprint": fingerprint,
-            "config": cfg.to_dict()}
+    meta = {**meta, "epoch": progress.epoch, "position": progress.position, "config": cfg.to_dict()}
     return checkpoint.save(checkpoint.directory(cfg), progress.step, parts, meta, cfg.checkpoint.keep)
 
 
