@@ -14,9 +14,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 # World size = 1 + topology.edges, read from the resolved config (file + overrides).
-nproc=$(python -c 'import sys; from split_trainer.config import load_config; a=sys.argv[2:]
-o=[x for x in a if "=" in x and not x.startswith("-")]
-print(load_config(sys.argv[1], o).world_size)' "$config" "${args[@]+"${args[@]}"}")
+edges=$(python "$(dirname "$0")/edges_of.py" "$config" "${args[@]+"${args[@]}"}") || exit 2
+nproc=$((edges + 1))
 # --standalone: a private c10d rendezvous on a free local port.
 exec torchrun --standalone --nproc_per_node "$nproc" --max-restarts "$restarts" \
   -m split_trainer --config "$config" "${args[@]+"${args[@]}"}"

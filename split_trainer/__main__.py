@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _say(where, str(exc))
         return 2
-    except KeyboardInterrupt:
-        _say(where, "interrupted")
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank of the process group: one line is enough
+        if where in ("", "[central] "):
+            _say(where, "interrupted (SIGINT): run the same command to resume from the newest checkpoint")
         return 130
     except (Exception, Terminated) as exc:  # one line for the person; the cause chain is not for them
         if isinstance(exc, Terminated) and isinstance(exc.__context__, Exception):

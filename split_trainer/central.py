@@ -27,6 +27,7 @@ from .optim import lr_at
 from .plan import build_plan, describe
 from .progress import Console
 from .schedule import Batch, Schedule, Side
+from .shards import Draw, rotation
 from .standalone import save_model
 from .topology import Topology
 from .wire import TRAIN_KINDS, summary as wire_summary
@@ -72,8 +73,14 @@ class Central:
         console.attach(self.fleet.links)
         self.in_flight: list[Future] = []  # the lanes at work, one per edge
         self.pool = ThreadPoolExecutor(len(self.fleet), thread_name_prefix="edge-lane")
-        self.test_batches = eval_batches(test, cfg.data.eval_batch_size)
-        self.steps_per_epoch = -(-len(train) // cfg.data.batch_size)
+        self.shards = self.fleet.shards  # edge placement: what each edge holds (sizes, label counts)
+        if self.shards is None:
+            self.test_batches = eval_batches(test, cfg.data.eval_batch_size)
+            self.steps_per_epoch = -(-len(train) // cfg.data.batch_size)
+        else:
+            self.rotation = rotation([s["train_batches"] for s in self.shards])
+            self.steps_per_epoch = len(self.rotation)
+        self.trained: set[int] = set()  # edges that trained since the last sync
         total = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.max_steps or total)
         self.progress = state.Progress(seed=cfg.train.seed)
@@ -108,9 +115,11 @@ class Central:
             for chunk in self._chunks(epoch):
                 t0 = time.perf_counter()
                 self._train_chunk(chunk, lr)
+                self.trained.update(b.edge for b in chunk)
                 boundary = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
                 if boundary or self.step % self.cfg.train.edge_sync_every == 0:
-                    self.fleet.sync()
+                    self.fleet.sync(self.trained)
+                    self.trained = set()
                 self.train_time += time.perf_counter() - t0
                 self._log_chunk(chunk, window)
                 paused = time.perf_counter()
@@ -121,17 +130,28 @@ class Central:
                 window.start += time.perf_counter() - paused  # not training time
         return self._finish(time.perf_counter() - started)
 
-    def _chunks(self, epoch: int) -> Iterator[list[Batch]]:
-        """This epoch's batches from the current position, cut where the edges must be quiet:
-        at every sync, every checkpoint, and the end of the run."""
+    def _batches(self, epoch: int) -> Iterator[Batch]:
+        """This epoch's batches from the current position, in dispatch order."""
+        start = epoch * self.steps_per_epoch
+        position = self.step - start
+        if self.shards is not None:  # each edge draws its own batch; the labels come only if needed here
+            labels = self.plan.places[-1] == "central"
+            for i, (k, j) in enumerate(self.rotation[position:], position):
+                yield Batch(start + i, k, draw=Draw("train", epoch, j, labels))
+            return
         order = epoch_order(len(self.train_split), self.cfg.data.batch_size, self.cfg.train.seed, epoch)
-        position = self.step - epoch * self.steps_per_epoch
         loader = batch_loader(self.train_split, order[position:], self.cfg.data.num_workers)
-        chunk, step = [], self.step
+        for i, (x, y) in enumerate(loader, position):
+            yield Batch(start + i, (start + i) % len(self.fleet), x, y)
+
+    def _chunks(self, epoch: int) -> Iterator[list[Batch]]:
+        """This epoch's batches cut where the edges must be quiet: at every sync, every checkpoint,
+        and the end of the run."""
+        chunk = []
         cuts = (self.cfg.train.edge_sync_every, self.cfg.checkpoint.every_steps)
-        for x, y in loader:
-            chunk.append(Batch(step, x, y))
-            step += 1
+        for batch in self._batches(epoch):
+            chunk.append(batch)
+            step = batch.step + 1
             if step >= self.total_steps or any(step % every == 0 for every in cuts):
                 yield chunk
                 chunk = []
@@ -178,33 +198,43 @@ class Central:
 
             self.schedule.train_lane(self.fleet.edges[k], batches, turns, lr, finished)
 
-        self._lanes(lane, [[b for b in chunk if b.step % n == k] for k in range(n)], turns)
+        self._lanes(lane, [[b for b in chunk if b.edge == k] for k in range(n)], turns)
         self.progress.step = chunk[-1].step + 1
 
     # -- evaluation, checkpoints and records -------------------------------------------------
     def _evaluate(self, epoch: int) -> None:
-        """Test loss and accuracy of the synchronised model; each edge takes every n-th test batch,
-        one at a time, so no call waits behind another on its edge."""
+        """Test loss and accuracy of the synchronised model, one test batch per edge at a time (so
+        no call waits behind another on its edge): the central's test batches spread over the
+        edges, or in edge placement each edge's own test shard, combined by sample count."""
         n = len(self.fleet)
-        scores: dict[int, tuple[float, int]] = {}
+        if self.shards is None:
+            shares = [[(k, j, x, y) for j, (x, y) in enumerate(self.test_batches) if j % n == k] for k in range(n)]
+        else:
+            labels = self.plan.places[-1] == "central"
+            shares = [[(k, j, Draw("test", epoch, j, labels), None) for j in range(s["test_batches"])]
+                      for k, s in enumerate(self.shards)]
+        scores: dict[tuple[int, int], tuple[float, int, int]] = {}
 
-        def lane(k: int, indices: list[int]) -> None:
-            for j in indices:
-                x, y = self.test_batches[j]
-                scores[j] = self.schedule.evaluate(self.fleet.edges[k], x, y)
+        def lane(k: int, share: list) -> None:
+            for _, j, source, y in share:
+                scores[(k, j)] = self.schedule.evaluate(self.fleet.edges[k], source, y)
 
         self.side.train(False)
         try:
-            self._lanes(lane, [list(range(k, len(self.test_batches), n)) for k in range(n)])
+            self._lanes(lane, shares)
         finally:
             self.side.train(True)
-        count = sum(len(y) for _, y in self.test_batches)
-        loss_sum = sum(scores[j][0] for j in range(len(self.test_batches)))  # in order: the same sum every run
-        correct = sum(scores[j][1] for j in range(len(self.test_batches)))
+        ordered = [scores[kj] for kj in sorted(scores, key=lambda kj: (kj[1], kj[0]))]  # fixed: the same sums every run
+        loss_sum, correct, count = (sum(s[i] for s in ordered) for i in range(3))
         self.progress.last_eval = [loss_sum / count, correct / count]
-        self.metrics.write(event="eval", step=self.step, epoch=epoch + 1,
-                           test_loss=self.progress.last_eval[0], test_accuracy=self.progress.last_eval[1])
-        self.console.evaluated(epoch, *self.progress.last_eval)
+        record = {}
+        if self.shards is not None:  # a weak edge must not hide behind a good average
+            per_edge = [[s for (k, _), s in scores.items() if k == e] for e in range(n)]
+            record["per_edge"] = {name: sum(s[1] for s in p) / max(sum(s[2] for s in p), 1)
+                                  for name, p in zip(self.fleet.names, per_edge)}
+        self.metrics.write(event="eval", step=self.step, epoch=epoch + 1, test_loss=self.progress.last_eval[0],
+                           test_accuracy=self.progress.last_eval[1], **record)
+        self.console.evaluated(epoch, *self.progress.last_eval, record.get("per_edge"))
 
     def _checkpoint(self) -> None:
         started = time.perf_counter()
@@ -220,8 +250,8 @@ class Central:
         every = self.cfg.logging.every_steps
         links = self.fleet.links
         for batch in chunk:
-            window.add(*self.losses.pop(batch.step), len(batch.y))
-            self.samples += len(batch.y)
+            window.add(*self.losses.pop(batch.step), batch.samples)
+            self.samples += batch.samples
             step = batch.step + 1
             if step % every == 0 or step == self.total_steps:
                 loss, speed = window.take()
@@ -260,11 +290,21 @@ class Central:
         self.metrics.close()
 
 
+def _data_line(cfg: Config, central: Central) -> str:
+    if central.shards is None:
+        test = sum(len(y) for _, y in central.test_batches)
+        return f"{cfg.data.root} on the central ({len(central.train_split)} train / {test} test), inputs sent to the edges"
+    shards = "; ".join(f"{name} {s['train']} train / {s['test']} test, labels {s['train_labels']}"
+                       for name, s in zip(central.fleet.names, central.shards))
+    how = cfg.data.partition + (f" alpha {cfg.data.dirichlet_alpha:g}" if cfg.data.partition == "dirichlet" else "")
+    return f"on the edges ({how} shards of each edge's {cfg.data.root}): {shards}"
+
+
 def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
     edges = ", ".join(f"{link.name} (rank {i + 1}, {link.host})" for i, link in enumerate(central.fleet.links))
     return {"topology": f"central (rank 0) + {len(central.fleet)} edges: {edges}",
             "model": f"{cfg.model.name}: {describe(central.plan.layout)}; engine {cfg.train.engine}",
-            "data": f"{cfg.data.root} ({len(central.train_split)} train / {sum(len(y) for _, y in central.test_batches)} test)",
+            "data": _data_line(cfg, central),
             "settings": f"batch {cfg.data.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, {cfg.train.epochs} "
                         f"epochs ({central.total_steps} steps), sync every {cfg.train.edge_sync_every} steps, "
                         f"{threads} thread(s)/rank",
@@ -282,7 +322,8 @@ def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto",
     raise_on_sigterm()
     # Everything a user can get wrong fails here, before any RPC and before anything is written.
     console = Console(quiet=quiet)
-    train, test = load_mnist(cfg.data)
+    # In edge placement the central never opens a data set: it needs no data folder at all.
+    train, test = load_mnist(cfg.data) if cfg.data.placement == "central" else (None, None)
     if cfg.logging.tensorboard:
         require_tensorboard()
     checkpoint.remove_stale_temporaries(checkpoint.directory(cfg))
@@ -297,6 +338,9 @@ def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto",
     central = None
     try:
         central = Central(cfg, topo, train, test, console, job, loaded)
+        if central.shards is not None:
+            write_json(run_dir / "partition.json", {"partition": cfg.data.partition, "seed": cfg.train.seed,
+                                                    **dict(zip(central.fleet.names, central.shards))})
         console.banner(_banner(cfg, central, threads), central.total_steps)
         summary = central.train()
         write_json(run_dir / "summary.json", summary)

@@ -84,8 +84,19 @@ class DataConfig:
     """Use only the first N training samples (quick runs and tests); null means all."""
     limit_test: Optional[int] = None
     """Use only the first N test samples; null means all."""
+    placement: Literal["central", "edge"] = "central"
+    """central: the central loads the data and sends inputs to the edges; edge: every edge loads its
+    own shard from data.root on its own host, and no input ever reaches the central."""
+    partition: Literal["iid", "dirichlet", "local"] = "iid"
+    """Edge placement: iid or dirichlet shards carved (seeded, disjoint) out of the data set at each
+    edge's data.root; local: each edge uses all the data it finds (every host its own files)."""
+    dirichlet_alpha: float = 0.5
+    """Concentration of the per-class Dirichlet draw (smaller: more skewed shards)."""
+    test_on_every_edge: bool = False
+    """Edge placement: every edge evaluates the whole test split instead of its own shard of it."""
 
     def __post_init__(self) -> None:
+        _require(self.dirichlet_alpha > 0, f"data.dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
         _require(self.batch_size >= 1, f"data.batch_size must be at least 1, got {self.batch_size}")
         _require(self.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {self.eval_batch_size}")
         _require(self.num_workers >= 0, f"data.num_workers must be 0 or more, got {self.num_workers}")
@@ -142,6 +153,9 @@ class RpcConfig:
     """Longest wait for each edge's first calls: connecting and building its segments."""
     num_worker_threads: int = 8
     """TensorPipe worker threads per rank."""
+    activation_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """What crosses every cut (activations forward, their gradients back) travels in this type and
+    is cast back to float32 on arrival; computation stays in float32."""
     transport: Literal["tcp", "auto"] = "tcp"
     """tcp: TensorPipe's TCP transport between all ranks; auto: TensorPipe's choice (shared memory
     between ranks of one host, which busy-polls; TCP or InfiniBand across hosts)."""

@@ -12,8 +12,9 @@ from .plan import build_plan
 from .optim import lr_at, make_optimizer, set_lr
 
 
-def train_local(cfg: Config, train: Split, steps: int) -> nn.Sequential:
-    """Train the full model for ``steps`` batches in the split trainer's batch order and lr schedule."""
+def train_local(cfg: Config, train: Split, steps: int, order_seed: int | None = None) -> nn.Sequential:
+    """Train the full model for ``steps`` batches in the split trainer's batch order and lr schedule
+    (``order_seed``: the seed of the batch order, when it is not ``train.seed``: an edge's shard)."""
     model = build_plan(cfg.model, cfg.train.seed).full  # also seeds the RNG exactly as the central does
     optimizer = make_optimizer(cfg.train, model.parameters())
     per_epoch = -(-len(train) // cfg.data.batch_size)
@@ -21,7 +22,8 @@ def train_local(cfg: Config, train: Split, steps: int) -> nn.Sequential:
     while step < steps:
         epoch = step // per_epoch
         set_lr(optimizer, lr_at(cfg.train, epoch))
-        for idx in epoch_order(len(train), cfg.data.batch_size, cfg.train.seed, epoch)[: steps - step]:
+        seed = cfg.train.seed if order_seed is None else order_seed
+        for idx in epoch_order(len(train), cfg.data.batch_size, seed, epoch)[: steps - step]:
             loss = F.cross_entropy(model(train.images[idx]), train.labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -91,9 +91,11 @@ class Console:
         if self._live is None and not self.quiet:
             self.out.print(f"step {step}/{self.total} {self._line()}")
 
-    def evaluated(self, epoch: int, test_loss: float, test_accuracy: float) -> None:
+    def evaluated(self, epoch: int, test_loss: float, test_accuracy: float,
+                  per_edge: dict[str, float] | None = None) -> None:
         self.info["test_acc"] = f"{test_accuracy:.4f}"
-        self.print(f"epoch {epoch + 1} test_loss {test_loss:.4f} test_accuracy {test_accuracy:.4f}")
+        edges = f" ({', '.join(f'{k} {v:.4f}' for k, v in per_edge.items())})" if per_edge else ""
+        self.print(f"epoch {epoch + 1} test_loss {test_loss:.4f} test_accuracy {test_accuracy:.4f}{edges}")
 
     def _line(self) -> str:
         return " ".join(f"{k} {v}" for k, v in self.info.items())

@@ -34,6 +34,16 @@ from .optim import make_optimizer, step_with
 Tensor = torch.Tensor
 
 
+def to_wire(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """What crosses a cut travels as ``dtype`` (rpc.activation_dtype); differentiable, so the
+    autograd engine's gradients cross in it too."""
+    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+
+def from_wire(tensor: Tensor) -> Tensor:
+    return tensor.float() if tensor.is_floating_point() and tensor.dtype != torch.float32 else tensor
+
+
 class Hop(NamedTuple):
     kind: str  # relay: forward, turnaround, backward; autograd: forward, loss; evaluation: infer, score
     segment: int
@@ -101,7 +111,8 @@ class Side:
                 out = module(x)
                 if hop.kind == "infer":
                     return out, None
-                return None, (F.cross_entropy(out, labels, reduction="sum").item(), int((out.argmax(1) == labels).sum()))
+                return None, (F.cross_entropy(out, labels, reduction="sum").item(), int((out.argmax(1) == labels).sum()),
+                              len(labels))
         if self.engine == "autograd":  # the graph stays attached: it crosses the wire with the tensor
             out = module(x)
             return (F.cross_entropy(out, labels), None) if hop.kind == "loss" else (out, None)
@@ -172,8 +183,15 @@ class Turn(Protocol):
 @dataclass
 class Batch:
     step: int
-    x: Tensor
-    y: Tensor
+    edge: int  # the lane (edge index) it goes to
+    x: Optional[Tensor] = None  # central placement: the inputs and labels
+    y: Optional[Tensor] = None  # edge placement: the labels, when the edge sends them
+    draw: Any = None  # edge placement: which of its own batches the edge runs (shards.Draw)
+    samples: int = 0  # known once the first activation arrives
+
+    @property
+    def source(self) -> Any:
+        return self.x if self.x is not None else self.draw
 
 
 class Schedule:
@@ -193,7 +211,8 @@ class Schedule:
         carry: list[tuple[Hop, Optional[Tensor]]] = []
         for batch in batches:
             # One call carries the previous batch's last backward and this batch's first forward.
-            act, _ = edge.run([*carry, (first, batch.x)], None, lr)
+            act, labels = edge.run([*carry, (first, batch.source)], None, lr)
+            batch.y, batch.samples = labels if labels is not None else batch.y, len(act)
             turn.wait(batch.step)
             grad, loss = self._through(edge, batch, act, lr)
             finished(batch, loss)
@@ -205,7 +224,8 @@ class Schedule:
                        finished: Callable[[Batch, float], None]) -> None:
         for batch in batches:
             with dist_autograd.context() as ctx:
-                act, _ = edge.run([(self.route.first, batch.x)], None, lr)
+                act, labels = edge.run([(self.route.first, batch.source)], None, lr)
+                batch.y, batch.samples = labels if labels is not None else batch.y, len(act)
                 turn.wait(batch.step)
                 loss, _ = self._through(edge, batch, act, lr)
                 dist_autograd.backward(ctx, [loss])  # across every cut, back to the edge's first segment
@@ -225,12 +245,16 @@ class Schedule:
             loss = stat if stat is not None else loss
         return tensor, loss
 
-    def evaluate(self, edge: EdgeCalls, x: Tensor, y: Tensor) -> tuple[float, int]:
-        """(summed loss, correct predictions) of one test batch through the whole plan, no grad."""
-        tensor, score = x, None
+    def evaluate(self, edge: EdgeCalls, source: Any, y: Optional[Tensor]) -> tuple[float, int, int]:
+        """(summed loss, correct predictions, samples) of one test batch through the whole plan, no
+        grad. ``source``: the inputs, or a draw of the edge's own test batch (then ``y`` is None
+        and the edge sends the labels only if the loss is on the central)."""
+        tensor, stat = source, None
         for hop in self.eval_hops:
             if hop.place == "central":
-                tensor, score = self.central.run(hop, tensor, y, 0.0)
+                tensor, stat = self.central.run(hop, tensor, y, 0.0)
             else:
-                tensor, score = edge.run([(hop, tensor)], y if hop.needs_labels else None, 0.0, evaluating=True)
-        return score
+                tensor, stat = edge.run([(hop, tensor)], y if hop.needs_labels else None, 0.0, evaluating=True)
+                if hop.segment == 0 and stat is not None:
+                    y = stat  # the edge's own labels, for the central's loss
+        return stat

@@ -123,3 +123,20 @@ def test_a_small_timeout_never_fails_a_healthy_job_on_a_loaded_machine(mnist_roo
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["test_accuracy"] > 0.5
     assert sum(e["received"]["eval"] for e in summary["bytes"]["per_edge"].values()) > 0
+
+
+def test_an_edge_killed_in_edge_placement_resumes_at_its_own_position(mnist_root, tmp_path):
+    """Each edge draws from its own Dirichlet shard; after the restart each continues at its own
+    position (part of its checkpoint) and the run ends where an untouched one ends."""
+    keys = {"model.name": "mnist_cnn", "model.split": "pool", "model.plan": "null", "data.placement": "edge",
+            "data.partition": "dirichlet"}
+    untouched = _job(mnist_root, tmp_path / "a", **keys)
+    assert untouched.returncode == 0, untouched.stdout[-3000:]
+    killed = _job(mnist_root, tmp_path / "b", "edge2:train:25:kill", **keys)
+    assert killed.returncode == 0, killed.stdout[-4000:]
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    assert b["restarts"] == 1 and b["resumed_from_step"] in (20, 40) and b["steps"] == a["steps"]
+    assert abs(a["test_loss"] - b["test_loss"]) < 1e-6 and a["test_accuracy"] == b["test_accuracy"]
+    part = checkpoint.find_resumable(tmp_path / "b" / "checkpoints", warn=pytest.fail).parts["edge2"]["data"]
+    shards = json.loads((tmp_path / "b" / "partition.json").read_text())
+    assert part["train_samples"] == shards["edge2"]["train"] and part["next_batch"] == shards["edge2"]["train_batches"]

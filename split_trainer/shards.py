@@ -1,0 +1,126 @@
+"""Edge-held data (``data.placement: edge``): each edge's shard of the data set found at its own
+``data.root``, and the batches it draws from it when the central asks.
+
+Shards are carved the same way on every edge, from the seed alone, so that on one machine (where
+every edge finds the same files) they are disjoint and cover the data set: ``iid`` deals a seeded
+permutation out in equal parts; ``dirichlet`` draws, per class, the edges' shares from a
+Dirichlet(alpha) distribution (the usual non-IID benchmark); ``local`` keeps everything an edge
+finds, for real deployments where every host holds its own files. The test split is cut with the
+same per-class shares, so each edge is evaluated on data distributed like its own.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import ConfigError, DataConfig
+from .data import Split, epoch_order
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Draw:
+    """The central's request for an edge's own batch: which split, epoch and batch of its shard,
+    and whether the labels come back with the activation (only when the loss is on the central)."""
+    split: str
+    epoch: int
+    index: int
+    labels: bool
+
+
+def _counts(labels: Tensor, classes: int) -> list[int]:
+    return torch.bincount(labels, minlength=classes).tolist()
+
+
+def _dirichlet(classes: int, edges: int, alpha: float, rng: random.Random) -> list[list[float]]:
+    """Per class, the edges' shares: normalised Gamma(alpha) draws (a Dirichlet(alpha) sample)."""
+    shares = []
+    for _ in range(classes):
+        draws = [rng.gammavariate(alpha, 1.0) for _ in range(edges)]
+        total = sum(draws) or 1.0
+        shares.append([d / total for d in draws])
+    return shares
+
+
+def _split_by_shares(labels: Tensor, shares: list[list[float]], gen: torch.Generator) -> list[Tensor]:
+    edges = len(shares[0])
+    parts: list[list[Tensor]] = [[] for _ in range(edges)]
+    for c, share in enumerate(shares):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        bounds = [round(sum(share[:k + 1]) * len(idx)) for k in range(edges)]
+        for k, (lo, hi) in enumerate(zip([0, *bounds[:-1]], bounds)):
+            parts[k].append(idx[lo:hi])
+    return [torch.cat(p).sort().values for p in parts]
+
+
+def partition(train_labels: Tensor, test_labels: Tensor, edges: int, cfg: DataConfig, seed: int,
+              min_size: int) -> list[tuple[Tensor, Tensor]]:
+    """(train indices, test indices) of every edge's shard."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+    if cfg.partition == "iid":
+        train = torch.randperm(len(train_labels), generator=gen).tensor_split(edges)
+        test = torch.randperm(len(test_labels), generator=gen).tensor_split(edges)
+        return [(a.sort().values, b.sort().values) for a, b in zip(train, test)]
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    rng = random.Random(seed)
+    for _ in range(1000):  # small alpha can leave an edge (nearly) empty: draw again
+        shares = _dirichlet(classes, edges, cfg.dirichlet_alpha, rng)
+        train = _split_by_shares(train_labels, shares, gen)
+        if min(len(t) for t in train) >= min_size:
+            return list(zip(train, _split_by_shares(test_labels, shares, gen)))
+    raise ConfigError(f"data.dirichlet_alpha={cfg.dirichlet_alpha:g} leaves some edge fewer than {min_size} "
+                      f"training samples in 1000 draws: raise data.dirichlet_alpha or use fewer edges")
+
+
+class Shard:
+    """One edge's training and test samples, and the batches it draws from them."""
+
+    def __init__(self, train: Split, test: Split, edge: int, cfg: DataConfig, seed: int):
+        self.train, self.test, self.cfg = train, test, cfg
+        self.seed = seed * 1_009 + edge  # each edge its own batch order
+        self._order: tuple[int, list[Tensor]] | None = None
+
+    @classmethod
+    def carve(cls, train: Split, test: Split, edge: int, edges: int, cfg: DataConfig, seed: int) -> "Shard":
+        """Edge ``edge`` (1..N) of ``edges``: its part of (train, test) under ``cfg.partition``."""
+        if cfg.partition != "local":
+            train_idx, test_idx = partition(train.labels, test.labels, edges, cfg, seed, cfg.batch_size)[edge - 1]
+            train = Split(train.images[train_idx], train.labels[train_idx])
+            if not cfg.test_on_every_edge:
+                test = Split(test.images[test_idx], test.labels[test_idx])
+        return cls(train, test, edge, cfg, seed)
+
+    def batches(self, split: str) -> int:
+        size = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
+        return -(-len(self.train if split == "train" else self.test) // size)
+
+    def draw(self, draw: Draw) -> tuple[Tensor, Tensor]:
+        if draw.split == "test":
+            size = self.cfg.eval_batch_size
+            sl = slice(draw.index * size, (draw.index + 1) * size)
+            return self.test.images[sl], self.test.labels[sl]
+        if self._order is None or self._order[0] != draw.epoch:
+            self._order = (draw.epoch, epoch_order(len(self.train), self.cfg.batch_size, self.seed, draw.epoch))
+        idx = self._order[1][draw.index]
+        return self.train.images[idx], self.train.labels[idx]
+
+    def describe(self, classes: int) -> dict[str, Any]:
+        """Sizes and per-label counts: what the central prints and writes to partition.json."""
+        return {"train": len(self.train), "test": len(self.test), "train_batches": self.batches("train"),
+                "test_batches": self.batches("test"), "train_labels": _counts(self.train.labels, classes),
+                "test_labels": _counts(self.test.labels, classes)}
+
+
+def rotation(batches_per_edge: list[int]) -> list[tuple[int, int]]:
+    """One epoch's (edge, batch of that edge) in dispatch order: round robin over the edges that
+    still have batches, so an edge that has served its shard drops out and stalls nobody."""
+    order = []
+    for j in range(max(batches_per_edge, default=0)):
+        order.extend((k, j) for k, n in enumerate(batches_per_edge) if j < n)
+    return order
