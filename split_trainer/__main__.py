@@ -39,15 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     where = ""
     try:
         cfg = load_config(args.config, args.overrides)
-        from .topology import set_threads, topology_from_env  # torch imports after argument checks
+        from .topology import device_for, set_threads, topology_from_env  # torch imports after argument checks
 
-        from .plan import build_plan
+        from .plan import plan_for
 
-        build_plan(cfg.model, cfg.train.seed)  # an unknown model or a bad plan fails on every rank, now
+        plan_for(cfg, cfg.train.seed)  # an unknown model or a bad plan fails on every rank, now
         topo = topology_from_env(cfg)
         where = f"[{topo.name}] "
         faults.arm(topo.name, topo.restart)
-        threads = set_threads(cfg.train.threads, topo.local_world_size)
+        role = "central" if topo.is_central else "edge"
+        device_for(getattr(cfg.train, f"{role}_device"), f"train.{role}_device", topo.local_rank)  # one line, now
+        threads = set_threads(cfg.train.threads, topo)
         if topo.is_central:
             from .central import run_central
             run_central(cfg, topo, threads, args.resume, args.quiet)

@@ -19,17 +19,18 @@ import torch
 
 from . import checkpoint, faults, state
 from .config import Config
-from .data import Split, batch_loader, epoch_order, eval_batches
+from .data import batch_loader, crop_flip, epoch_order, index_batches
+from .datasets import Source, Spec, spec_of
 from .failures import JobError, Terminated, cause_of, raise_on_sigterm
 from .fleet import Fleet
 from .metrics import MetricsLog, Window, resident_bytes
 from .optim import lr_at
-from .plan import build_plan, describe
+from .plan import describe, plan_for
 from .progress import Console
 from .schedule import Batch, Schedule, Side
 from .shards import Draw, rotation
 from .standalone import save_model
-from .topology import Topology
+from .topology import Topology, device_for
 from .wire import TRAIN_KINDS, summary as wire_summary
 
 
@@ -60,13 +61,15 @@ class Turns:
 
 
 class Central:
-    def __init__(self, cfg: Config, topo: Topology, train: Split, test: Split, console: Console, job: str,
+    def __init__(self, cfg: Config, topo: Topology, train: Source | None, test: Source | None, console: Console, job: str,
                  loaded: checkpoint.Loaded | None = None):
-        self.cfg, self.topo, self.train_split, self.console = cfg, topo, train, console
-        self.plan = build_plan(cfg.model, cfg.train.seed)
+        self.cfg, self.topo, self.train_split, self.test_split, self.console = cfg, topo, train, test, console
+        self.plan = plan_for(cfg, cfg.train.seed)
+        self.shape = spec_of(cfg.data).shape()
         self.fingerprint = checkpoint.fingerprint(cfg, describe(self.plan.layout))
         self.job = job
-        self.side = Side(self.plan.on("central"), cfg.train)
+        self.side = Side(self.plan.on("central"), cfg.train, device_for(cfg.train.central_device,
+                                                                        "train.central_device", topo.local_rank))
         edge_side = Side(self.plan.on("edge"), cfg.train)
         self.fleet = Fleet(cfg, topo.edge_names, edge_side.state_dict())
         self.schedule = Schedule(self.plan.places, cfg.train.engine, self.side)
@@ -75,7 +78,7 @@ class Central:
         self.pool = ThreadPoolExecutor(len(self.fleet), thread_name_prefix="edge-lane")
         self.shards = self.fleet.shards  # edge placement: what each edge holds (sizes, label counts)
         if self.shards is None:
-            self.test_batches = eval_batches(test, cfg.data.eval_batch_size)
+            self.test_batches = index_batches(len(test), cfg.data.eval_batch_size)
             self.steps_per_epoch = -(-len(train) // cfg.data.batch_size)
         else:
             self.rotation = rotation([s["train_batches"] for s in self.shards])
@@ -142,6 +145,8 @@ class Central:
         order = epoch_order(len(self.train_split), self.cfg.data.batch_size, self.cfg.train.seed, epoch)
         loader = batch_loader(self.train_split, order[position:], self.cfg.data.num_workers)
         for i, (x, y) in enumerate(loader, position):
+            if self.cfg.data.augment == "crop_flip":
+                x = crop_flip(x, self.cfg.train.seed, epoch, i)
             yield Batch(start + i, (start + i) % len(self.fleet), x, y)
 
     def _chunks(self, epoch: int) -> Iterator[list[Batch]]:
@@ -208,7 +213,7 @@ class Central:
         edges, or in edge placement each edge's own test shard, combined by sample count."""
         n = len(self.fleet)
         if self.shards is None:
-            shares = [[(k, j, x, y) for j, (x, y) in enumerate(self.test_batches) if j % n == k] for k in range(n)]
+            shares = [[(k, j, idx, None) for j, idx in enumerate(self.test_batches) if j % n == k] for k in range(n)]
         else:
             labels = self.plan.places[-1] == "central"
             shares = [[(k, j, Draw("test", epoch, j, labels), None) for j in range(s["test_batches"])]
@@ -217,6 +222,8 @@ class Central:
 
         def lane(k: int, share: list) -> None:
             for _, j, source, y in share:
+                if self.shards is None:  # the central's own test images, gathered (or decoded) here
+                    source, y = self.test_split.batch(source)
                 scores[(k, j)] = self.schedule.evaluate(self.fleet.edges[k], source, y)
 
         self.side.train(False)
@@ -239,8 +246,8 @@ class Central:
     def _checkpoint(self) -> None:
         started = time.perf_counter()
         self.progress.epoch, self.progress.position = divmod(self.step, self.steps_per_epoch)
-        path, size = state.save(self.cfg, {"fingerprint": self.fingerprint, "job": self.job}, self.side,
-                                self.fleet, self.progress)
+        path, size = state.save(self.cfg, {"fingerprint": self.fingerprint, "job": self.job, "shape": self.shape},
+                                self.side, self.fleet, self.progress)
         seconds = time.perf_counter() - started
         self.checkpoint_time += seconds
         self.metrics.write(event="checkpoint", step=self.step, seconds=round(seconds, 4), bytes=size, path=str(path))
@@ -275,7 +282,7 @@ class Central:
         return {**self.fleet.state(), **self.side.state_dict()}
 
     def _finish(self, wall: float) -> dict[str, Any]:
-        save_model(self.run_dir / "model.pt", self.cfg.to_dict()["model"], self.merged_state())
+        save_model(self.run_dir / "model.pt", self.cfg.to_dict()["model"], self.shape, self.merged_state())
         test_loss, test_accuracy = self.progress.last_eval
         return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 4),
                 "test_loss": test_loss, "test_accuracy": test_accuracy,
@@ -290,24 +297,31 @@ class Central:
         self.metrics.close()
 
 
-def _data_line(cfg: Config, central: Central) -> str:
+def _data_line(cfg: Config, central: Central, spec: Spec) -> str:
+    mean, std = (", ".join(f"{v:.4f}" for v in values) for values in (spec.mean, spec.std))
+    computed = " computed from the training images" if cfg.data.name == "image_folder" and cfg.data.mean is None else ""
+    what = (f"{cfg.data.name} ({spec.channels}x{spec.size}x{spec.size}, {spec.classes} classes, normalised with mean "
+            f"({mean}) std ({std}){computed}{', augment ' + cfg.data.augment if cfg.data.augment != 'none' else ''})")
     if central.shards is None:
-        test = sum(len(y) for _, y in central.test_batches)
-        return f"{cfg.data.root} on the central ({len(central.train_split)} train / {test} test), inputs sent to the edges"
+        return (f"{what} at {cfg.data.root} on the central ({len(central.train_split)} train / "
+                f"{len(central.test_split)} test), inputs sent to the edges")
     shards = "; ".join(f"{name} {s['train']} train / {s['test']} test, labels {s['train_labels']}"
                        for name, s in zip(central.fleet.names, central.shards))
     how = cfg.data.partition + (f" alpha {cfg.data.dirichlet_alpha:g}" if cfg.data.partition == "dirichlet" else "")
-    return f"on the edges ({how} shards of each edge's {cfg.data.root}): {shards}"
+    note = " (each edge computes its own statistics)" if computed else ""
+    return f"{what}{note} on the edges ({how} shards of each edge's {cfg.data.root}): {shards}"
 
 
-def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
+def _banner(cfg: Config, central: Central, threads: int, spec: Spec) -> dict[str, str]:
     edges = ", ".join(f"{link.name} (rank {i + 1}, {link.host})" for i, link in enumerate(central.fleet.links))
     return {"topology": f"central (rank 0) + {len(central.fleet)} edges: {edges}",
             "model": f"{cfg.model.name}: {describe(central.plan.layout)}; engine {cfg.train.engine}",
-            "data": _data_line(cfg, central),
+            "data": _data_line(cfg, central, spec),
             "settings": f"batch {cfg.data.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, {cfg.train.epochs} "
-                        f"epochs ({central.total_steps} steps), sync every {cfg.train.edge_sync_every} steps, "
-                        f"{threads} thread(s)/rank",
+                        f"epochs ({central.total_steps} steps), sync every {cfg.train.edge_sync_every} steps",
+            "threads": f"central {threads} on {central.side.device}; " + ", ".join(
+                f"{link.name} {d['threads']} on {d['device']}" for link, d in zip(central.fleet.links,
+                                                                               central.fleet.described)),
             "outputs": f"{central.run_dir} (checkpoints in {checkpoint.directory(cfg)})"}
 
 
@@ -315,7 +329,7 @@ def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto",
     """Load data, bring RPC up, train, write the outputs, and release the edges."""
     from torch.distributed import rpc
 
-    from .data import load_mnist
+    from .datasets import load
     from .metrics import require_tensorboard, write_json, write_text
     from .topology import init_rpc
 
@@ -323,7 +337,7 @@ def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto",
     # Everything a user can get wrong fails here, before any RPC and before anything is written.
     console = Console(quiet=quiet)
     # In edge placement the central never opens a data set: it needs no data folder at all.
-    train, test = load_mnist(cfg.data) if cfg.data.placement == "central" else (None, None)
+    train, test, spec = load(cfg.data) if cfg.data.placement == "central" else (None, None, spec_of(cfg.data))
     if cfg.logging.tensorboard:
         require_tensorboard()
     checkpoint.remove_stale_temporaries(checkpoint.directory(cfg))
@@ -331,7 +345,7 @@ def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto",
     job = checkpoint.job_of_run(run_dir) if topo.restart else None  # a restart resumes its own job first
     loaded = checkpoint.resolve(resume, checkpoint.directory(cfg), console.warn, job)
     if loaded:
-        checkpoint.check_fingerprint(loaded, checkpoint.fingerprint(cfg, describe(build_plan(cfg.model, 0).layout)))
+        checkpoint.check_fingerprint(loaded, checkpoint.fingerprint(cfg, describe(plan_for(cfg, 0).layout)))
     job = job or checkpoint.start_job(run_dir)
     write_text(run_dir / "config.yaml", cfg.to_yaml())
     init_rpc(topo, cfg)
@@ -341,7 +355,7 @@ def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto",
         if central.shards is not None:
             write_json(run_dir / "partition.json", {"partition": cfg.data.partition, "seed": cfg.train.seed,
                                                     **dict(zip(central.fleet.names, central.shards))})
-        console.banner(_banner(cfg, central, threads), central.total_steps)
+        console.banner(_banner(cfg, central, threads, spec), central.total_steps)
         summary = central.train()
         write_json(run_dir / "summary.json", summary)
         console.close(summary)

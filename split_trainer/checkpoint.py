@@ -38,9 +38,10 @@ def directory(cfg: Config) -> Path:
 
 
 def fingerprint(cfg: Config, plan: str) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed: the topology, the model and its plan
-    (``plan.describe`` of the layout: which layers run where)."""
-    return {"edges": cfg.topology.edges, "model": cfg.model.name, "plan": plan}
+    """What a checkpoint must agree with to be resumed: the topology, the data set, the model (and
+    its arguments) and its plan (``plan.describe`` of the layout: which layers run where)."""
+    return {"edges": cfg.topology.edges, "data": cfg.data.name, "model": cfg.model.name, "args": cfg.model.args,
+            "plan": plan}
 
 
 @dataclass
@@ -138,7 +139,7 @@ def load(path: Path) -> Loaded:
         if _sha256(data) != info["sha256"]:
             raise ValueError(f"{path / name}: altered (its SHA-256 does not match the manifest)")
         try:  # weights_only: tensors and plain containers; a pickled object that would run code is refused
-            parts[name.removesuffix(".pt")] = torch.load(io.BytesIO(data), weights_only=True)
+            parts[name.removesuffix(".pt")] = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         except Exception as exc:
             raise ValueError(f"{path / name}: refused by torch.load(weights_only=True) "
                              f"({str(exc).strip().splitlines()[0][:160]})") from None

@@ -39,7 +39,10 @@ class TopologyConfig:
 @dataclass
 class ModelConfig:
     name: str = "mnist_cnn"
-    """Architecture name from the model registry (split_trainer.models)."""
+    """A registered architecture (split_trainer.models), or an import path package.module:function
+    to a function of yours that returns an nn.Sequential."""
+    args: dict = field(default_factory=dict)
+    """Keyword arguments for the model function (an import path's, or a registered model's)."""
     split: Optional[str] = "pool"
     """Shorthand for the plan [{place: edge, until: split}, {place: central}]; null when plan is given."""
     plan: Optional[list] = None
@@ -66,14 +69,35 @@ class ModelConfig:
                      f"model.plan segment {i}: until must be a layer name, got {until!r}")
 
 
+DATA_SETS = ("mnist", "fashion_mnist", "kmnist", "emnist", "cifar10", "cifar100", "svhn", "image_folder")
+
+
 @dataclass
 class DataConfig:
-    name: Literal["mnist"] = "mnist"
-    """Data set name."""
+    name: Literal[DATA_SETS] = "mnist"
+    """Data set: one of torchvision's image-classification sets, or image_folder."""
     root: str = "data/mnist"
-    """Folder with the four MNIST IDX files (gzip or raw), directly or as MNIST/raw/."""
-    download: bool = False
-    """Download MNIST into root with torchvision when the files are missing."""
+    """Where the data set lies (its expected layout: README, Data sets)."""
+    download: bool = True
+    """Let torchvision download a missing data set into root (not image_folder)."""
+    download_timeout_s: float = 60.0
+    """A download that receives nothing for this long gives up (one line, exit 2)."""
+    emnist_split: Literal["byclass", "bymerge", "balanced", "letters", "digits", "mnist"] = "balanced"
+    """EMNIST's split."""
+    image_size: int = 32
+    """image_folder: images are resized to image_size x image_size."""
+    channels: Literal[1, 3] = 3
+    """image_folder: 1 converts to grayscale, 3 to RGB."""
+    mean: Optional[list] = None
+    """image_folder: per-channel mean for normalisation; null computes it from the training images once."""
+    std: Optional[list] = None
+    """image_folder: per-channel standard deviation; null computes it with the mean."""
+    num_classes: Optional[int] = None
+    """image_folder: class count; null counts the class folders (the central of an edge-placement run
+    holds none, so there it must be set)."""
+    augment: Literal["none", "crop_flip"] = "none"
+    """crop_flip: random crop (4 pixels of padding) and horizontal flip of training batches, on the
+    side that holds the data, seeded by (seed, epoch, batch)."""
     batch_size: int = 64
     """Training samples per batch (one batch goes to one edge)."""
     eval_batch_size: int = 1000
@@ -97,6 +121,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.dirichlet_alpha > 0, f"data.dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
+        _require(self.image_size >= 8, f"data.image_size must be at least 8, got {self.image_size}")
+        _require(self.download_timeout_s > 0, f"data.download_timeout_s must be positive, got {self.download_timeout_s}")
+        _require(self.num_classes is None or self.num_classes >= 2,
+                 f"data.num_classes must be null or at least 2, got {self.num_classes}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            _require(value is None or (len(value) == self.channels and all(isinstance(v, (int, float)) for v in value)),
+                     f"data.{key} must be null or a list of {self.channels} numbers (one per channel), got {value!r}")
+        _require(self.std is None or all(v > 0 for v in self.std), f"data.std must be positive, got {self.std}")
         _require(self.batch_size >= 1, f"data.batch_size must be at least 1, got {self.batch_size}")
         _require(self.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {self.eval_batch_size}")
         _require(self.num_workers >= 0, f"data.num_workers must be 0 or more, got {self.num_workers}")
@@ -126,7 +159,11 @@ class TrainConfig:
     edge_sync_every: int = 20
     """Average the edges' segment replicas every this many steps (and at every epoch end)."""
     threads: int = 0
-    """Intra-op threads per rank; 0 divides the cores available by the ranks on this node."""
+    """Intra-op threads per rank; 0 splits this host's cores by role (README: Threads)."""
+    central_device: Literal["cpu", "cuda", "auto"] = "cpu"
+    """Where the central's segments compute; auto: CUDA when this host has it."""
+    edge_device: Literal["cpu", "cuda", "auto"] = "cpu"
+    """Where each edge's segments compute (on the edge's host); auto: CUDA when that host has it."""
     engine: Literal["autograd", "relay"] = "relay"
     """autograd: distributed autograd reaches the edge; relay: the central sends the activation
     gradient and the edge backprops and steps by itself while the head moves on (same gradients)."""

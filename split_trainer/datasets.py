@@ -9,10 +9,14 @@ for (by DataLoader workers on the side that holds the data).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import os
+import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torchvision import datasets
@@ -65,7 +69,7 @@ def spec_of(cfg: DataConfig, root_classes: Optional[int] = None) -> Spec:
     """The data set's spec from the config alone (an image folder's class count from the folder
     when this rank holds it, else data.num_classes)."""
     if cfg.name == "emnist":
-        return Spec(1, 28, EMNIST_CLASSES[cfg.emnist_split], *SPECS["emnist"][3:])
+        return dataclasses.replace(SPECS["emnist"], classes=EMNIST_CLASSES[cfg.emnist_split])
     if cfg.name != "image_folder":
         return SPECS[cfg.name]
     classes = cfg.num_classes or root_classes or _folder_classes(Path(cfg.root))
@@ -204,22 +208,35 @@ def _load_idx_family(cfg: DataConfig, spec: Spec) -> tuple[Source, Source]:
             ArraySource(test_x.unsqueeze(1), test_y.long(), spec.mean, spec.std))
 
 
-def _download(cfg: DataConfig, root: Path) -> Any:
-    """torchvision's own download into data.root; offline, one line that says what to put where."""
+def _download(cfg: DataConfig, root: Path) -> None:
+    """torchvision's own download, into a temporary folder that is moved into data.root only when
+    complete (an interrupted download leaves nothing behind); offline, one line that says what to
+    put where."""
+    tmp = root / f".download-{os.getpid()}"
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(cfg.download_timeout_s)  # a silent network fails instead of hanging
     try:
         if cfg.name == "emnist":
-            return datasets.EMNIST(str(root), split=cfg.emnist_split, download=True)
-        if cfg.name in _MNIST_CLASSES:
-            return _MNIST_CLASSES[cfg.name](str(root), download=True)
-        kind = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}.get(cfg.name)
-        if kind is not None:
-            return kind(str(root), train=True, download=True), kind(str(root), train=False, download=True)
-        return datasets.SVHN(str(root), split="train", download=True), datasets.SVHN(str(root), split="test",
-                                                                                     download=True)
+            datasets.EMNIST(str(tmp), split=cfg.emnist_split, download=True)
+        elif cfg.name in _MNIST_CLASSES:
+            _MNIST_CLASSES[cfg.name](str(tmp), download=True)
+        elif cfg.name in ("cifar10", "cifar100"):
+            (datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100)(str(tmp), download=True)
+        else:
+            for split in ("train", "test"):
+                datasets.SVHN(str(tmp), split=split, download=True)
+        for item in tmp.rglob("*"):
+            target = root / item.relative_to(tmp)
+            if item.is_file() and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(item, target)
     except Exception as exc:  # no network, a proxy, a full disk: one line, never a traceback
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"could not download {cfg.name} into {root} ({reason}): on a machine without internet "
                           f"put {LAYOUTS[cfg.name].format(files=', '.join(MNIST_FILES))} there yourself") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_torchvision(cfg: DataConfig, spec: Spec) -> tuple[Source, Source]:
@@ -256,6 +273,8 @@ def _load_folder(cfg: DataConfig) -> tuple[Source, Source]:
     if unknown:
         raise ConfigError(f"image folder {root}: test classes {', '.join(unknown)} have no training folder")
     index = {name: i for i, name in enumerate(train.classes)}
+    for ds in (train, test):  # by file name, then class: a folder written from an indexed set keeps its order
+        ds.samples.sort(key=lambda sample: (Path(sample[0]).name, sample[1]))
     if cfg.num_classes is not None and cfg.num_classes != len(train.classes):
         raise ConfigError(f"data.num_classes={cfg.num_classes}, but {root}/train has {len(train.classes)} class "
                           f"folders: fix data.num_classes or the folder")

@@ -21,16 +21,16 @@ from torch.distributed import rpc
 
 from . import faults
 from .config import Config
-from .data import Split, load_mnist
+from .datasets import load
 from .metrics import resident_bytes
-from .plan import build_plan
+from .plan import plan_for
 from .schedule import Hop, Side, from_wire, to_wire
 from .shards import Draw, Shard
-from .topology import Topology, init_rpc
+from .topology import Topology, device_for, init_rpc
 
 _finished = threading.Event()
 _last_seen = [time.monotonic()]  # the last time the central called us
-_data: list = []  # edge placement: (train, test) as found at this host's data.root, loaded before RPC
+_data: list = []  # edge placement: (train, test, spec) as found at this host's data.root, loaded before RPC
 
 
 class EdgeHost:
@@ -39,7 +39,8 @@ class EdgeHost:
 
     def __init__(self, cfg: Config, state: dict[str, torch.Tensor]):
         rng = torch.get_rng_state()  # building the plan seeds the RNG; this edge keeps its own stream
-        self.side = Side(build_plan(cfg.model, 0).on("edge"), cfg.train)
+        device = device_for(cfg.train.edge_device, "train.edge_device", int(os.environ.get("LOCAL_RANK", "0")))
+        self.side = Side(plan_for(cfg, 0).on("edge"), cfg.train, device)
         torch.set_rng_state(rng)
         self.side.load_state_dict(state)
         self.wire = getattr(torch, cfg.rpc.activation_dtype)
@@ -50,9 +51,9 @@ class EdgeHost:
         if cfg.data.placement == "edge":
             if not _data:
                 raise RuntimeError("this edge loaded no data: start it with data.placement=edge, as the central")
-            train, test = (Split(s.images[:limit], s.labels[:limit]) for s, limit in
-                           zip(_data, (cfg.data.limit_train, cfg.data.limit_test)))
-            self.classes = int(max(train.labels.max(), test.labels.max())) + 1
+            train, test = (s if limit is None else s.subset(torch.arange(min(limit, len(s)))) for s, limit in
+                           zip(_data[:2], (cfg.data.limit_train, cfg.data.limit_test)))
+            self.classes = _data[2].classes
             rank, edges = rpc.get_worker_info().id, cfg.topology.edges
             self.shard = Shard.carve(train, test, rank, edges, cfg.data, cfg.train.seed)
         self.served: tuple[int, int] = (0, 0)  # (epoch, next batch) of this edge's own training data
@@ -87,8 +88,8 @@ def run(rref: rpc.RRef, work: list[tuple[Hop, Any]], labels: Optional[torch.Tens
                 elif tensor is not None and hop.arrives()[1] is not None:
                     tensor = from_wire(tensor)
                 out, stat = host.side.run(hop, tensor, labels if labels is not None else host.labels, lr)
-                if out is not None and hop.leaves() is not None:
-                    out = to_wire(out, host.wire)
+                if out is not None:  # activations and gradients as the wire type; a loss as it is
+                    out = to_wire(out, host.wire if hop.leaves() is not None else out.dtype)
                 stat = drawn if drawn is not None else stat
         finally:
             if evaluating:
@@ -128,7 +129,7 @@ def export_state(rref: rpc.RRef) -> dict:
     faults.hit("export")
     with host.lock:
         return {"module": host.side.state_dict(), "optimizers": host.side.optimizer_states(),
-                "rng": torch.get_rng_state(), "data": _data_state(host)}
+                "rng": host.side.rng_state(), "data": _data_state(host)}
 
 
 def import_state(rref: rpc.RRef, state: dict) -> None:
@@ -141,7 +142,7 @@ def import_state(rref: rpc.RRef, state: dict) -> None:
                                    f"{saved.get(key)}: the data at its data.root changed; resume with the same data")
         host.side.load_state_dict(state["module"])
         host.side.load_optimizer_states(state["optimizers"])
-        torch.set_rng_state(state["rng"])
+        host.side.set_rng_state(state["rng"])
         host.served = (saved.get("epoch", 0), saved.get("next_batch", 0))
 
 
@@ -149,8 +150,8 @@ def describe(rref: rpc.RRef) -> dict:
     """Where this edge runs and, in edge placement, its shard's sizes and label counts (once its
     segments are built): for the central's banner, table and partition.json."""
     host = _host(rref)
-    return {"host": f"{socket.gethostname()} pid {os.getpid()}",
-            "shard": host.shard.describe(host.classes) if host.shard else None}
+    return {"host": f"{socket.gethostname()} pid {os.getpid()}", "threads": torch.get_num_threads(),
+            "device": str(host.side.device), "shard": host.shard.describe(host.classes) if host.shard else None}
 
 
 def rss(rref: rpc.RRef) -> int:
@@ -170,7 +171,7 @@ def serve(topo: Topology, cfg: Config) -> None:
     warnings.showwarning = lambda message, category, *_args, **_kw: print(
         f"split_trainer: [{topo.name}] warning: {category.__name__}: {message}", file=sys.stderr, flush=True)
     if cfg.data.placement == "edge":  # a missing or broken data folder fails here, before RPC
-        _data[:] = load_mnist(dataclasses.replace(cfg.data, limit_train=None, limit_test=None))
+        _data[:] = load(dataclasses.replace(cfg.data, limit_train=None, limit_test=None))
     init_rpc(topo, cfg)
     _last_seen[0] = time.monotonic()
     poll = min(5.0, cfg.rpc.timeout_s)

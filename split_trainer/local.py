@@ -7,15 +7,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .data import Split, epoch_order
-from .plan import build_plan
+from .data import epoch_order
+from .datasets import Source
+from .plan import plan_for
 from .optim import lr_at, make_optimizer, set_lr
 
 
-def train_local(cfg: Config, train: Split, steps: int, order_seed: int | None = None) -> nn.Sequential:
+def train_local(cfg: Config, train: Source, steps: int, order_seed: int | None = None,
+                device: str = "cpu") -> nn.Sequential:
     """Train the full model for ``steps`` batches in the split trainer's batch order and lr schedule
     (``order_seed``: the seed of the batch order, when it is not ``train.seed``: an edge's shard)."""
-    model = build_plan(cfg.model, cfg.train.seed).full  # also seeds the RNG exactly as the central does
+    model = plan_for(cfg, cfg.train.seed).full.to(device)  # also seeds the RNG exactly as the central does
     optimizer = make_optimizer(cfg.train, model.parameters())
     per_epoch = -(-len(train) // cfg.data.batch_size)
     step = 0
@@ -24,7 +26,8 @@ def train_local(cfg: Config, train: Split, steps: int, order_seed: int | None = 
         set_lr(optimizer, lr_at(cfg.train, epoch))
         seed = cfg.train.seed if order_seed is None else order_seed
         for idx in epoch_order(len(train), cfg.data.batch_size, seed, epoch)[: steps - step]:
-            loss = F.cross_entropy(model(train.images[idx]), train.labels[idx])
+            x, y = (t.to(device) for t in train.batch(idx))
+            loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

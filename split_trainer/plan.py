@@ -14,8 +14,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
-from .models import build_full
+from .config import Config, ConfigError, ModelConfig
+from .datasets import spec_of
+from .models import Shape, build_full
 
 Place = Literal["edge", "central"]
 
@@ -102,10 +103,11 @@ def _check(cfg: ModelConfig, names: list[str]) -> list[int]:
     return ends
 
 
-def build_plan(cfg: ModelConfig, seed: int) -> Plan:
-    """Build the architecture with weights from ``seed`` (this seeds the global RNG) and cut it."""
+def build_plan(cfg: ModelConfig, shape: Shape, seed: int) -> Plan:
+    """Build the architecture for data of ``shape`` with weights from ``seed`` (this seeds the
+    global RNG) and cut it."""
     torch.manual_seed(seed)
-    full = build_full(cfg)
+    full = build_full(cfg, shape)
     names = list(full._modules)
     ends = _check(cfg, names)
     spec = _segments_of(cfg)
@@ -116,3 +118,8 @@ def build_plan(cfg: ModelConfig, seed: int) -> Plan:
         segments.append(Segment(i, segment["place"], tuple(names[start:end]), full[start:end]))
         start = end
     return Plan(cfg.name, segments, full)
+
+
+def plan_for(cfg: Config, seed: int) -> Plan:
+    """The configured model for the configured data set, cut by the configured plan."""
+    return build_plan(cfg.model, spec_of(cfg.data).shape(), seed)

@@ -35,13 +35,24 @@ Tensor = torch.Tensor
 
 
 def to_wire(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """What crosses a cut travels as ``dtype`` (rpc.activation_dtype); differentiable, so the
-    autograd engine's gradients cross in it too."""
-    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+    """What crosses a cut travels on the CPU as ``dtype`` (rpc.activation_dtype): torch RPC's
+    RRefs and distributed autograd take no CUDA tensors. Differentiable, so the autograd engine's
+    gradients cross the same way."""
+    return tensor.to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
 
 
 def from_wire(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.is_floating_point() and tensor.dtype != torch.float32 else tensor
+
+
+def _on_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to("cpu")
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 class Hop(NamedTuple):
@@ -93,8 +104,9 @@ class Side:
     """One side's segments of a plan (the central's, or one edge replica's), one optimizer each,
     and the graphs of the forwards that still wait for their gradient (relay)."""
 
-    def __init__(self, modules: dict[int, nn.Module], cfg: TrainConfig):
-        self.modules = modules
+    def __init__(self, modules: dict[int, nn.Module], cfg: TrainConfig, device: torch.device = torch.device("cpu")):
+        self.device = device
+        self.modules = {i: m.to(device) for i, m in modules.items()}
         self.engine = cfg.engine
         # A segment without parameters (a pool, a flatten) has nothing to step.
         self.optimizers = {i: make_optimizer(cfg, m.parameters()) for i, m in modules.items()
@@ -102,8 +114,11 @@ class Side:
         self.pending: dict[int, tuple[Tensor, Tensor]] = {}
 
     def run(self, hop: Hop, x: Optional[Tensor], labels: Optional[Tensor], lr: float) -> tuple[Optional[Tensor], Any]:
-        """Run one hop; return (the tensor it hands on or None, a loss or score or None)."""
+        """Run one hop; return (the tensor it hands on or None, a loss or score or None). Inputs come
+        from the wire on the CPU and move to this side's device; outputs stay there (to_wire moves them)."""
         module = self.modules[hop.segment]
+        x = x.to(self.device) if x is not None else None
+        labels = labels.to(self.device) if labels is not None else None
         if hop.kind == "backward":
             return self._backward(hop.segment, x, lr), None
         if hop.kind in ("infer", "score"):
@@ -145,20 +160,34 @@ class Side:
         for optimizer in self.optimizers.values():
             step_with(optimizer, grads, lr)
 
+    def rng_state(self) -> dict[str, Tensor]:
+        """The RNG streams this side's dropout draws from (the CPU's, and its GPU's when on one)."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state: dict[str, Tensor]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
     def train(self, mode: bool = True) -> None:
         for module in self.modules.values():
             module.train(mode)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Every segment's parameters and buffers, under the full model's names."""
-        return {k: v.detach().clone() for m in self.modules.values() for k, v in m.state_dict().items()}
+        """Every segment's parameters and buffers, under the full model's names, on the CPU (they
+        cross the wire and go into checkpoints that load on machines without a GPU)."""
+        return {k: v.detach().to("cpu", copy=True) for m in self.modules.values() for k, v in m.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for module in self.modules.values():
             module.load_state_dict({k: state[k] for k in module.state_dict()})
 
     def optimizer_states(self) -> dict[str, Any]:
-        return {str(i): opt.state_dict() for i, opt in self.optimizers.items()}
+        """On the CPU; load_state_dict moves them back to each parameter's device."""
+        return {str(i): _on_cpu(opt.state_dict()) for i, opt in self.optimizers.items()}
 
     def load_optimizer_states(self, states: dict[str, Any]) -> None:
         for i, opt in self.optimizers.items():

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from .config import ConfigError, DataConfig
-from .data import Split, epoch_order
+from .data import batch_loader, crop_flip, epoch_order, index_batches
+from .datasets import Source
 
 Tensor = torch.Tensor
 
@@ -81,19 +82,20 @@ def partition(train_labels: Tensor, test_labels: Tensor, edges: int, cfg: DataCo
 class Shard:
     """One edge's training and test samples, and the batches it draws from them."""
 
-    def __init__(self, train: Split, test: Split, edge: int, cfg: DataConfig, seed: int):
+    def __init__(self, train: Source, test: Source, edge: int, cfg: DataConfig, seed: int):
         self.train, self.test, self.cfg = train, test, cfg
         self.seed = seed * 1_009 + edge  # each edge its own batch order
         self._order: tuple[int, list[Tensor]] | None = None
+        self._ahead: tuple[tuple[int, int], Iterator] | None = None  # workers decoding the next batches
 
     @classmethod
-    def carve(cls, train: Split, test: Split, edge: int, edges: int, cfg: DataConfig, seed: int) -> "Shard":
+    def carve(cls, train: Source, test: Source, edge: int, edges: int, cfg: DataConfig, seed: int) -> "Shard":
         """Edge ``edge`` (1..N) of ``edges``: its part of (train, test) under ``cfg.partition``."""
         if cfg.partition != "local":
             train_idx, test_idx = partition(train.labels, test.labels, edges, cfg, seed, cfg.batch_size)[edge - 1]
-            train = Split(train.images[train_idx], train.labels[train_idx])
+            train = train.subset(train_idx)
             if not cfg.test_on_every_edge:
-                test = Split(test.images[test_idx], test.labels[test_idx])
+                test = test.subset(test_idx)
         return cls(train, test, edge, cfg, seed)
 
     def batches(self, split: str) -> int:
@@ -102,13 +104,21 @@ class Shard:
 
     def draw(self, draw: Draw) -> tuple[Tensor, Tensor]:
         if draw.split == "test":
-            size = self.cfg.eval_batch_size
-            sl = slice(draw.index * size, (draw.index + 1) * size)
-            return self.test.images[sl], self.test.labels[sl]
+            return self.test.batch(index_batches(len(self.test), self.cfg.eval_batch_size)[draw.index])
         if self._order is None or self._order[0] != draw.epoch:
             self._order = (draw.epoch, epoch_order(len(self.train), self.cfg.batch_size, self.seed, draw.epoch))
-        idx = self._order[1][draw.index]
-        return self.train.images[idx], self.train.labels[idx]
+        order = self._order[1]
+        if self.cfg.num_workers == 0:
+            x, y = self.train.batch(order[draw.index])
+        else:  # the next draw is the next batch: workers decode ahead, a resume or a new epoch restarts them
+            if self._ahead is None or self._ahead[0] != (draw.epoch, draw.index):
+                self._ahead = ((draw.epoch, draw.index),
+                               iter(batch_loader(self.train, order[draw.index:], self.cfg.num_workers)))
+            x, y = next(self._ahead[1])
+            self._ahead = ((draw.epoch, draw.index + 1), self._ahead[1])
+        if self.cfg.augment == "crop_flip":
+            x = crop_flip(x, self.seed, draw.epoch, draw.index)
+        return x, y
 
     def describe(self, classes: int) -> dict[str, Any]:
         """Sizes and per-label counts: what the central prints and writes to partition.json."""

@@ -19,17 +19,20 @@ from torch import nn
 
 from . import checkpoint
 from .config import Config, ConfigError, config_from_dict
-from .data import eval_batches, load_mnist
+from .data import index_batches
+from .datasets import load
 from .metrics import atomic_write
-from .models import average_states, build_full
+from .models import Shape, average_states, build_full
+from .topology import device_for
 
 
-def load_merged(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """(config dict or {}, model config dict, merged state_dict) from a checkpoint or a model file."""
+def load_merged(path: Path) -> tuple[dict[str, Any], dict[str, Any], Shape, dict[str, torch.Tensor]]:
+    """(config dict or {}, model config dict, data shape, merged state_dict) from a checkpoint or a
+    model file."""
     if path.is_file():
         try:
-            saved = torch.load(path, weights_only=True)
-            return {}, saved["model"], saved["state_dict"]
+            saved = torch.load(path, weights_only=True, map_location="cpu")
+            return {}, saved["model"], saved["shape"], saved["state_dict"]
         except Exception as exc:
             raise ConfigError(f"{path} is not a split_trainer model file ({str(exc).splitlines()[0][:200]})") from None
     if path.is_dir() and not (path / checkpoint.MANIFEST).is_file():
@@ -41,27 +44,29 @@ def load_merged(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, t
     parts = loaded.parts
     edges = [parts[name]["module"] for name in sorted(parts) if name != "central"]
     config = loaded.manifest["config"]
-    return config, config["model"], {**average_states(edges), **parts["central"]["module"]}
+    return config, config["model"], loaded.manifest["shape"], {**average_states(edges), **parts["central"]["module"]}
 
 
-def save_model(path: Path, model_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
-    """The standalone model file: architecture + state_dict, readable with weights_only=True."""
-    saved = {"name": model_cfg["name"], "model": model_cfg, "state_dict": state}
+def save_model(path: Path, model_cfg: dict[str, Any], shape: Shape, state: dict[str, torch.Tensor]) -> None:
+    """The standalone model file: architecture, data shape and state_dict, readable with weights_only=True."""
+    saved = {"name": model_cfg["name"], "model": model_cfg, "shape": shape, "state_dict": state}
     atomic_write(path, lambda f: torch.save(saved, f))
 
 
-def build_model(model_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Sequential:
-    model = build_full(config_from_dict({"model": model_cfg}).model)
+def build_model(model_cfg: dict[str, Any], shape: Shape, state: dict[str, torch.Tensor]) -> nn.Sequential:
+    model = build_full(config_from_dict({"model": model_cfg}).model, shape)
     model.load_state_dict(state)
     return model.eval()
 
 
-def evaluate(model: nn.Module, cfg: Config) -> tuple[float, float]:
+def evaluate(model: nn.Module, cfg: Config, device: torch.device) -> tuple[float, float]:
     """Test loss and accuracy on the configured test split, batched as in training."""
-    _, test = load_mnist(cfg.data)
+    _, test, _ = load(cfg.data)
+    model.to(device)
     loss_sum, correct = 0.0, 0
     with torch.no_grad():
-        for x, y in eval_batches(test, cfg.data.eval_batch_size):
+        for idx in index_batches(len(test), cfg.data.eval_batch_size):
+            x, y = (t.to(device) for t in test.batch(idx))
             logits = model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
@@ -72,18 +77,21 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m split_trainer {argv[0]}")
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder, checkpoint dir or model.pt")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="where the model runs (evaluate); a checkpoint from a GPU run loads anywhere")
     if argv[0] == "export":
         parser.add_argument("--out", required=True, type=Path, help="where to write the standalone model file")
     args = parser.parse_args(argv[1:])
+    device = device_for(args.device, "--device", 0)
     if not args.checkpoint.exists():
         raise ConfigError(f"--checkpoint {args.checkpoint} does not exist")
-    config, model_cfg, state = load_merged(args.checkpoint)
-    model = build_model(model_cfg, state)
+    config, model_cfg, shape, state = load_merged(args.checkpoint)
+    model = build_model(model_cfg, shape, state)
     if argv[0] == "export":
-        save_model(args.out, model_cfg, model.state_dict())
+        save_model(args.out, model_cfg, shape, model.state_dict())
         print(f"wrote {args.out} ({model_cfg['name']}, {sum(p.numel() for p in model.parameters())} parameters)")
         return 0
     cfg = config_from_dict(config, args.overrides)
-    test_loss, test_accuracy = evaluate(model, cfg)
+    test_loss, test_accuracy = evaluate(model, cfg, device)
     print(f"test_loss {test_loss:.6f} test_accuracy {test_accuracy:.4f} ({args.checkpoint})")
     return 0

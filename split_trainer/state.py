@@ -8,8 +8,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import checkpoint
 from .config import Config
 from .fleet import Fleet
@@ -32,7 +30,7 @@ def save(cfg: Config, meta: dict[str, Any], central: Side, fleet: Fleet, progres
     """Both sides' full state at a quiet point (no batch in flight), as checkpoint ``progress.step``;
     ``meta`` (fingerprint, job) goes into the manifest."""
     parts = {"central": {"module": central.state_dict(), "optimizers": central.optimizer_states(),
-                         "rng": torch.get_rng_state(), "progress": asdict(progress)},
+                         "rng": central.rng_state(), "progress": asdict(progress)},
              **fleet.export()}
     meta = {**meta, "epoch": progress.epoch, "position": progress.position, "config": cfg.to_dict()}
     return checkpoint.save(checkpoint.directory(cfg), progress.step, parts, meta, cfg.checkpoint.keep)
@@ -43,6 +41,6 @@ def restore(loaded: checkpoint.Loaded, central: Side, fleet: Fleet) -> Progress:
     part = loaded.parts["central"]
     central.load_state_dict(part["module"])
     central.load_optimizer_states(part["optimizers"])
-    torch.set_rng_state(part["rng"])
+    central.set_rng_state(part["rng"])
     fleet.restore(loaded.parts)
     return Progress(**part["progress"])

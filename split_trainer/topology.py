@@ -28,6 +28,7 @@ class Topology:
     world_size: int
     edges: int
     local_world_size: int
+    local_rank: int
     restart: int
     """torchrun's TORCHELASTIC_RESTART_COUNT: 0 on the first attempt."""
 
@@ -55,19 +56,52 @@ def topology_from_env(cfg: Config) -> Topology:
             f"--nproc_per_node {cfg.world_size} (or set topology.edges={max(world - 1, 1)})")
     return Topology(rank=int(env.get("RANK", "0")), world_size=world, edges=cfg.topology.edges,
                     local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
+                    local_rank=int(env.get("LOCAL_RANK", env.get("RANK", "0"))),
                     restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")))
 
 
-def set_threads(requested: int, local_world_size: int) -> int:
-    """Give each rank its share of the cores so that co-located ranks do not oversubscribe."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = requested or max(1, cores // max(local_world_size, 1))
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def thread_split(cores: int, local_edges: int, central_here: bool) -> list[int]:
+    """This host's cores by role: [central's, edge's, edge's, ...] (no central entry when the
+    central runs elsewhere). The central runs a turn for every batch of every edge, in order, while
+    the edges each run a share of the batches side by side, so on its host the central gets as
+    many cores as the edges there together; the edges split the rest evenly."""
+    if not central_here:
+        return [max(1, cores // local_edges + (i < cores % local_edges)) for i in range(local_edges)]
+    if local_edges == 0:
+        return [cores]
+    central = max(1, cores // 2)
+    rest = max(cores - central, 0)
+    return [central] + [max(1, rest // local_edges + (i < rest % local_edges)) for i in range(local_edges)]
+
+
+def set_threads(requested: int, topo: Topology) -> int:
+    """Set this rank's intra-op threads: ``train.threads`` if given, else its share of the host's
+    cores (``thread_split``), so that co-located ranks do not oversubscribe."""
+    central_here = topo.rank - topo.local_rank == 0  # torchrun numbers ranks host by host
+    split = thread_split(cores(), topo.local_world_size - central_here, central_here)
+    threads = requested or split[topo.local_rank]
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set or inter-op work already ran: harmless
         pass
     return threads
+
+
+def device_for(requested: str, option: str, local_rank: int) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` (as set by ``option``) for this rank: the ranks of one host
+    share its GPUs round robin, so several ranks may share one GPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{option}=cuda, but this host has no CUDA device torch can use: set {option}=cpu or auto")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def _attempt_rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **kwargs):

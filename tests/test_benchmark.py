@@ -16,5 +16,6 @@ def test_benchmark_smoke(mnist_root, tmp_path):
     for name, row in report["rows"].items():
         assert row["samples_per_s"] > 0 and row["ratio_to_local"] > 0, name
     assert set(report["rows"]["split 1+3"]["peak_rss_mb"]) == {"central", "edge1", "edge2", "edge3"}
+    assert report["machine"]["cores"] >= 1 and "torch" in report["machine"]
     assert report["rows"]["split 1+1"]["bytes_per_sample"] > 2 * 64 * 12 * 12 * 4
     assert "x local" in result.stdout

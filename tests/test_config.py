@@ -40,7 +40,8 @@ def test_int_is_accepted_where_a_float_is_expected():
     (["train.optimizer=lbfgs"], "train.optimizer must be one of sgd, adadelta, adam"),
     (["rpc.timeout_s=0"], "rpc.timeout_s must be positive"),
     (["train.edge_sync_every=0"], "train.edge_sync_every must be at least 1"),
-    (["data.name=cifar"], "data.name must be one of mnist"),
+    (["data.name=cifar"], "data.name must be one of mnist, fashion_mnist"),
+    (["data.mean=[0.5, 0.5]"], "data.mean must be null or a list of 3 numbers"),
     (["train=3"], "train must be a mapping"),
     (["novalue"], "must look like KEY=VALUE"),
 ])
@@ -94,8 +95,8 @@ def test_torchrun_world_size_mismatch_exits_2_on_every_rank(tmp_path):
 
 def test_missing_data_exits_2_before_training(tmp_path):
     result = run(torchrun_cmd(2, "--set", "topology.edges=1", f"data.root={tmp_path / 'nowhere'}",
-                              f"output.run_dir={tmp_path / 'run'}"), timeout=180)
-    assert "lacks MNIST file(s) train-images-idx3-ubyte" in result.stdout
+                              "data.download=false", f"output.run_dir={tmp_path / 'run'}"), timeout=180)
+    assert "lacks mnist file(s) train-images-idx3-ubyte" in result.stdout
     assert "exitcode  : 2" in result.stdout
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -133,3 +134,13 @@ def test_a_bad_plan_stops_every_rank_before_rpc(tmp_path):
     assert "split_trainer: error: model.plan: segments 1 and 2 both run on the edge" in result.stdout
     assert "exitcode  : 2" in result.stdout and "Traceback" not in result.stdout.split("error: model.plan")[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_central_gets_as_many_cores_as_the_edges_on_its_host():
+    from split_trainer.topology import thread_split
+    assert thread_split(16, 3, True) == [8, 3, 3, 2]
+    assert thread_split(16, 7, True) == [8, 2, 1, 1, 1, 1, 1, 1]
+    assert thread_split(16, 1, True) == [8, 8]
+    assert thread_split(2, 3, True) == [1, 1, 1, 1]  # fewer cores than ranks: one thread each
+    assert thread_split(16, 0, True) == [16]  # the central alone on its host
+    assert thread_split(16, 4, False) == [4, 4, 4, 4]  # an edge host

@@ -14,10 +14,11 @@ import pytest
 from split_trainer import checkpoint
 from conftest import ROOT, TUTORIAL_PLAN, child_env, quick_overrides, rank_pid, run, torchrun_cmd
 
-# 4,096 samples, batch 64: 64 steps; checkpoints at 20, 40, 60, 64; syncs every 10 steps.
+# 4,096 samples, batch 64: 64 steps; checkpoints at 20, 40, 60, 64; syncs every 10 steps; augmented
+# batches (crop_flip), so that every case also checks that a resumed run augments the same way.
 KEYS = {"model.name": "tutorial_cnn", "model.plan": TUTORIAL_PLAN, "data.limit_train": 4096,
         "data.limit_test": 2000, "train.epochs": 1, "checkpoint.every_steps": 20, "train.edge_sync_every": 10,
-        "train.seed": 3}
+        "train.seed": 3, "data.augment": "crop_flip"}
 
 
 def _job(mnist: Path, run_dir: Path, fault: str = "", max_restarts: int = 2, **keys) -> subprocess.CompletedProcess:

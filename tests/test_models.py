@@ -6,9 +6,11 @@ from split_trainer.plan import build_plan, describe
 
 from conftest import TUTORIAL_PLAN
 
+MNIST = {"in_channels": 1, "image_size": 28, "num_classes": 10}
+
 
 def test_segments_compose_to_the_full_model():
-    plan = build_plan(ModelConfig(), seed=3)
+    plan = build_plan(ModelConfig(), MNIST, seed=3)
     plan.full.eval()
     x = torch.randn(5, 1, 28, 28)
     edge, head = (s.module for s in plan.segments)
@@ -18,7 +20,7 @@ def test_segments_compose_to_the_full_model():
 
 
 def test_layout_places_the_conv_segment_on_the_edge():
-    plan = build_plan(ModelConfig(), seed=0)
+    plan = build_plan(ModelConfig(), MNIST, seed=0)
     assert plan.layout == [("edge", ("conv1", "relu1", "conv2", "relu2", "pool")),
                            ("central", ("dropout1", "flatten", "fc1", "relu3", "dropout2", "fc2"))]
     keys = set(plan.segments[0].module.state_dict()) | set(plan.segments[1].module.state_dict())
@@ -26,8 +28,8 @@ def test_layout_places_the_conv_segment_on_the_edge():
 
 
 def test_same_seed_same_weights_other_split_point():
-    a = build_plan(ModelConfig(split="relu1"), seed=7)
-    b = build_plan(ModelConfig(), seed=7)
+    a = build_plan(ModelConfig(split="relu1"), MNIST, seed=7)
+    b = build_plan(ModelConfig(), MNIST, seed=7)
     assert a.layout[0][1] == ("conv1", "relu1")
     for (ka, va), (kb, vb) in zip(a.full.state_dict().items(), b.full.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
@@ -36,7 +38,7 @@ def test_same_seed_same_weights_other_split_point():
 def test_the_tutorials_alternating_plan():
     cfg = load_config(None, ["model.name=tutorial_cnn", f"model.plan={TUTORIAL_PLAN}"])
     assert cfg.model.split is None  # the plan says where every layer runs
-    plan = build_plan(cfg.model, seed=0)
+    plan = build_plan(cfg.model, MNIST, seed=0)
     assert plan.places == ["edge", "central", "edge", "central"] and plan.cuts == ["pool0", "pool1", "relu2"]
     assert describe(plan.layout) == "edge conv0..pool0 | central conv1..pool1 | edge conv2..relu2 | central avgpool..fc"
     x = torch.randn(3, 1, 28, 28)
@@ -53,7 +55,7 @@ def test_the_tutorials_alternating_plan():
                                         (ModelConfig(split="nope"), "choose one of")])
 def test_bad_model_config(cfg, words):
     with pytest.raises(ConfigError, match=words):
-        build_plan(cfg, seed=0)
+        build_plan(cfg, MNIST, seed=0)
 
 
 @pytest.mark.parametrize("plan, words", [
@@ -72,4 +74,4 @@ def test_bad_model_config(cfg, words):
 ])
 def test_bad_plans_name_the_problem(plan, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
-        build_plan(load_config(None, ["model.name=tutorial_cnn", f"model.plan={plan}"]).model, seed=0)
+        build_plan(load_config(None, ["model.name=tutorial_cnn", f"model.plan={plan}"]).model, MNIST, seed=0)

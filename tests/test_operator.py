@@ -9,7 +9,7 @@ import sys
 import torch
 
 from split_trainer.config import DataConfig, ModelConfig
-from split_trainer.data import eval_batches, load_mnist
+from split_trainer.datasets import load
 from split_trainer.models import build_full
 from conftest import ROOT, child_env, quick_overrides, run, torchrun_cmd
 
@@ -92,9 +92,9 @@ def test_export_runs_without_the_topology(trained_run, mnist_root, tmp_path):
     assert result.returncode == 0, result.stderr
     # The README's three lines:
     saved = torch.load(out, weights_only=True)
-    model = build_full(ModelConfig(**saved["model"])); model.load_state_dict(saved["state_dict"]); model.eval()
-    _, test = load_mnist(DataConfig(root=str(mnist_root), limit_test=1000))
-    x, y = eval_batches(test, 1000)[0]
+    model = build_full(ModelConfig(**saved["model"]), saved["shape"]); model.load_state_dict(saved["state_dict"]); model.eval()
+    _, test, _ = load(DataConfig(root=str(mnist_root), limit_test=1000))
+    x, y = test.batch(torch.arange(1000))
     predictions = model(x).argmax(1)
     accuracy = int((predictions == y).sum()) / len(y)
     summary = json.loads((run_dir / "summary.json").read_text())

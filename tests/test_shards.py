@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from split_trainer.config import ConfigError, DataConfig
-from split_trainer.data import load_mnist
+from split_trainer.datasets import load
 from split_trainer.shards import Draw, Shard, partition, rotation
 
 
 @pytest.fixture(scope="module")
 def mnist(mnist_root):
-    return load_mnist(DataConfig(root=str(mnist_root)))
+    return load(DataConfig(root=str(mnist_root)))[:2]
 
 
 @pytest.mark.parametrize("how", ["iid", "dirichlet"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from split_trainer.config import load_config
-from split_trainer.data import load_mnist
+from split_trainer.datasets import load
 from split_trainer.local import train_local
 from split_trainer.shards import Shard
 from conftest import TUTORIAL_PLAN, quick_overrides, run, run_and_kill, torchrun_cmd
@@ -47,7 +47,7 @@ def test_split_training_equals_local_training(mnist_root, tmp_path, engine, shap
     split = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
 
     cfg = load_config(tmp_path / "config.yaml")
-    train, _ = load_mnist(cfg.data)
+    train, _, _ = load(cfg.data)
     local = train_local(cfg, train, steps=20).state_dict()
     initial = train_local(cfg, train, steps=0).state_dict()
     assert split.keys() == local.keys()
@@ -93,7 +93,7 @@ def test_u_shaped_plan_keeps_inputs_and_labels_on_the_edge_and_equals_local_trai
     assert summary["bytes"]["per_cut"]["after dropout2"]["forward"] == 20 * 64 * 128 * 4  # fc1's output, float32
 
     cfg = load_config(tmp_path / "config.yaml")
-    train, test = load_mnist(cfg.data)
+    train, test, _ = load(cfg.data)
     shard = Shard.carve(train, test, 1, 1, cfg.data, cfg.train.seed)
     local = train_local(cfg, shard.train, steps=20, order_seed=shard.seed).state_dict()
     split = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
@@ -111,3 +111,28 @@ def test_half_precision_activations_halve_the_bytes_and_still_learn(mnist_root, 
     assert cut["forward"] == cut["backward"] == 30 * 64 * 64 * 12 * 12 * 2  # 2 bytes a value, not 4
     losses = [r["loss"] for r in _records(tmp_path) if "loss" in r]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("engine", ["autograd", "relay"])
+def test_segments_on_the_gpu_equal_local_training_on_the_gpu(mnist_root, tmp_path, engine):
+    """Both sides on CUDA (several ranks sharing one GPU); tensors cross the wire on the CPU."""
+    keys = {"train.optimizer": "sgd", "train.momentum": 0.0, "model.dropout": "false", "train.max_steps": 20,
+            "train.seed": 5, "train.engine": engine, "train.central_device": "cuda", "train.edge_device": "cuda"}
+    result = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **keys)))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "central 1 on cuda:0; edge1" in result.stdout or "on cuda" in result.stdout
+    cfg = load_config(tmp_path / "config.yaml")
+    train, _, _ = load(cfg.data)
+    local = train_local(cfg, train, steps=20, device="cuda").state_dict()
+    split = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]  # saved on the CPU
+    for key in local:
+        torch.testing.assert_close(split[key], local[key].cpu(), rtol=0, atol=1e-4, msg=key)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_a_gpu_where_there_is_none_is_one_line(mnist_root, tmp_path):
+    result = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **{"train.edge_device": "cuda"})),
+                 timeout=180)
+    assert "train.edge_device=cuda, but this host has no CUDA device torch can use" in result.stdout
+    assert "exitcode  : 2" in result.stdout and list(tmp_path.iterdir()) == []

@@ -1,0 +1,152 @@
+"""Data sets by name: each loads from files in its own on-disk format (generated here where
+torchvision's loader allows it, the real MNIST otherwise), with the right shape, dtype,
+normalisation and class count; missing or broken data is one line."""
+
+import gzip
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from split_trainer.config import ConfigError, DataConfig
+from split_trainer.data import crop_flip, epoch_order
+from split_trainer.datasets import MNIST_FILES, SPECS, load
+from conftest import child_env, quick_overrides, run, torchrun_cmd
+
+
+def _write_idx(path: Path, array: torch.Tensor, compress: bool) -> None:
+    header = bytes([0, 0, 0x08, array.dim()]) + b"".join(struct.pack(">i", d) for d in array.shape)
+    data = header + array.numpy().tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+def _fake_idx_set(folder: Path, names: tuple[str, ...], classes: int, compress: bool, n: int = 40) -> torch.Tensor:
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=gen)
+    labels = torch.arange(n, dtype=torch.uint8) % classes
+    for name, array in zip(names, (images, labels, images[: n // 2], labels[: n // 2])):
+        _write_idx(folder / name, array, compress)
+    return images
+
+
+@pytest.mark.parametrize("name, layout, compress", [
+    ("mnist", "", True), ("fashion_mnist", "FashionMNIST/raw", False), ("kmnist", "", False),
+    ("emnist", "EMNIST/raw", True)])
+def test_the_mnist_family_loads_from_its_idx_files(tmp_path, name, layout, compress):
+    cfg = DataConfig(name=name, root=str(tmp_path), download=False, emnist_split="balanced")
+    names = MNIST_FILES if name != "emnist" else tuple(
+        f"emnist-balanced-{p}" for p in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                         "test-images-idx3-ubyte", "test-labels-idx1-ubyte"))
+    classes = 47 if name == "emnist" else 10
+    images = _fake_idx_set(tmp_path / layout, names, classes, compress)
+    train, test, spec = load(cfg)
+    assert (len(train), len(test), spec.classes, spec.channels, spec.size) == (40, 20, classes, 1, 28)
+    x, y = train.batch(torch.arange(8))
+    assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    expected = (images[:8].float() / 255 - SPECS[name].mean[0]) / SPECS[name].std[0]
+    torch.testing.assert_close(x[:, 0], expected)
+    assert y.tolist() == [i % classes for i in range(8)]
+
+
+def test_real_mnist_from_gzip_files(mnist_root):
+    train, test, spec = load(DataConfig(root=str(mnist_root)))
+    assert train.data.shape == (60000, 1, 28, 28) and train.data.dtype == torch.uint8 and len(test) == 10000
+    assert torch.bincount(test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    x, _ = train.batch(torch.arange(60000))
+    assert abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1) < 0.01  # the MNIST mean and std
+
+
+def test_torchvision_raw_layout(mnist_root, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        with gzip.open(mnist_root / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    train, test, _ = load(DataConfig(root=str(tmp_path), limit_train=100, limit_test=10, download=False))
+    assert len(train) == 100 and len(test) == 10
+
+
+def _png_folder(root: Path, mnist_root: Path, n_train: int, n_test: int) -> None:
+    """Real MNIST images written as PNG files, root/{train,test}/<digit>/<index>.png."""
+    from PIL import Image
+
+    train, test, _ = load(DataConfig(root=str(mnist_root), limit_train=n_train, limit_test=n_test))
+    for split, source in (("train", train), ("test", test)):
+        for i in range(len(source)):
+            folder = root / split / str(int(source.labels[i]))
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(source.data[i, 0].numpy(), mode="L").save(folder / f"{i:06d}.png")
+
+
+def test_an_image_folder_loads_decoded_resized_and_normalised(mnist_root, tmp_path):
+    _png_folder(tmp_path, mnist_root, 30, 10)
+    cfg = DataConfig(name="image_folder", root=str(tmp_path), channels=3, image_size=32, download=False)
+    train, test, spec = load(cfg)
+    assert (len(train), len(test), spec.classes, spec.channels, spec.size) == (30, 10, 10, 3, 32)
+    x, y = train.batch(torch.arange(len(train)))
+    assert x.shape == (30, 3, 32, 32) and x.dtype == torch.float32
+    # no data.mean / data.std: computed from the training images, so the batch is standardised
+    assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-4 and (x.std(dim=(0, 2, 3)) - 1).abs().max() < 0.01
+    same = DataConfig(name="image_folder", root=str(tmp_path), channels=1, image_size=28, mean=[0.1307],
+                      std=[0.3081], download=False)
+    idx_train, _, _ = load(DataConfig(root=str(mnist_root), limit_train=30))
+    folder_train, _, _ = load(same)
+    # PNG is lossless and files are ordered by name: the very same samples in the same order
+    assert torch.equal(folder_train.batch(torch.arange(30))[0], idx_train.batch(torch.arange(30))[0])
+    assert torch.equal(folder_train.labels, idx_train.labels)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"), ("svhn", "train_32x32.mat")])
+def test_checksummed_sets_without_their_files_say_where_they_go(tmp_path, name, words):
+    """CIFAR and SVHN go through torchvision, which checks every file's MD5: generated files cannot
+    pass, so the test checks the refusal and the set's shape, not a load."""
+    with pytest.raises(ConfigError, match=words):
+        load(DataConfig(name=name, root=str(tmp_path), download=False))
+    assert SPECS[name].channels == 3 and SPECS[name].size == 32
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(ConfigError, match="lacks mnist file"):
+        load(DataConfig(root=str(tmp_path), download=False))
+    for name in MNIST_FILES:
+        (tmp_path / name).write_bytes(b"not idx")
+    with pytest.raises(ConfigError, match="not valid IDX files"):
+        load(DataConfig(root=str(tmp_path), download=False))
+    with pytest.raises(ConfigError, match="is not an image folder"):
+        load(DataConfig(name="image_folder", root=str(tmp_path)))
+
+
+def test_offline_download_is_one_line_and_exit_2(tmp_path):
+    """A proxy that refuses every connection: an offline machine, as far as the download goes."""
+    offline = child_env(http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+                        HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    result = run(torchrun_cmd(2, "--set", "topology.edges=1", "data.name=fashion_mnist", "data.download=true",
+                              f"data.root={tmp_path / 'data'}", f"output.run_dir={tmp_path / 'run'}"),
+                 timeout=240, env=offline)
+    lines = [l for l in result.stdout.splitlines() if l.startswith("split_trainer: [central] error:")]
+    assert len(lines) == 1 and "could not download fashion_mnist into" in lines[0], result.stdout[-3000:]
+    assert "put the four IDX files" in lines[0] and "exitcode  : 2" in result.stdout
+    assert "Traceback" not in result.stdout.split(lines[0])[0] and not (tmp_path / "run").exists()
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    a, b = epoch_order(1000, 64, 1, 0), epoch_order(1000, 64, 1, 0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], epoch_order(1000, 64, 1, 1)[0])
+    assert sorted(torch.cat(a).tolist()) == list(range(1000)) and len(a[-1]) == 1000 - 15 * 64
+
+
+def test_augmented_batches_depend_only_on_seed_epoch_and_position():
+    x = torch.randn(16, 3, 32, 32)
+    a, b = crop_flip(x, 1, 2, 5), crop_flip(x.clone(), 1, 2, 5)
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert not torch.equal(a, crop_flip(x, 1, 2, 6)) and not torch.equal(a, crop_flip(x, 1, 3, 5))
+    assert not torch.equal(a, x)

@@ -1,0 +1,63 @@
+"""A folder of your images and a network from your own file, by config alone, through real torchrun."""
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, child_env, quick_overrides, run, torchrun_cmd
+from test_datasets import _png_folder
+
+
+def test_an_image_folder_trains_like_the_same_images_in_idx_files(mnist_root, tmp_path):
+    """Real MNIST written as PNG files: the same samples, the same order, the same accuracy."""
+    _png_folder(tmp_path / "pngs", mnist_root, 2048, 500)
+    keys = {"train.epochs": 1, "data.limit_train": 2048, "data.limit_test": 500, "data.num_workers": 2}
+    idx = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path / "idx", edges=1, **keys)))
+    assert idx.returncode == 0, idx.stdout[-3000:]
+    folder = run(torchrun_cmd(2, *quick_overrides(tmp_path / "pngs", tmp_path / "folder", edges=1, **keys, **{
+        "data.name": "image_folder", "data.channels": 1, "data.image_size": 28, "data.mean": "[0.1307]",
+        "data.std": "[0.3081]"})))
+    assert folder.returncode == 0, folder.stdout[-3000:]
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("idx", "folder"))
+    assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.005 and a["test_accuracy"] > 0.8
+    assert "image_folder (1x28x28, 10 classes" in folder.stdout
+
+
+def _readme_example() -> str:
+    """The own-model example file exactly as the README shows it."""
+    text = (ROOT / "README.md").read_text()
+    return re.search(r"```python\n# my_models\.py\n(.*?)```", text, re.S).group(1)
+
+
+def test_a_model_from_your_own_file_trains_and_exports(mnist_root, tmp_path):
+    (tmp_path / "my_models.py").write_text(_readme_example())
+    env = child_env(PYTHONPATH=str(tmp_path))
+    result = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path / "run", edges=2, **{
+        "model.name": "my_models:small_cnn", "model.args.width": 8, "model.split": "pool", "train.max_steps": 20})),
+        env=env)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "my_models:small_cnn: edge conv..pool | central flatten..fc" in result.stdout
+    out = tmp_path / "exported.pt"
+    export = run([sys.executable, "-m", "split_trainer", "export", "--checkpoint", str(tmp_path / "run" / "checkpoints"),
+                  "--out", str(out)], env=env)
+    assert export.returncode == 0, export.stdout
+    saved = torch.load(out, weights_only=True)
+    assert saved["model"]["args"] == {"width": 8} and saved["state_dict"]["conv.weight"].shape == (8, 1, 3, 3)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("no_such_module:net", "cannot import no_such_module (ModuleNotFoundError"),
+    ("my_models:missing", "module my_models has no function 'missing'"),
+    ("my_models:not_a_sequence", "returned a Net, not an nn.Sequential: return nn.Sequential(OrderedDict("),
+])
+def test_a_bad_model_path_is_one_line_and_exit_2(tmp_path, name, words):
+    (tmp_path / "my_models.py").write_text(_readme_example() + "\n\nclass Net(nn.Module):\n    pass\n\n\n"
+                                           "def not_a_sequence():\n    return Net()\n")
+    result = run([sys.executable, "-m", "split_trainer", "--set", f"model.name={name}", f"output.run_dir={tmp_path}"],
+                 env=child_env(PYTHONPATH=str(tmp_path)))
+    assert result.returncode == 2
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.stdout
