@@ -69,7 +69,7 @@ def run_split(args: argparse.Namespace, edges: int, steps: int, device: str) -> 
         overrides = [f"topology.edges={edges}", f"data.root={args.data}", f"output.run_dir={run_dir}",
                      f"train.max_steps={args.warmup + steps}", f"data.batch_size={args.batch}",
                      f"logging.every_steps={args.window}", "data.limit_test=1000", f"train.engine={args.engine}",
-                     f"train.central_device={device}", f"train.edge_device={device}"]
+                     f"train.central_device={device}", f"train.edge_device={device}", f"rpc.transport={args.transport}"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={edges + 1}",
                "-m", "split_trainer", "--config", str(ROOT / "configs" / "mnist.yaml"), "--quiet", "--set", *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=50, help="steps per timing window")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="local thread budget")
     parser.add_argument("--engine", default="relay", choices=["relay", "autograd"])
+    parser.add_argument("--transport", default="tcp", choices=["tcp", "auto"], help="rpc.transport of the split runs")
+    parser.add_argument("--no-local", action="store_true", help="skip the local rows (the ratio is then to nothing)")
     parser.add_argument("--memory-steps", type=int, default=2000, help="1+3 run for the memory check (0: skip)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmark" / "throughput.json")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark works")
@@ -129,7 +131,8 @@ def main() -> None:
         args.steps, args.warmup, args.repeats, args.window, args.memory_steps = 20, 10, 1, 10, 0
     info = machine()
 
-    rows = {"local": median_of([run_local(args, args.device, args.batch) for _ in range(args.repeats)])}
+    rows = {} if args.no_local else {"local": median_of([run_local(args, args.device, args.batch)
+                                                        for _ in range(args.repeats)])}
     for edges in args.edges:
         rows[f"split 1+{edges}"] = median_of([run_split(args, edges, args.steps, args.device)
                                              for _ in range(args.repeats)])
@@ -142,7 +145,7 @@ def main() -> None:
         rows["split 1+3"]["rss_growth_500_to_2000"] = run_split(args, 3, args.memory_steps,
                                                                 args.device)["rss_growth_500_to_2000"]
 
-    local = rows["local"]["samples_per_s"]
+    local = rows["local"]["samples_per_s"] if "local" in rows else float("nan")
     print(f"{'run':<24} {'samples/s':>10} {'x local':>8} {'bytes/sample':>13}  peak RSS MB per rank")
     for name, row in rows.items():
         row["ratio_to_local"] = row["samples_per_s"] / local
@@ -152,7 +155,8 @@ def main() -> None:
     if "rss_growth_500_to_2000" in rows.get("split 1+3", {}):
         growth = ", ".join(f"{k} {v:+.1%}" for k, v in rows["split 1+3"]["rss_growth_500_to_2000"].items())
         print(f"memory growth, 1+3, step 500 -> 2000: {growth}")
-    report = {"machine": info, "engine": args.engine, "device": args.device, "batch": args.batch, "steps": args.steps,
+    report = {"machine": info, "engine": args.engine, "transport": args.transport, "device": args.device,
+              "batch": args.batch, "steps": args.steps,
               "warmup": args.warmup, "repeats": args.repeats, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

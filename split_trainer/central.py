@@ -83,7 +83,6 @@ class Central:
         else:
             self.rotation = rotation([s["train_batches"] for s in self.shards])
             self.steps_per_epoch = len(self.rotation)
-        self.trained: set[int] = set()  # edges that trained since the last sync
         total = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.max_steps or total)
         self.progress = state.Progress(seed=cfg.train.seed)
@@ -118,11 +117,12 @@ class Central:
             for chunk in self._chunks(epoch):
                 t0 = time.perf_counter()
                 self._train_chunk(chunk, lr)
-                self.trained.update(b.edge for b in chunk)
+                trained = set(self.progress.trained) | {b.edge for b in chunk}
+                self.progress.trained = sorted(trained)
                 boundary = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
                 if boundary or self.step % self.cfg.train.edge_sync_every == 0:
-                    self.fleet.sync(self.trained)
-                    self.trained = set()
+                    self.fleet.sync(trained)
+                    self.progress.trained = []
                 self.train_time += time.perf_counter() - t0
                 self._log_chunk(chunk, window)
                 paused = time.perf_counter()

@@ -24,6 +24,8 @@ class Progress:
     seed: int = 0
     last_eval: list[float] = field(default_factory=lambda: [float("nan"), float("nan")])
     """(test loss, test accuracy) of the latest evaluation."""
+    trained: list[int] = field(default_factory=list)
+    """Edges that trained since the last replica sync (a checkpoint may fall between two syncs)."""
 
 
 def save(cfg: Config, meta: dict[str, Any], central: Side, fleet: Fleet, progress: Progress) -> tuple[Path, int]:
