@@ -128,9 +128,9 @@ class Shard:
 
 
 def rotation(batches_per_edge: list[int]) -> list[tuple[int, int]]:
-    """One epoch's (edge, batch of that edge) in dispatch order: round robin over the edges that
-    still have batches, so an edge that has served its shard drops out and stalls nobody."""
-    order = []
-    for j in range(max(batches_per_edge, default=0)):
-        order.extend((k, j) for k, n in enumerate(batches_per_edge) if j < n)
-    return order
+    """One epoch's (edge, batch of that edge) in dispatch order. Each edge's batches are spread
+    evenly over the epoch (batch j of an edge with n batches goes at (j + 1/2) / n of the way), so
+    every stretch of the epoch mixes every edge's data in proportion to its shard, and no edge waits
+    for one with a smaller shard; with equal shards this is plain round robin."""
+    slots = [((j + 0.5) / n, k, j) for k, n in enumerate(batches_per_edge) for j in range(n)]
+    return [(k, j) for _, k, j in sorted(slots)]

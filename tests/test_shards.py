@@ -62,6 +62,11 @@ def test_tiny_alpha_that_starves_an_edge_is_a_config_error(mnist):
                   seed=1, min_size=64)
 
 
-def test_rotation_skips_edges_whose_shard_is_done():
-    assert rotation([2, 4, 1]) == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (1, 2), (1, 3)]
+def test_the_dispatch_order_spreads_each_edges_batches_over_the_epoch():
+    assert rotation([3, 3]) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]  # equal shards: round robin
+    order = rotation([2, 4, 1])
+    assert order == [(1, 0), (0, 0), (1, 1), (2, 0), (1, 2), (0, 1), (1, 3)]
     assert sorted(rotation([5, 3])) == sorted([(0, j) for j in range(5)] + [(1, j) for j in range(3)])
+    big = rotation([100, 10])  # the small edge's batches are spread out, not bunched at the start
+    positions = [i for i, (k, _) in enumerate(big) if k == 1]
+    assert positions[0] < 10 and positions[-1] > 95
