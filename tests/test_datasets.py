@@ -150,3 +150,57 @@ def test_augmented_batches_depend_only_on_seed_epoch_and_position():
     assert torch.equal(a, b) and a.shape == x.shape
     assert not torch.equal(a, crop_flip(x, 1, 2, 6)) and not torch.equal(a, crop_flip(x, 1, 3, 5))
     assert not torch.equal(a, x)
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_files_in_their_own_format_load(tmp_path, monkeypatch, name):
+    """Files in CIFAR's on-disk format (pickled batches), generated here; torchvision's list of
+    expected checksums is pointed at them, the one thing changed, so that its reader runs on them."""
+    import pickle
+
+    from torchvision import datasets
+
+    kind = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    folder = tmp_path / kind.base_folder
+    folder.mkdir()
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (12, 3 * 32 * 32), dtype=torch.uint8, generator=gen).numpy()
+    for file, _ in kind.train_list + kind.test_list:
+        (folder / file).write_bytes(pickle.dumps({"data": pixels, label_key: [i % 10 for i in range(12)]}))
+    (folder / kind.meta["filename"]).write_bytes(pickle.dumps({kind.meta["key"]: [f"c{i}" for i in range(100)]}))
+    monkeypatch.setattr(kind, "train_list", [[f, _md5(folder / f)] for f, _ in kind.train_list])
+    monkeypatch.setattr(kind, "test_list", [[f, _md5(folder / f)] for f, _ in kind.test_list])
+    monkeypatch.setattr(kind, "meta", {**kind.meta, "md5": _md5(folder / kind.meta["filename"])})
+    train, test, spec = load(DataConfig(name=name, root=str(tmp_path), download=False))
+    assert len(train) == 12 * len(kind.train_list) and len(test) == 12 and spec.classes == (10 if name == "cifar10" else 100)
+    x, y = test.batch(torch.arange(12))
+    assert x.shape == (12, 3, 32, 32) and y.tolist() == [i % 10 for i in range(12)]
+    expected = (torch.from_numpy(pixels).view(12, 3, 32, 32).float() / 255 - torch.tensor(SPECS[name].mean).view(3, 1, 1)) \
+        / torch.tensor(SPECS[name].std).view(3, 1, 1)
+    torch.testing.assert_close(x, expected)
+
+
+def test_svhn_files_in_their_own_format_load(tmp_path, monkeypatch):
+    """SVHN's .mat files (labels 1..10, 10 meaning the digit 0), generated here; checksums as above."""
+    from scipy.io import savemat
+    from torchvision import datasets
+
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (32, 32, 3, 10), dtype=torch.uint8, generator=gen).numpy()
+    for split in ("train", "test"):
+        savemat(tmp_path / f"{split}_32x32.mat", {"X": pixels, "y": (torch.arange(10) + 1).view(10, 1).numpy()})
+    monkeypatch.setattr(datasets.SVHN, "split_list", {split: [url, file, _md5(tmp_path / file)] for split, (url, file, _)
+                                                      in datasets.SVHN.split_list.items() if split != "extra"})
+    train, test, spec = load(DataConfig(name="svhn", root=str(tmp_path), download=False))
+    x, y = train.batch(torch.arange(10))
+    assert x.shape == (10, 3, 32, 32) and spec.classes == 10
+    assert y.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+    first = torch.from_numpy(pixels[:, :, :, 0]).permute(2, 0, 1).float() / 255  # H x W x C to C x H x W
+    torch.testing.assert_close(x[0], (first - torch.tensor(SPECS["svhn"].mean).view(3, 1, 1))
+                               / torch.tensor(SPECS["svhn"].std).view(3, 1, 1))
