@@ -346,9 +346,9 @@ def run_central(cfg: Config, topo: Topology, threads: int, resume: str = "auto",
     loaded = checkpoint.resolve(resume, checkpoint.directory(cfg), console.warn, job)
     if loaded:
         checkpoint.check_fingerprint(loaded, checkpoint.fingerprint(cfg, describe(plan_for(cfg, 0).layout)))
+    init_rpc(topo, cfg)  # every rank got this far: an edge's own start-up checks passed
     job = job or checkpoint.start_job(run_dir)
     write_text(run_dir / "config.yaml", cfg.to_yaml())
-    init_rpc(topo, cfg)
     central = None
     try:
         central = Central(cfg, topo, train, test, console, job, loaded)
