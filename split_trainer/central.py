@@ -73,6 +73,7 @@ class Central:
         edge_side = Side(self.plan.on("edge"), cfg.train)
         self.fleet = Fleet(cfg, topo.edge_names, edge_side.state_dict())
         self.schedule = Schedule(self.plan.places, cfg.train.engine, self.side)
+        self.labels_here = self.plan.places[-1] == "central"  # edge placement: the edges send labels only then
         console.attach(self.fleet.links)
         self.in_flight: list[Future] = []  # the lanes at work, one per edge
         self.pool = ThreadPoolExecutor(len(self.fleet), thread_name_prefix="edge-lane")
@@ -137,10 +138,9 @@ class Central:
         """This epoch's batches from the current position, in dispatch order."""
         start = epoch * self.steps_per_epoch
         position = self.step - start
-        if self.shards is not None:  # each edge draws its own batch; the labels come only if needed here
-            labels = self.plan.places[-1] == "central"
+        if self.shards is not None:  # each edge draws its own batch
             for i, (k, j) in enumerate(self.rotation[position:], position):
-                yield Batch(start + i, k, draw=Draw("train", epoch, j, labels))
+                yield Batch(start + i, k, draw=Draw("train", epoch, j, self.labels_here))
             return
         order = epoch_order(len(self.train_split), self.cfg.data.batch_size, self.cfg.train.seed, epoch)
         loader = batch_loader(self.train_split, order[position:], self.cfg.data.num_workers)
@@ -215,8 +215,7 @@ class Central:
         if self.shards is None:
             shares = [[(k, j, idx, None) for j, idx in enumerate(self.test_batches) if j % n == k] for k in range(n)]
         else:
-            labels = self.plan.places[-1] == "central"
-            shares = [[(k, j, Draw("test", epoch, j, labels), None) for j in range(s["test_batches"])]
+            shares = [[(k, j, Draw("test", epoch, j, self.labels_here), None) for j in range(s["test_batches"])]
                       for k, s in enumerate(self.shards)]
         scores: dict[tuple[int, int], tuple[float, int, int]] = {}
 

@@ -74,8 +74,9 @@ def spec_of(cfg: DataConfig, root_classes: Optional[int] = None) -> Spec:
         return SPECS[cfg.name]
     classes = cfg.num_classes or root_classes or _folder_classes(Path(cfg.root))
     if not classes:
-        raise ConfigError(f"data.num_classes is not set and {cfg.root}/train has no class folders here: set "
-                          f"data.num_classes (the central of an edge-placement run holds no images to count)")
+        raise ConfigError(f"data.root={cfg.root} has no class folders in train/: put the images in "
+                          f"{LAYOUTS['image_folder']}, or set data.num_classes (the central of an "
+                          f"edge-placement run holds no images to count)")
     mean = tuple(cfg.mean) if cfg.mean else (0.5,) * cfg.channels
     std = tuple(cfg.std) if cfg.std else (0.5,) * cfg.channels
     return Spec(cfg.channels, cfg.image_size, classes, mean, std)
@@ -188,6 +189,11 @@ def _find_idx(root: Path, cfg: DataConfig) -> dict[str, Optional[Path]]:
     return found
 
 
+def _layout(cfg: DataConfig) -> str:
+    """Where the configured set's files go, for messages."""
+    return LAYOUTS[cfg.name].format(files=", ".join(_idx_names(cfg)))
+
+
 def _load_idx_family(cfg: DataConfig, spec: Spec) -> tuple[Source, Source]:
     root = Path(cfg.root).expanduser()
     found = _find_idx(root, cfg)
@@ -197,7 +203,7 @@ def _load_idx_family(cfg: DataConfig, spec: Spec) -> tuple[Source, Source]:
     missing = [name for name, path in found.items() if path is None]
     if missing:
         raise ConfigError(f"data.root={root} lacks {cfg.name} file(s) {', '.join(missing)} (gzip or raw): put "
-                          f"{LAYOUTS[cfg.name].format(files=', '.join(_idx_names(cfg)))}, or set data.root=DIR"
+                          f"{_layout(cfg)}, or set data.root=DIR"
                           + ("" if cfg.download else ", or data.download=true to fetch them"))
     try:
         arrays = [_read_idx(path) for path in found.values()]
@@ -233,7 +239,7 @@ def _download(cfg: DataConfig, root: Path) -> None:
     except Exception as exc:  # no network, a proxy, a full disk: one line, never a traceback
         reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"could not download {cfg.name} into {root} ({reason}): on a machine without internet "
-                          f"put {LAYOUTS[cfg.name].format(files=', '.join(MNIST_FILES))} there yourself") from None
+                          f"put {_layout(cfg)} there yourself") from None
     finally:
         socket.setdefaulttimeout(previous)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -254,13 +260,13 @@ def _load_torchvision(cfg: DataConfig, spec: Spec) -> tuple[Source, Source]:
     except RuntimeError:  # "Dataset not found or corrupted"
         if not cfg.download:
             raise ConfigError(f"data.root={root} lacks {cfg.name} (or a file fails its checksum): put "
-                              f"{LAYOUTS[cfg.name]} there, or set data.download=true") from None
+                              f"{_layout(cfg)} there, or set data.download=true") from None
         _download(cfg, root)
-        return _load_torchvision(DataConfig(**{**cfg.__dict__, "download": False}), spec)
+        return _load_torchvision(dataclasses.replace(cfg, download=False), spec)
     return tuple(ArraySource(x, y, spec.mean, spec.std) for x, y in arrays)
 
 
-def _load_folder(cfg: DataConfig) -> tuple[Source, Source]:
+def _load_folder(cfg: DataConfig) -> tuple[Source, Source, Spec]:
     root = Path(cfg.root).expanduser()
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise ConfigError(f"data.root={root} is not an image folder: put {LAYOUTS['image_folder']} there")
@@ -287,7 +293,8 @@ def _load_folder(cfg: DataConfig) -> tuple[Source, Source]:
         mean, std = _statistics(sources[0])
         for source in sources:
             source.mean, source.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
-    return sources[0], sources[1]
+        spec = dataclasses.replace(spec, mean=tuple(mean.tolist()), std=tuple(std.tolist()))
+    return sources[0], sources[1], spec
 
 
 def _statistics(source: Source, batch: int = 256) -> tuple[Tensor, Tensor]:
@@ -306,10 +313,7 @@ def _statistics(source: Source, batch: int = 256) -> tuple[Tensor, Tensor]:
 def load(cfg: DataConfig) -> tuple[Source, Source, Spec]:
     """(train, test, spec) of the configured data set, with data.limit_train / limit_test applied."""
     if cfg.name == "image_folder":
-        train, test = _load_folder(cfg)
-        spec = spec_of(cfg, int(train.labels.max()) + 1 if len(train) else None)
-        spec = Spec(spec.channels, spec.size, spec.classes, tuple(train.mean.flatten().tolist()),
-                    tuple(train.std.flatten().tolist()))
+        train, test, spec = _load_folder(cfg)
     elif cfg.name in ("cifar10", "cifar100", "svhn"):
         spec = spec_of(cfg)
         train, test = _load_torchvision(cfg, spec)

@@ -47,7 +47,8 @@ class EdgeHandle:
             kind, cut = hop.arrives()
             if cut is not None and tensor is not None:
                 tensor = to_wire(tensor, self.wire)
-                cuts[(cut, "forward" if kind == "activations" else "backward")] += 0 if evaluating else nbytes(tensor)
+                if not evaluating:
+                    cuts[(cut, "forward" if kind == "activations" else "backward")] += nbytes(tensor)
             sent["eval" if evaluating else kind] += nbytes(tensor)
             packed.append((hop, tensor))
         sent["labels"] += nbytes(labels)
