@@ -1,8 +1,10 @@
-"""Entry point: ``torchrun --nproc_per_node 4 -m split_trainer --config configs/mnist.yaml``."""
+"""Entry point: ``torchrun --nproc_per_node 4 -m split_trainer --config configs/mnist.yaml``, and
+the one-process commands ``evaluate``, ``export`` and ``config``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -29,8 +31,8 @@ def _say(where: str, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("evaluate", "export"):
-        return _standalone(argv)
+    if argv and argv[0] in COMMANDS:
+        return _command(argv)
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file or pipe as they happen
     # torch's C++ side logs every torn pipe with a stack of frames when a peer dies; the central's
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from .plan import plan_for
 
-        plan_for(cfg, cfg.train.seed)  # an unknown model or a bad plan fails on every rank, now
+        plan = plan_for(cfg, cfg.train.seed)  # an unknown model or a bad plan fails on every rank, now
         topo = topology_from_env(cfg)
         where = f"[{topo.name}] "
         faults.arm(topo.name, topo.restart)
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = set_threads(cfg.train.threads, topo)
         if topo.is_central:
             from .central import run_central
-            run_central(cfg, topo, threads, args.resume, args.quiet)
+            run_central(cfg, topo, plan, threads, args.resume, args.quiet)
         else:
             from .edge import serve
             serve(topo, cfg)
@@ -76,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(exc, Terminated) else 1
 
 
-def _standalone(argv: list[str]) -> int:
+COMMANDS = {"evaluate": "standalone", "export": "standalone", "config": "reference"}
+
+
+def _command(argv: list[str]) -> int:
+    """A one-process command: no torchrun, no RPC."""
     try:
-        from .standalone import main as standalone_main
-        return standalone_main(argv)
+        module = importlib.import_module(f".{COMMANDS[argv[0]]}", __package__)
+        return module.main(argv)
     except ConfigError as exc:
         _say("", str(exc))
         return 2

@@ -26,7 +26,7 @@ import torch
 from . import faults
 from .config import Config, ConfigError
 from .failures import JobError
-from .metrics import atomic_write
+from .files import atomic_write
 
 PATTERN = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"

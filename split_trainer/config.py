@@ -13,9 +13,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(ValueError):
@@ -29,6 +32,7 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass
 class TopologyConfig:
+    """Who takes part in the job."""
     edges: int = 3
     """Number of edge ranks (1..N); the job runs with world size 1 + edges, rank 0 being the central."""
 
@@ -38,15 +42,21 @@ class TopologyConfig:
 
 @dataclass
 class ModelConfig:
+    """The network and where each of its layers runs (docs/plans.md)."""
     name: str = "mnist_cnn"
-    """A registered architecture (split_trainer.models), or an import path package.module:function
-    to a function of yours that returns an nn.Sequential."""
+    """A registered architecture (mnist_cnn, tutorial_cnn, resnet_small), or an import path
+    package.module:function to a function of yours that returns an nn.Sequential
+    (docs/data-and-models.md)."""
     args: dict = field(default_factory=dict)
-    """Keyword arguments for the model function (an import path's, or a registered model's)."""
+    """Keyword arguments for the model function (an import path's, or a registered model's:
+    resnet_small takes blocks)."""
     split: Optional[str] = "pool"
-    """Shorthand for the plan [{place: edge, until: split}, {place: central}]; null when plan is given."""
+    """The last layer that runs on the edges (mnist_cnn: conv1 relu1 conv2 relu2 pool dropout1 flatten
+    fc1 relu3 dropout2): shorthand for the plan [{place: edge, until: split}, {place: central}]; null
+    when plan is given."""
     plan: Optional[list] = None
-    """Ordered segments [{place: edge|central, until: LAYER}, ...]; the last one runs to the end."""
+    """Ordered segments [{place: edge|central, until: LAYER}, ...], places alternating, the first on
+    the edge; the last one runs to the end. Overrides split."""
     dropout: bool = True
     """False replaces the dropout layers by identities (used by the equivalence test)."""
 
@@ -74,10 +84,13 @@ DATA_SETS = ("mnist", "fashion_mnist", "kmnist", "emnist", "cifar10", "cifar100"
 
 @dataclass
 class DataConfig:
+    """The data set, where it lives, and how it is batched (docs/data-and-models.md,
+    docs/data-and-placement.md)."""
     name: Literal[DATA_SETS] = "mnist"
     """Data set: one of torchvision's image-classification sets, or image_folder."""
     root: str = "data/mnist"
-    """Where the data set lies (its expected layout: README, Data sets)."""
+    """Where the data set lies (its layout: docs/data-and-models.md). In edge placement each edge
+    reads its own."""
     download: bool = True
     """Let torchvision download a missing data set into root (not image_folder)."""
     download_timeout_s: float = 60.0
@@ -103,7 +116,8 @@ class DataConfig:
     eval_batch_size: int = 1000
     """Test samples per evaluation batch."""
     num_workers: int = 0
-    """DataLoader worker processes on the central; 0 slices batches in the central itself."""
+    """DataLoader worker processes on the side that holds the data; 0 gathers batches in the process
+    itself."""
     limit_train: Optional[int] = None
     """Use only the first N training samples (quick runs and tests); null means all."""
     limit_test: Optional[int] = None
@@ -140,6 +154,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """The optimisation, and where and how each side computes."""
     epochs: int = 6
     """Passes over the training set."""
     max_steps: Optional[int] = None
@@ -159,7 +174,7 @@ class TrainConfig:
     edge_sync_every: int = 20
     """Average the edges' segment replicas every this many steps (and at every epoch end)."""
     threads: int = 0
-    """Intra-op threads per rank; 0 splits this host's cores by role (README: Threads)."""
+    """Intra-op threads per rank; 0 splits this host's cores by role (docs/performance.md)."""
     central_device: Literal["cpu", "cuda", "auto"] = "cpu"
     """Where the central's segments compute; auto: CUDA when this host has it."""
     edge_device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -183,6 +198,7 @@ class TrainConfig:
 
 @dataclass
 class RpcConfig:
+    """torch RPC: time bounds, threads, and what travels how."""
     timeout_s: float = 120.0
     """Longest wait for any RPC, rendezvous or peer; a silent peer past it ends the job. It bounds
     one call's own work (no call waits behind another on its edge)."""
@@ -197,6 +213,12 @@ class RpcConfig:
     """tcp: TensorPipe's TCP transport between all ranks; auto: TensorPipe's choice (shared memory
     between ranks of one host, which busy-polls; TCP or InfiniBand across hosts)."""
 
+    @property
+    def wire_dtype(self) -> "torch.dtype":
+        """activation_dtype as a torch dtype (torch is imported only once a run needs it)."""
+        import torch
+        return getattr(torch, self.activation_dtype)
+
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, f"rpc.timeout_s must be positive, got {self.timeout_s}")
         _require(self.startup_timeout_s > 0, f"rpc.startup_timeout_s must be positive, got {self.startup_timeout_s}")
@@ -206,12 +228,14 @@ class RpcConfig:
 
 @dataclass
 class OutputConfig:
+    """Where a run's files go (docs/outputs.md)."""
     run_dir: str = "runs/mnist"
     """Folder for config.yaml, metrics.jsonl, summary.json and model.pt."""
 
 
 @dataclass
 class CheckpointConfig:
+    """When checkpoints are written and how many are kept (docs/checkpoints-and-faults.md)."""
     dir: Optional[str] = None
     """Checkpoint folder; null means <run_dir>/checkpoints."""
     every_steps: int = 200
@@ -226,6 +250,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """What is recorded while training (docs/outputs.md)."""
     every_steps: int = 50
     """Write a metrics line (and a plain console line without a terminal) every this many steps."""
     tensorboard: bool = False

@@ -7,7 +7,6 @@ host's RRef and runs under its lock, so a forward never overlaps a step.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import sys
@@ -21,42 +20,53 @@ from torch.distributed import rpc
 
 from . import faults
 from .config import Config
-from .datasets import load
+from .engines import engine_for
 from .metrics import resident_bytes
+from .placement import PLACEMENTS
 from .plan import plan_for
-from .schedule import Hop, Side, from_wire, to_wire
-from .shards import Draw, Shard
+from .route import Hop, crossing
+from .stage import Stage
 from .topology import Topology, device_for, init_rpc
+from .wire import Reply, WireFormat
 
 _finished = threading.Event()
 _last_seen = [time.monotonic()]  # the last time the central called us
-_data: list = []  # edge placement: (train, test, spec) as found at this host's data.root, loaded before RPC
+_loaded: list = [None]  # what this host's placement loaded before RPC (edge placement: its data set)
 
 
 class EdgeHost:
-    """This edge's replica of the plan's edge segments, and in edge placement its shard of the data.
-    ``cfg`` is the central's config: it decides everything but where this host's data lies."""
+    """This edge's replica of the plan's edge segments and its data (placement.py). ``cfg`` is the
+    central's config: it decides everything but where this host's data lies."""
 
     def __init__(self, cfg: Config, state: dict[str, torch.Tensor]):
-        rng = torch.get_rng_state()  # building the plan seeds the RNG; this edge keeps its own stream
         device = device_for(cfg.train.edge_device, "train.edge_device", int(os.environ.get("LOCAL_RANK", "0")))
-        self.side = Side(plan_for(cfg, 0).on("edge"), cfg.train, device)
-        torch.set_rng_state(rng)
-        self.side.load_state_dict(state)
-        self.wire = getattr(torch, cfg.rpc.activation_dtype)
+        plan = plan_for(cfg, 0)  # the weights come from the central: any seed will do
+        self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("edge"), cfg.train, device))
+        self.stage = self.engine.stage
+        self.stage.load_state_dict(state)
+        self.wire = WireFormat(cfg.rpc.wire_dtype)
         self.lock = threading.Lock()
-        self.labels: Optional[torch.Tensor] = None  # edge placement: the labels of the batch in flight
-        self.shard: Optional[Shard] = None
-        self.classes = 0
-        if cfg.data.placement == "edge":
-            if not _data:
-                raise RuntimeError("this edge loaded no data: start it with data.placement=edge, as the central")
-            train, test = (s if limit is None else s.subset(torch.arange(min(limit, len(s)))) for s, limit in
-                           zip(_data[:2], (cfg.data.limit_train, cfg.data.limit_test)))
-            self.classes = _data[2].classes
-            rank, edges = rpc.get_worker_info().id, cfg.topology.edges
-            self.shard = Shard.carve(train, test, rank, edges, cfg.data, cfg.train.seed)
-        self.served: tuple[int, int] = (0, 0)  # (epoch, next batch) of this edge's own training data
+        self.data = PLACEMENTS[cfg.data.placement].edge_data(cfg, _loaded[0], rpc.get_worker_info().id)
+        self.labels: Optional[torch.Tensor] = None  # the labels of this edge's own batch in flight
+
+    def run(self, work: list[tuple[Hop, Any]], labels: Optional[torch.Tensor], lr: float) -> Reply:
+        reply = Reply()
+        for hop, payload in work:
+            into = crossing(hop, "in")
+            sent = None
+            if into.kind == "inputs":  # the inputs themselves, or a draw of this edge's own batch
+                x, own, sent = self.data.take(payload)
+                self.labels = own if own is not None else self.labels
+            else:
+                x = self.wire.decode(payload, into)
+            reply = self.engine.run(hop, x, labels if labels is not None else self.labels, lr)
+            if reply.output is not None:  # activations and gradients as the wire carries them
+                reply = reply._replace(output=self.wire.encode(reply.output, crossing(hop, "out")))
+            if isinstance(reply.loss, torch.Tensor):
+                reply = reply._replace(loss=reply.loss.to("cpu"))
+            if sent is not None:
+                reply = reply._replace(labels=sent)
+        return reply
 
 
 def _host(rref: rpc.RRef) -> EdgeHost:
@@ -64,86 +74,56 @@ def _host(rref: rpc.RRef) -> EdgeHost:
     return rref.local_value()
 
 
-def run(rref: rpc.RRef, work: list[tuple[Hop, Any]], labels: Optional[torch.Tensor],
-        lr: float) -> tuple[Optional[torch.Tensor], Any]:
+def run(rref: rpc.RRef, work: list[tuple[Hop, Any]], labels: Optional[torch.Tensor], lr: float) -> Reply:
     """Run the hops in ``work`` in order, each on its own input (a tensor, or a draw of this edge's
     own batch); reply with the last one's result. With the autograd engine this runs inside the
     caller's distributed-autograd context."""
     host = _host(rref)
-    out, stat = None, None
-    evaluating = any(hop.kind in ("infer", "score") for hop, _ in work)
+    evaluating = any(hop.evaluating for hop, _ in work)
     faults.hit("eval" if evaluating else "train")
     with host.lock:
         if evaluating:
-            host.side.train(False)
+            host.stage.train(False)
         try:
-            for hop, tensor in work:
-                drawn = None
-                if isinstance(tensor, Draw):
-                    draw = tensor
-                    tensor, host.labels = host.shard.draw(draw)
-                    drawn = host.labels if draw.labels else None  # the loss is on the central
-                    if draw.split == "train":
-                        host.served = (draw.epoch, draw.index + 1)
-                elif tensor is not None and hop.arrives()[1] is not None:
-                    tensor = from_wire(tensor)
-                out, stat = host.side.run(hop, tensor, labels if labels is not None else host.labels, lr)
-                if out is not None:  # activations and gradients as the wire type; a loss as it is
-                    out = to_wire(out, host.wire if hop.leaves() is not None else out.dtype)
-                stat = drawn if drawn is not None else stat
+            return host.run(work, labels, lr)
         finally:
             if evaluating:
-                host.side.train(True)
-    return out, stat
+                host.stage.train(True)
 
 
 def apply_step(rref: rpc.RRef, context_id: int, lr: float) -> None:
     host = _host(rref)
     with host.lock:
-        host.side.step_from_context(context_id, lr)
+        host.stage.step_from_context(context_id, lr)
 
 
 def get_state(rref: rpc.RRef) -> dict[str, torch.Tensor]:
     host = _host(rref)
     faults.hit("sync")
     with host.lock:
-        return host.side.state_dict()
+        return host.stage.state_dict()
 
 
 def set_state(rref: rpc.RRef, state: dict[str, torch.Tensor]) -> None:
     host = _host(rref)
     with host.lock:
-        host.side.load_state_dict(state)
-
-
-def _data_state(host: EdgeHost) -> dict:
-    shard = host.shard
-    return {} if shard is None else {"epoch": host.served[0], "next_batch": host.served[1],
-                                     "train_samples": len(shard.train), "test_samples": len(shard.test)}
+        host.stage.load_state_dict(state)
 
 
 def export_state(rref: rpc.RRef) -> dict:
     """Everything a checkpoint needs from this edge (the reply is pickled, so no aliasing): its
-    segments, optimizers and RNG, and in edge placement its position in its own shard."""
+    stage's part, and where it stands in its own data."""
     host = _host(rref)
     faults.hit("export")
     with host.lock:
-        return {"module": host.side.state_dict(), "optimizers": host.side.optimizer_states(),
-                "rng": host.side.rng_state(), "data": _data_state(host)}
+        return {**host.stage.part(), "data": host.data.state()}
 
 
 def import_state(rref: rpc.RRef, state: dict) -> None:
     host = _host(rref)
     with host.lock:
-        saved, now = state.get("data", {}), _data_state(host)
-        for key in ("train_samples", "test_samples"):
-            if saved.get(key) != now.get(key):
-                raise RuntimeError(f"this edge's shard has {now.get(key)} {key.split('_')[0]} samples, the checkpoint "
-                                   f"{saved.get(key)}: the data at its data.root changed; resume with the same data")
-        host.side.load_state_dict(state["module"])
-        host.side.load_optimizer_states(state["optimizers"])
-        host.side.set_rng_state(state["rng"])
-        host.served = (saved.get("epoch", 0), saved.get("next_batch", 0))
+        host.data.load_state(state.get("data", {}))
+        host.stage.load_part(state)
 
 
 def describe(rref: rpc.RRef) -> dict:
@@ -151,7 +131,7 @@ def describe(rref: rpc.RRef) -> dict:
     segments are built): for the central's banner, table and partition.json."""
     host = _host(rref)
     return {"host": f"{socket.gethostname()} pid {os.getpid()}", "threads": torch.get_num_threads(),
-            "device": str(host.side.device), "shard": host.shard.describe(host.classes) if host.shard else None}
+            "device": str(host.stage.device), "shard": host.data.describe()}
 
 
 def rss(rref: rpc.RRef) -> int:
@@ -170,8 +150,7 @@ def serve(topo: Topology, cfg: Config) -> None:
     # An edge prints only warnings and errors, each on one line under its own name.
     warnings.showwarning = lambda message, category, *_args, **_kw: print(
         f"split_trainer: [{topo.name}] warning: {category.__name__}: {message}", file=sys.stderr, flush=True)
-    if cfg.data.placement == "edge":  # a missing or broken data folder fails here, before RPC
-        _data[:] = load(dataclasses.replace(cfg.data, limit_train=None, limit_test=None))
+    _loaded[0] = PLACEMENTS[cfg.data.placement].load_on_edge(cfg)  # a missing data folder fails here, before RPC
     init_rpc(topo, cfg)
     _last_seen[0] = time.monotonic()
     poll = min(5.0, cfg.rpc.timeout_s)

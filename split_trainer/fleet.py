@@ -1,5 +1,6 @@
 """The central's handle on its edges: one RRef and one link per edge, calls that are timed,
-counted and watched for failure, and fan-outs that keep at most one call in flight per edge.
+counted and watched for failure, fan-outs that keep at most one call in flight per edge, the
+lanes (one central thread per edge) and the averaging of the edge replicas.
 
 An RPC's time bound counts from the moment it is sent, waiting on the edge included, so no path
 queues a second call on an edge before the first returns: the bound then covers a call's own work.
@@ -8,7 +9,7 @@ queues a second call on an edge before the first returns: the bound then covers 
 from __future__ import annotations
 
 import time
-from collections import Counter
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Optional
 
 import torch
@@ -16,17 +17,24 @@ from torch.distributed import rpc
 
 from . import edge
 from .config import Config
-from .models import average_states
-from .schedule import Hop, from_wire, to_wire
-from .wire import EdgeLink, nbytes
+from .failures import JobError
+from .route import Hop, crossing
+from .wire import EdgeLink, Reply, Tally, WireFormat, nbytes
 
 Tensor = torch.Tensor
 
 
-class EdgeHandle:
-    """The central's line to one edge: what ``Schedule`` calls to run the edge's hops."""
+def average_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One segment from its replicas: floating-point parameters and buffers averaged, integer
+    buffers (counters) taken from the first."""
+    return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+            for k, v in states[0].items()}
 
-    def __init__(self, link: EdgeLink, rref: rpc.RRef, wire: torch.dtype, timeout_s: float):
+
+class EdgeHandle:
+    """The central's line to one edge: what the engines call to run the edge's hops."""
+
+    def __init__(self, link: EdgeLink, rref: rpc.RRef, wire: WireFormat, timeout_s: float):
         self.link, self.rref, self.wire, self.timeout_s = link, rref, wire, timeout_s
 
     def call(self, fn: Callable, args: tuple, during: str = "") -> Any:
@@ -38,34 +46,27 @@ class EdgeHandle:
             raise self.link.fail(exc, during) from exc
 
     def run(self, work: list[tuple[Hop, Any]], labels: Optional[Tensor], lr: float,
-            evaluating: bool = False) -> tuple[Optional[Tensor], Any]:
-        """The edge runs ``work`` ((hop, input) pairs); what crosses a cut travels as the wire type.
-        Every tensor is counted by what it is: inputs, labels, activations, activation gradients
-        (``eval`` for evaluation's activations and inputs), and per cut."""
-        sent, cuts, packed = Counter(), Counter(), []
+            evaluating: bool = False) -> Reply:
+        """The edge runs ``work`` ((hop, input) pairs); every tensor is counted by what it is."""
+        tally, packed = Tally(evaluating), []
         for hop, tensor in work:
-            kind, cut = hop.arrives()
-            if cut is not None and tensor is not None:
-                tensor = to_wire(tensor, self.wire)
-                if not evaluating:
-                    cuts[(cut, "forward" if kind == "activations" else "backward")] += nbytes(tensor)
-            sent["eval" if evaluating else kind] += nbytes(tensor)
+            into = crossing(hop, "in")
+            if isinstance(tensor, Tensor):
+                tensor = self.wire.encode(tensor, into)
+            tally.count(tally.sent, into, tensor)
             packed.append((hop, tensor))
-        sent["labels"] += nbytes(labels)
+        tally.sent["labels"] += nbytes(labels)
         started = time.perf_counter()
-        out, stat = self.call(edge.run, (packed, labels, lr), " in evaluation" if evaluating else "")
-        received = Counter({"labels": nbytes(stat) if isinstance(stat, Tensor) else 0})
-        leaves = work[-1][0].leaves() if out is not None else None
-        if leaves is not None:
-            kind, cut = leaves
-            received["eval" if evaluating else kind] += nbytes(out)
-            if not evaluating:
-                cuts[(cut, "forward" if kind == "activations" else "backward")] += nbytes(out)
-            out = from_wire(out)
-        elif out is not None:  # the autograd engine's loss, computed on the edge: a scalar
-            received["control"] += nbytes(out)
-        self.link.call(time.perf_counter() - started, sent, received, cuts)
-        return out, stat
+        reply: Reply = self.call(edge.run, (packed, labels, lr), " in evaluation" if evaluating else "")
+        tally.received["labels"] += nbytes(reply.labels)
+        if reply.output is not None:
+            out = crossing(work[-1][0], "out")
+            tally.count(tally.received, out, reply.output)
+            reply = reply._replace(output=self.wire.decode(reply.output, out))
+        if isinstance(reply.loss, Tensor):  # the autograd engine's loss, computed on the edge: a scalar
+            tally.received["control"] += nbytes(reply.loss)
+        self.link.call(time.perf_counter() - started, tally.sent, tally.received, tally.cuts)
+        return reply
 
     def step(self, context_id: int, lr: float) -> None:
         """Autograd engine: the edge steps its segments with the context's gradients."""
@@ -84,17 +85,35 @@ class Fleet:
         self.described = [f.wait() for f in [rpc.rpc_async(name, edge.describe, args=(r,), timeout=startup)
                                              for name, r in zip(names, rrefs)]]
         self.links = [EdgeLink(name, d["host"]) for name, d in zip(names, self.described)]
-        wire = getattr(torch, cfg.rpc.activation_dtype)
+        wire = WireFormat(cfg.rpc.wire_dtype)
         self.edges = [EdgeHandle(link, rref, wire, cfg.rpc.timeout_s) for link, rref in zip(self.links, rrefs)]
         self.timeout_s = cfg.rpc.timeout_s
-
-    @property
-    def shards(self) -> Optional[list[dict[str, Any]]]:
-        """Edge placement: every edge's shard sizes and label counts (edge.describe)."""
-        return [d["shard"] for d in self.described] if self.described[0]["shard"] else None
+        self.pool = ThreadPoolExecutor(len(names), thread_name_prefix="edge-lane")
+        self.in_flight: list[Future] = []  # the lanes at work, one per edge
 
     def __len__(self) -> int:
         return len(self.edges)
+
+    def lanes(self, work: Callable[[int, list], None], shares: list[list], on_failure: Callable[[], None] = None) -> None:
+        """``work(k, shares[k])`` for every edge k at once, one thread each; the first failure
+        ends them all and is raised (the report goes out now: torchrun stops the job about 0.1 s
+        after a rank dies). ``on_failure`` releases the other lanes' waits."""
+        futures = [self.pool.submit(self._guarded, work, k, share) for k, share in enumerate(shares) if share]
+        self.in_flight = futures
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f.exception() for f in done if f.exception() is not None]
+        if failed:
+            if on_failure is not None:
+                on_failure()
+            raise min(failed, key=lambda e: e.when)  # _guarded raises JobErrors only
+
+    def _guarded(self, work: Callable, k: int, share: list) -> None:
+        try:
+            work(k, share)
+        except JobError:
+            raise
+        except Exception as exc:
+            raise self.links[k].fail(exc) from exc
 
     def on_all(self, fn: Callable, per_edge_args: list[tuple], kind: str = "control") -> list[Any]:
         """``fn(rref, *per_edge_args[k])`` on every edge k at once, one call each; wait for all."""
@@ -137,3 +156,6 @@ class Fleet:
     def finish(self) -> None:
         for name in self.names:
             rpc.rpc_sync(name, edge.finish, timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

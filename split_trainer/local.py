@@ -3,6 +3,7 @@ training is checked against (equivalence test) and measured against (benchmark).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -17,7 +18,9 @@ def train_local(cfg: Config, train: Source, steps: int, order_seed: int | None =
                 device: str = "cpu") -> nn.Sequential:
     """Train the full model for ``steps`` batches in the split trainer's batch order and lr schedule
     (``order_seed``: the seed of the batch order, when it is not ``train.seed``: an edge's shard)."""
-    model = plan_for(cfg, cfg.train.seed).full.to(device)  # also seeds the RNG exactly as the central does
+    plan = plan_for(cfg, cfg.train.seed)
+    torch.set_rng_state(plan.rng_after_init)  # dropout draws as the central's do
+    model = plan.full.to(device)
     optimizer = make_optimizer(cfg.train, model.parameters())
     per_epoch = -(-len(train) // cfg.data.batch_size)
     step = 0

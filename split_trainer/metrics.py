@@ -1,15 +1,18 @@
-"""Run outputs: atomic file writes, the metrics.jsonl event log, and step-window statistics."""
+"""The run's records: the metrics.jsonl event log (and TensorBoard), and training's log of losses,
+throughput, bytes and memory every ``logging.every_steps`` steps."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any, Iterator
 
 from .config import ConfigError
+from .files import write_text
+from .wire import train_bytes
 
 
 def resident_bytes() -> int:
@@ -19,35 +22,6 @@ def resident_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through ``write(fileobj)`` to a temporary name, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 class MetricsLog:
@@ -130,3 +104,57 @@ class Window:
         result = self.loss_sum / max(self.batches, 1), self.samples / elapsed
         self.start, self.samples, self.loss_sum, self.batches = self.last, 0, 0.0, 0
         return result
+
+
+class TrainLog:
+    """Training's record: each batch's loss as its turn ends, and every ``every`` steps a metrics
+    line (mean loss, samples/s, bytes so far, call times per edge, memory per rank) and a console
+    line."""
+
+    def __init__(self, metrics: MetricsLog, console: Any, fleet: Any, every: int, steps_per_epoch: int,
+                 total_steps: int):
+        self.metrics, self.console, self.fleet = metrics, console, fleet
+        self.every, self.steps_per_epoch, self.total_steps = every, steps_per_epoch, total_steps
+        self.losses: dict[int, tuple[float, float]] = {}  # step -> (loss, when its turn ended)
+        self.samples = 0
+        self.window = Window()
+
+    def start(self) -> None:
+        self.window = Window()
+
+    def finished(self, step: int, loss: float) -> None:
+        self.losses[step] = (loss, time.perf_counter())
+
+    def chunk(self, chunk: list) -> None:
+        """Account a chunk's batches (``step``, ``samples``) in order, writing the lines that fall in it."""
+        links = self.fleet.links
+        for batch in chunk:
+            self.window.add(*self.losses.pop(batch.step), batch.samples)
+            self.samples += batch.samples
+            step = batch.step + 1
+            if step % self.every == 0 or step == self.total_steps:
+                loss, speed = self.window.take()
+                epoch = batch.step // self.steps_per_epoch
+                sent, received = train_bytes(links)
+                self.metrics.write(step=step, epoch=epoch + 1, loss=loss, samples_per_s=speed,
+                                   bytes_sent=sent, bytes_received=received,
+                                   call_ms={link.name: round(link.round_trip_ms()[0], 3) for link in links},
+                                   rss_mb=self._memory_mb())
+                self.console.steps(step, epoch, loss, speed)
+
+    def _memory_mb(self) -> dict[str, float]:
+        """Resident memory of every rank: flat in a healthy run (contexts and futures are released)."""
+        sizes = [resident_bytes(), *self.fleet.memory_bytes()]
+        return {name: round(b / 2**20, 1) for name, b in zip(["central", *self.fleet.names], sizes)}
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpoints) is not training time."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window.start += time.perf_counter() - started
+
+    def close(self) -> None:
+        self.metrics.close()

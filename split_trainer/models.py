@@ -151,10 +151,3 @@ def build_full(cfg: ModelConfig, shape: Shape) -> nn.Sequential:
         raise ConfigError(f"model.name {cfg.name!r} is not registered (known: {', '.join(sorted(_REGISTRY))}; "
                           f"or package.module:function for your own)")
     return _REGISTRY[cfg.name](cfg, shape)
-
-
-def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One segment from its replicas: floating-point parameters and buffers averaged, integer
-    buffers (counters) taken from the first."""
-    return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
-            for k, v in states[0].items()}

@@ -34,6 +34,11 @@ class Plan:
     name: str
     segments: list[Segment]
     full: nn.Sequential
+    shape: Shape
+    """The data shape the model was built for (in_channels, image_size, num_classes)."""
+    rng_after_init: torch.Tensor
+    """The CPU RNG state right after the weights were drawn: where the dropout stream of a process
+    that built this model and then trained it continues (the central, single-process training)."""
 
     @property
     def places(self) -> list[Place]:
@@ -104,10 +109,12 @@ def _check(cfg: ModelConfig, names: list[str]) -> list[int]:
 
 
 def build_plan(cfg: ModelConfig, shape: Shape, seed: int) -> Plan:
-    """Build the architecture for data of ``shape`` with weights from ``seed`` (this seeds the
-    global RNG) and cut it."""
-    torch.manual_seed(seed)
-    full = build_full(cfg, shape)
+    """Build the architecture for data of ``shape`` with weights from ``seed`` and cut it; the
+    global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        full = build_full(cfg, shape)
+        rng = torch.get_rng_state()
     names = list(full._modules)
     ends = _check(cfg, names)
     spec = _segments_of(cfg)
@@ -117,7 +124,7 @@ def build_plan(cfg: ModelConfig, shape: Shape, seed: int) -> Plan:
     for i, (segment, end) in enumerate(zip(spec, ends)):
         segments.append(Segment(i, segment["place"], tuple(names[start:end]), full[start:end]))
         start = end
-    return Plan(cfg.name, segments, full)
+    return Plan(cfg.name, segments, full, shape, rng)
 
 
 def plan_for(cfg: Config, seed: int) -> Plan:

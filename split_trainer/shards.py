@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -80,23 +80,26 @@ def partition(train_labels: Tensor, test_labels: Tensor, edges: int, cfg: DataCo
 
 
 class Shard:
-    """One edge's training and test samples, and the batches it draws from them."""
+    """One edge's training and test samples, the batches it draws from them, and where it stands
+    in its own training data (saved in the edge's checkpoint part)."""
 
-    def __init__(self, train: Source, test: Source, edge: int, cfg: DataConfig, seed: int):
-        self.train, self.test, self.cfg = train, test, cfg
+    def __init__(self, train: Source, test: Source, edge: int, cfg: DataConfig, seed: int, classes: int = 0):
+        self.train, self.test, self.cfg, self.classes = train, test, cfg, classes
         self.seed = seed * 1_009 + edge  # each edge its own batch order
+        self.position = (0, 0)  # (epoch, next batch) of the training data
         self._order: tuple[int, list[Tensor]] | None = None
         self._ahead: tuple[tuple[int, int], Iterator] | None = None  # workers decoding the next batches
 
     @classmethod
-    def carve(cls, train: Source, test: Source, edge: int, edges: int, cfg: DataConfig, seed: int) -> "Shard":
+    def carve(cls, train: Source, test: Source, edge: int, edges: int, cfg: DataConfig, seed: int,
+              classes: int = 0) -> "Shard":
         """Edge ``edge`` (1..N) of ``edges``: its part of (train, test) under ``cfg.partition``."""
         if cfg.partition != "local":
             train_idx, test_idx = partition(train.labels, test.labels, edges, cfg, seed, cfg.batch_size)[edge - 1]
             train = train.subset(train_idx)
             if not cfg.test_on_every_edge:
                 test = test.subset(test_idx)
-        return cls(train, test, edge, cfg, seed)
+        return cls(train, test, edge, cfg, seed, classes)
 
     def batches(self, split: str) -> int:
         size = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
@@ -120,11 +123,32 @@ class Shard:
             x = crop_flip(x, self.seed, draw.epoch, draw.index)
         return x, y
 
-    def describe(self, classes: int) -> dict[str, Any]:
+    def take(self, draw: Draw) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The edge's side of a draw (placement.py): (inputs, labels, the labels to send the
+        central: only when the loss is there)."""
+        x, y = self.draw(draw)
+        if draw.split == "train":
+            self.position = (draw.epoch, draw.index + 1)
+        return x, y, y if draw.labels else None
+
+    def describe(self) -> dict[str, Any]:
         """Sizes and per-label counts: what the central prints and writes to partition.json."""
         return {"train": len(self.train), "test": len(self.test), "train_batches": self.batches("train"),
-                "test_batches": self.batches("test"), "train_labels": _counts(self.train.labels, classes),
-                "test_labels": _counts(self.test.labels, classes)}
+                "test_batches": self.batches("test"), "train_labels": _counts(self.train.labels, self.classes),
+                "test_labels": _counts(self.test.labels, self.classes)}
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.position[0], "next_batch": self.position[1], "train_samples": len(self.train),
+                "test_samples": len(self.test)}
+
+    def load_state(self, saved: dict[str, Any]) -> None:
+        """Continue at the saved position; refuse a shard that is not the one the checkpoint saw."""
+        now = self.state()
+        for key in ("train_samples", "test_samples"):
+            if saved.get(key) != now[key]:
+                raise RuntimeError(f"this edge's shard has {now[key]} {key.split('_')[0]} samples, the checkpoint "
+                                   f"{saved.get(key)}: the data at its data.root changed; resume with the same data")
+        self.position = (saved.get("epoch", 0), saved.get("next_batch", 0))
 
 
 def rotation(batches_per_edge: list[int]) -> list[tuple[int, int]]:

@@ -21,8 +21,9 @@ from . import checkpoint
 from .config import Config, ConfigError, config_from_dict
 from .data import index_batches
 from .datasets import load
-from .metrics import atomic_write
-from .models import Shape, average_states, build_full
+from .fleet import average_states
+from .model_file import build_model, read_model, save_model
+from .models import Shape
 from .topology import device_for
 
 
@@ -30,11 +31,7 @@ def load_merged(path: Path) -> tuple[dict[str, Any], dict[str, Any], Shape, dict
     """(config dict or {}, model config dict, data shape, merged state_dict) from a checkpoint or a
     model file."""
     if path.is_file():
-        try:
-            saved = torch.load(path, weights_only=True, map_location="cpu")
-            return {}, saved["model"], saved["shape"], saved["state_dict"]
-        except Exception as exc:
-            raise ConfigError(f"{path} is not a split_trainer model file ({str(exc).splitlines()[0][:200]})") from None
+        return {}, *read_model(path)
     if path.is_dir() and not (path / checkpoint.MANIFEST).is_file():
         loaded = checkpoint.find_resumable(path, warn=lambda text: print(f"split_trainer: warning: {text}"))
         if loaded is None:
@@ -45,18 +42,6 @@ def load_merged(path: Path) -> tuple[dict[str, Any], dict[str, Any], Shape, dict
     edges = [parts[name]["module"] for name in sorted(parts) if name != "central"]
     config = loaded.manifest["config"]
     return config, config["model"], loaded.manifest["shape"], {**average_states(edges), **parts["central"]["module"]}
-
-
-def save_model(path: Path, model_cfg: dict[str, Any], shape: Shape, state: dict[str, torch.Tensor]) -> None:
-    """The standalone model file: architecture, data shape and state_dict, readable with weights_only=True."""
-    saved = {"name": model_cfg["name"], "model": model_cfg, "shape": shape, "state_dict": state}
-    atomic_write(path, lambda f: torch.save(saved, f))
-
-
-def build_model(model_cfg: dict[str, Any], shape: Shape, state: dict[str, torch.Tensor]) -> nn.Sequential:
-    model = build_full(config_from_dict({"model": model_cfg}).model, shape)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def evaluate(model: nn.Module, cfg: Config, device: torch.device) -> tuple[float, float]:

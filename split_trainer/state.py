@@ -1,6 +1,6 @@
-"""What a checkpoint holds and how a run is put back from one: the central's segments and
-optimizers, every edge's (collected over RPC: edges may share no filesystem with the central),
-the RNG states, and the progress record that says where in the data the run stood."""
+"""What a checkpoint holds and how a run is put back from one: the central's stage, every edge's
+(collected over RPC: edges may share no filesystem with the central), and the progress record
+that says where in the data the run stood."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from . import checkpoint
 from .config import Config
 from .fleet import Fleet
-from .schedule import Side
+from .stage import Stage
 
 
 @dataclass
@@ -28,21 +28,17 @@ class Progress:
     """Edges that trained since the last replica sync (a checkpoint may fall between two syncs)."""
 
 
-def save(cfg: Config, meta: dict[str, Any], central: Side, fleet: Fleet, progress: Progress) -> tuple[Path, int]:
+def save(cfg: Config, meta: dict[str, Any], central: Stage, fleet: Fleet, progress: Progress) -> tuple[Path, int]:
     """Both sides' full state at a quiet point (no batch in flight), as checkpoint ``progress.step``;
-    ``meta`` (fingerprint, job) goes into the manifest."""
-    parts = {"central": {"module": central.state_dict(), "optimizers": central.optimizer_states(),
-                         "rng": central.rng_state(), "progress": asdict(progress)},
-             **fleet.export()}
+    ``meta`` (fingerprint, job, shape) goes into the manifest."""
+    parts = {"central": {**central.part(), "progress": asdict(progress)}, **fleet.export()}
     meta = {**meta, "epoch": progress.epoch, "position": progress.position, "config": cfg.to_dict()}
     return checkpoint.save(checkpoint.directory(cfg), progress.step, parts, meta, cfg.checkpoint.keep)
 
 
-def restore(loaded: checkpoint.Loaded, central: Side, fleet: Fleet) -> Progress:
+def restore(loaded: checkpoint.Loaded, central: Stage, fleet: Fleet) -> Progress:
     """Continue exactly where the checkpoint was taken: weights, optimizers, RNG, data position."""
     part = loaded.parts["central"]
-    central.load_state_dict(part["module"])
-    central.load_optimizer_states(part["optimizers"])
-    central.set_rng_state(part["rng"])
+    central.load_part(part)
     fleet.restore(loaded.parts)
     return Progress(**part["progress"])

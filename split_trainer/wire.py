@@ -1,4 +1,5 @@
-"""Per-edge traffic and health: the bytes that crossed the wire each way, and how long calls took.
+"""What crosses the wire between the central and an edge: the conversion of what crosses a cut,
+the edge's typed reply, and the accounting of it all, per edge.
 
 Bytes are tensor payloads (what the model implies); TensorPipe's framing and the pickled call
 arguments add a few hundred bytes per call on top and are not counted.
@@ -9,13 +10,47 @@ from __future__ import annotations
 import statistics
 import threading
 from collections import Counter, deque
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 from .failures import JobError, short
+from .route import Crossing
 
+Tensor = torch.Tensor
 TRAIN_KINDS = ("inputs", "labels", "activations", "activation_grads", "control")
+
+
+class Reply(NamedTuple):
+    """What an edge's call (or a stage's hop) gives back; each field only where it applies."""
+    output: Optional[Tensor] = None
+    """The tensor handed on: an activation forward, an activation gradient backward."""
+    loss: float | Tensor | None = None
+    """Training's last segment: the batch's loss (relay: a number; autograd: the tensor to backprop)."""
+    score: Optional[tuple[float, int, int]] = None
+    """Evaluation's last segment: summed loss, correct predictions, samples."""
+    labels: Optional[Tensor] = None
+    """Edge placement: the labels of the batch the edge drew, when the loss is on the central."""
+
+
+class WireFormat:
+    """How a tensor travels: on the CPU (torch RPC's RRefs and distributed autograd take no CUDA
+    tensors) and, across a cut, as ``rpc.activation_dtype``, cast back to float32 on arrival.
+    Differentiable, so the autograd engine's gradients cross the same way."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def encode(self, tensor: Tensor, crossing: Optional[Crossing]) -> Tensor:
+        if crossing is not None and crossing.cut is None:
+            return tensor  # a batch's inputs travel as loaded
+        cast = crossing is not None and tensor.is_floating_point()
+        return tensor.to("cpu", self.dtype if cast else tensor.dtype)
+
+    def decode(self, tensor: Tensor, crossing: Optional[Crossing]) -> Tensor:
+        if crossing is None or crossing.cut is None or not tensor.is_floating_point() or tensor.dtype == torch.float32:
+            return tensor
+        return tensor.float()
 
 
 def nbytes(obj: Any) -> int:
@@ -27,6 +62,22 @@ def nbytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(nbytes(v) for v in obj)
     return 0
+
+
+class Tally:
+    """One call's bytes: by kind each way (evaluation's as ``eval``), and by cut."""
+
+    def __init__(self, evaluating: bool):
+        self.evaluating = evaluating
+        self.sent: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
+        self.cuts: Counter[tuple[int, str]] = Counter()
+
+    def count(self, way: Counter[str], crossing: Crossing, payload: Any) -> None:
+        size = nbytes(payload)
+        way["eval" if self.evaluating else crossing.kind] += size
+        if crossing.cut is not None and not self.evaluating:
+            self.cuts[(crossing.cut, crossing.way)] += size
 
 
 class EdgeLink:
@@ -103,3 +154,8 @@ def summary(links: list[EdgeLink], train_samples: int, cut_names: list[str]) -> 
             "received_total": sum(e["received_total"] for e in per_edge.values()),
             "train_total": train,
             "per_train_sample": train / max(train_samples, 1)}
+
+def train_bytes(links: list[EdgeLink]) -> tuple[int, int]:
+    """Training's bytes so far, (sent, received), over every edge."""
+    return (sum(link.sent[k] for link in links for k in TRAIN_KINDS),
+            sum(link.received[k] for link in links for k in TRAIN_KINDS))

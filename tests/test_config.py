@@ -144,3 +144,21 @@ def test_the_central_gets_as_many_cores_as_the_edges_on_its_host():
     assert thread_split(2, 3, True) == [1, 1, 1, 1]  # fewer cores than ranks: one thread each
     assert thread_split(16, 0, True) == [16]  # the central alone on its host
     assert thread_split(16, 4, False) == [4, 4, 4, 4]  # an edge host
+
+
+def test_the_configuration_reference_is_what_the_code_generates():
+    """docs/configuration.md is `config --reference`'s output: a field added or redocumented in
+    config.py without regenerating the page fails here."""
+    result = run([sys.executable, "-m", "split_trainer", "config", "--reference"], timeout=60)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout == (ROOT / "docs" / "configuration.md").read_text(), \
+        "run: python -m split_trainer config --reference > docs/configuration.md"
+    assert "| `rpc.activation_dtype` | `float32` \\| `float16` \\| `bfloat16` | `float32` |" in result.stdout
+
+
+def test_config_resolves_a_file_without_starting_anything():
+    ok = run([sys.executable, "-m", "split_trainer", "config", "--config", "configs/mnist.yaml", "--set", "train.lr=0.1"],
+             timeout=60)
+    assert ok.returncode == 0 and "lr: 0.1\n" in ok.stdout and "edges: 3\n" in ok.stdout
+    bad = run([sys.executable, "-m", "split_trainer", "config", "--set", "train.lr=-1"], timeout=60)
+    assert bad.returncode == 2 and bad.stdout.strip() == "split_trainer: error: train.lr must be positive, got -1.0"

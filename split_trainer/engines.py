@@ -1,0 +1,194 @@
+"""The engines: how a batch's gradients reach every segment. Two implementations of one interface,
+each with both ends: how a stage runs a training hop (``run``), and how the central drives one
+edge's batches through their route (``lane``).
+
+``relay``: each stage backprops its segment from the gradient it receives, steps at once and hands
+the input gradient across the cut; the edge's first segment steps when its next call arrives.
+``autograd``: the forwards keep their graphs, one distributed-autograd context per batch spans
+every cut, ``dist_autograd.backward`` carries the gradients back, and each side steps from the
+context. Both give the same gradients on the same batches.
+
+Batches take the central's turn strictly in dispatch order (``Turns``), so every batch sees the
+central's weights after the previous batch's step, whichever edge it went to.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+import torch.distributed.autograd as dist_autograd
+import torch.nn.functional as F
+
+from .failures import JobError
+from .placement import Batch
+from .route import Hop, Route, autograd_route, eval_route, relay_route
+from .stage import Stage
+from .wire import Reply
+
+Tensor = torch.Tensor
+
+
+class EdgeCalls(Protocol):
+    """The central's line to one edge (split_trainer.fleet.EdgeHandle)."""
+
+    def run(self, work: list[tuple[Hop, Any]], labels: Optional[Tensor], lr: float,
+            evaluating: bool = False) -> Reply: ...
+
+    def step(self, context_id: int, lr: float) -> None: ...
+
+
+class Turns:
+    """Hands the central's turn to batches strictly in dispatch order; ``fail`` releases every waiter."""
+
+    def __init__(self, first: int, timeout_s: float):
+        self.next, self.timeout_s, self.failed = first, timeout_s, False
+        self.cond = threading.Condition()
+
+    def wait(self, step: int) -> None:
+        with self.cond:
+            ready = self.cond.wait_for(lambda: self.failed or self.next == step, self.timeout_s)
+            if self.failed:
+                raise JobError("aborted: another edge failed")
+            if not ready:
+                raise JobError(f"batch {step} waited {self.timeout_s:g} s for the central's turn")
+
+    def done(self, step: int) -> None:
+        with self.cond:
+            self.next = step + 1
+            self.cond.notify_all()
+
+    def fail(self) -> None:
+        with self.cond:
+            self.failed = True
+            self.cond.notify_all()
+
+
+Finished = Callable[[Batch, float], None]
+
+
+class Engine:
+    """One stage's engine: the central's (which also drives the lanes) or an edge replica's."""
+    name = ""
+
+    def __init__(self, places: list[str], stage: Stage):
+        self.stage = stage
+        self.route: Route = self.route_for(places)
+        self.eval_hops = eval_route(places)
+
+    @staticmethod
+    def route_for(places: list[str]) -> Route:
+        raise NotImplementedError
+
+    def run(self, hop: Hop, x: Optional[Tensor], labels: Optional[Tensor], lr: float) -> Reply:
+        """Run one hop on this stage. Inputs come from the wire on the CPU and move to the stage's
+        device; outputs stay there (the wire moves them)."""
+        x, labels = self.stage.here(x), self.stage.here(labels)
+        if hop.kind == "infer":
+            return Reply(output=self.stage.infer(hop.segment, x))
+        if hop.kind == "score":
+            return Reply(score=self.stage.score(hop.segment, x, labels))
+        return self.train_hop(hop, x, labels, lr)
+
+    def train_hop(self, hop: Hop, x: Tensor, labels: Optional[Tensor], lr: float) -> Reply:
+        raise NotImplementedError
+
+    def lane(self, edge: EdgeCalls, batches: list[Batch], turns: Turns, lr: float, finished: Finished) -> None:
+        """One edge's share of a chunk, in order; ``finished(batch, loss)`` after each batch's turn."""
+        raise NotImplementedError
+
+    def first(self, edge: EdgeCalls, carry: list[tuple[Hop, Any]], batch: Batch, lr: float) -> Tensor:
+        """The edge's first forward of ``batch`` (after ``carry``): its cut activation. In edge
+        placement the labels come with it when the loss is on the central."""
+        reply = edge.run([*carry, (self.route.first, batch.source)], None, lr)
+        batch.y = reply.labels if reply.labels is not None else batch.y
+        batch.samples = len(reply.output)
+        return reply.output
+
+    def turn(self, edge: EdgeCalls, batch: Batch, tensor: Tensor, lr: float) -> tuple[Optional[Tensor], Any]:
+        """The central's turn: its hops here, the edge's hops between them as one call each.
+        Returns the tensor the last hop handed on, and the batch's loss."""
+        loss = None
+        for hop in self.route.turn:
+            if hop.place == "central":
+                reply = self.run(hop, tensor, batch.y, lr)
+            else:
+                reply = edge.run([(hop, tensor)], batch.y if hop.needs_labels else None, lr)
+            tensor, loss = reply.output, reply.loss if reply.loss is not None else loss
+        return tensor, loss
+
+    def evaluate(self, edge: EdgeCalls, source: Any, y: Optional[Tensor]) -> tuple[float, int, int]:
+        """(summed loss, correct predictions, samples) of one test batch through the whole plan, no
+        grad. ``source``: the inputs, or a draw of the edge's own test batch (then ``y`` is None
+        and the edge sends the labels only if the loss is on the central)."""
+        tensor, score = source, None
+        for hop in self.eval_hops:
+            if hop.place == "central":
+                reply = self.run(hop, tensor, y, 0.0)
+            else:
+                reply = edge.run([(hop, tensor)], y if hop.needs_labels else None, 0.0, evaluating=True)
+                y = reply.labels if reply.labels is not None else y
+            tensor, score = reply.output, reply.score
+        return score
+
+
+class Relay(Engine):
+    name = "relay"
+    route_for = staticmethod(relay_route)
+
+    def __init__(self, places: list[str], stage: Stage):
+        super().__init__(places, stage)
+        self.pending: dict[int, tuple[Tensor, Tensor]] = {}  # segment -> (input, output) awaiting its gradient
+
+    def train_hop(self, hop: Hop, x: Tensor, labels: Optional[Tensor], lr: float) -> Reply:
+        if hop.kind == "backward":  # x is the gradient of the segment's output
+            inputs, out = self.pending.pop(hop.segment)
+            return Reply(output=self.stage.backprop(hop.segment, out, x, inputs, lr))
+        x = x.detach().requires_grad_(hop.segment > 0)
+        out = self.stage.modules[hop.segment](x)
+        if hop.kind == "forward":
+            self.pending[hop.segment] = (x, out)
+            return Reply(output=out.detach())
+        loss = F.cross_entropy(out, labels)  # turnaround
+        return Reply(output=self.stage.backprop(hop.segment, loss, None, x, lr), loss=loss.item())
+
+    def lane(self, edge: EdgeCalls, batches: list[Batch], turns: Turns, lr: float, finished: Finished) -> None:
+        carry: list[tuple[Hop, Any]] = []
+        for batch in batches:
+            # One call carries the previous batch's last backward and this batch's first forward.
+            act = self.first(edge, carry, batch, lr)
+            turns.wait(batch.step)
+            grad, loss = self.turn(edge, batch, act, lr)
+            finished(batch, loss)
+            turns.done(batch.step)
+            carry = [(self.route.last, grad)]
+        edge.run(carry, None, lr)
+
+
+class Autograd(Engine):
+    name = "autograd"
+    route_for = staticmethod(autograd_route)
+
+    def train_hop(self, hop: Hop, x: Tensor, labels: Optional[Tensor], lr: float) -> Reply:
+        out = self.stage.modules[hop.segment](x)  # the graph stays attached: it crosses the wire with the tensor
+        return Reply(loss=F.cross_entropy(out, labels)) if hop.kind == "loss" else Reply(output=out)
+
+    def lane(self, edge: EdgeCalls, batches: list[Batch], turns: Turns, lr: float, finished: Finished) -> None:
+        for batch in batches:
+            with dist_autograd.context() as ctx:
+                act = self.first(edge, [], batch, lr)
+                turns.wait(batch.step)
+                _, loss = self.turn(edge, batch, act, lr)
+                dist_autograd.backward(ctx, [loss])  # across every cut, back to the edge's first segment
+                self.stage.step_from_context(ctx, lr)
+                finished(batch, loss.item())
+                turns.done(batch.step)
+                edge.step(ctx, lr)
+
+
+ENGINES: dict[str, type[Engine]] = {"relay": Relay, "autograd": Autograd}
+
+
+def engine_for(name: str, places: list[str], stage: Stage) -> Engine:
+    return ENGINES[name](places, stage)
