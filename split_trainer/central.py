@@ -61,7 +61,8 @@ class Central:
         self.meta = meta  # fingerprint, job and data shape: every checkpoint's manifest carries them
         torch.set_rng_state(plan.rng_after_init)  # the dropout stream continues from the weights' draw
         device = device_for(cfg.train.central_device, "train.central_device", topo.local_rank)
-        self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("central"), cfg.train, device))
+        self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("central"), cfg.train, device),
+                                 cfg.train.in_flight)
         self.stage = self.engine.stage
         self.fleet = Fleet(cfg, topo.edge_names, Stage(plan.on("edge"), cfg.train).state_dict())
         self.placement.bind(self.fleet.described)

@@ -13,12 +13,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
-
-if TYPE_CHECKING:
-    import torch
 
 
 class ConfigError(ValueError):
@@ -182,6 +179,11 @@ class TrainConfig:
     engine: Literal["autograd", "relay"] = "relay"
     """autograd: distributed autograd reaches the edge; relay: the central sends the activation
     gradient and the edge backprops and steps by itself while the head moves on (same gradients)."""
+    in_flight: Literal[1, 2, 3] = 1
+    """Batches in flight per edge. 2 (relay only): the edge computes its next batch's first segment
+    while the previous batch's gradient is on its way back, so a link carries both directions at
+    once; that forward runs on weights one step stale (3: two steps), its gradient is taken at the
+    weights it ran on (weight stashing) and applied to the current ones (docs/thin-links.md)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
@@ -194,6 +196,13 @@ class TrainConfig:
         _require(self.seed >= 0, f"train.seed must be 0 or more, got {self.seed}")
         _require(self.edge_sync_every >= 1, f"train.edge_sync_every must be at least 1, got {self.edge_sync_every}")
         _require(self.threads >= 0, f"train.threads must be 0 (auto) or more, got {self.threads}")
+        _require(self.in_flight == 1 or self.engine == "relay",
+                 f"train.in_flight={self.in_flight} needs train.engine=relay: a distributed-autograd context "
+                 f"cannot take a second batch's forward through weights that another batch's step changes in place")
+
+
+WIRE_TYPES = ("float32", "float16", "bfloat16", "float8", "int8")
+CHANNELS = ("basic", "cma", "mpt_uv", "xth", "cuda_basic", "cuda_ipc", "cuda_gdr", "cuda_xth")
 
 
 @dataclass
@@ -206,20 +215,30 @@ class RpcConfig:
     """Longest wait for each edge's first calls: connecting and building its segments."""
     num_worker_threads: int = 8
     """TensorPipe worker threads per rank."""
-    activation_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """What crosses every cut (activations forward, their gradients back) travels in this type and
-    is cast back to float32 on arrival; computation stays in float32."""
+    activation_dtype: Literal[WIRE_TYPES] = "float32"
+    """What the activations travel as across every cut, turned back into float32 on arrival
+    (computation stays in float32). float8 (e4m3) and int8: 8 bits a value and one float32 scale per
+    sample; int8 needs the relay engine (docs/thin-links.md)."""
+    gradient_dtype: Optional[Literal[WIRE_TYPES]] = None
+    """What the activation gradients travel as, back across every cut; null: as activation_dtype."""
+    channels: Optional[list] = None
+    """TensorPipe's channels for tensor payloads, e.g. [basic]; null: TensorPipe's choice. Between
+    processes of one machine it moves payloads by cross-memory attach (cma), outside any network:
+    restrict to [basic] to emulate hosts on one machine; between real hosts leave it null
+    (docs/thin-links.md)."""
     transport: Literal["tcp", "auto"] = "tcp"
     """tcp: TensorPipe's TCP transport between all ranks; auto: TensorPipe's choice (shared memory
     between ranks of one host, which busy-polls; TCP or InfiniBand across hosts)."""
 
     @property
-    def wire_dtype(self) -> "torch.dtype":
-        """activation_dtype as a torch dtype (torch is imported only once a run needs it)."""
-        import torch
-        return getattr(torch, self.activation_dtype)
+    def wire_types(self) -> dict[str, str]:
+        """What each kind of tensor on a cut travels as."""
+        return {"activations": self.activation_dtype, "activation_grads": self.gradient_dtype or self.activation_dtype}
 
     def __post_init__(self) -> None:
+        _require(self.channels is None or (len(self.channels) > 0 and all(c in CHANNELS for c in self.channels)),
+                 f"rpc.channels must be null or a list of TensorPipe channels ({', '.join(CHANNELS)}), "
+                 f"got {self.channels!r}")
         _require(self.timeout_s > 0, f"rpc.timeout_s must be positive, got {self.timeout_s}")
         _require(self.startup_timeout_s > 0, f"rpc.startup_timeout_s must be positive, got {self.startup_timeout_s}")
         _require(self.num_worker_threads >= 2,
@@ -274,6 +293,16 @@ class Config:
     @property
     def world_size(self) -> int:
         return 1 + self.topology.edges
+
+    def __post_init__(self) -> None:
+        if self.train.engine == "autograd":  # the gradient of what crossed comes back in the type it went out in
+            _require(self.rpc.gradient_dtype in (None, self.rpc.activation_dtype),
+                     f"rpc.gradient_dtype={self.rpc.gradient_dtype} needs train.engine=relay: distributed autograd "
+                     f"sends the activations' gradients back in the type the activations went out in "
+                     f"({self.rpc.activation_dtype}); set rpc.gradient_dtype=null")
+            _require(self.rpc.activation_dtype != "int8",
+                     "rpc.activation_dtype=int8 needs train.engine=relay: distributed autograd sends a gradient "
+                     "only for a floating-point tensor; use float8 (8 bits as well) or train.engine=relay")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,14 +13,15 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.distributed import rpc
 
 from . import faults
 from .config import Config
-from .engines import engine_for
+from .engines import Turns, engine_for
 from .metrics import resident_bytes
 from .placement import PLACEMENTS
 from .plan import plan_for
@@ -41,15 +42,38 @@ class EdgeHost:
     def __init__(self, cfg: Config, state: dict[str, torch.Tensor]):
         device = device_for(cfg.train.edge_device, "train.edge_device", int(os.environ.get("LOCAL_RANK", "0")))
         plan = plan_for(cfg, 0)  # the weights come from the central: any seed will do
-        self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("edge"), cfg.train, device))
+        self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("edge"), cfg.train, device),
+                                 cfg.train.in_flight)
         self.stage = self.engine.stage
         self.stage.load_state_dict(state)
-        self.wire = WireFormat(cfg.rpc.wire_dtype)
+        self.wire = WireFormat(cfg.rpc.wire_types, graph=cfg.train.engine == "autograd")
         self.lock = threading.Lock()
+        # With two batches in flight, two training calls can reach this host at once: run them in
+        # the order the central sent them.
+        self.calls = Turns(0, cfg.rpc.timeout_s, "training call {} waited {:g} s for the one before it")
         self.data = PLACEMENTS[cfg.data.placement].edge_data(cfg, _loaded[0], rpc.get_worker_info().id)
         self.labels: Optional[torch.Tensor] = None  # the labels of this edge's own batch in flight
 
-    def run(self, work: list[tuple[Hop, Any]], labels: Optional[torch.Tensor], lr: float) -> Reply:
+    @contextmanager
+    def in_order(self, seq: Optional[int]) -> Iterator[None]:
+        """Training calls (numbered) one after the other in the order they were sent."""
+        if seq is None:
+            yield
+            return
+        self.calls.wait(seq)
+        try:
+            yield
+        finally:
+            self.calls.done(seq)
+
+    def run(self, work: list[tuple[Hop, Any]], labels: Optional[torch.Tensor], lr: float, evaluating: bool) -> Reply:
+        self.stage.train(not evaluating)
+        try:
+            return self._run(work, labels, lr)
+        finally:
+            self.stage.train(True)
+
+    def _run(self, work: list[tuple[Hop, Any]], labels: Optional[torch.Tensor], lr: float) -> Reply:
         reply = Reply()
         for hop, payload in work:
             into = crossing(hop, "in")
@@ -74,21 +98,16 @@ def _host(rref: rpc.RRef) -> EdgeHost:
     return rref.local_value()
 
 
-def run(rref: rpc.RRef, work: list[tuple[Hop, Any]], labels: Optional[torch.Tensor], lr: float) -> Reply:
+def run(rref: rpc.RRef, work: list[tuple[Hop, Any]], labels: Optional[torch.Tensor], lr: float,
+        seq: Optional[int] = None) -> Reply:
     """Run the hops in ``work`` in order, each on its own input (a tensor, or a draw of this edge's
-    own batch); reply with the last one's result. With the autograd engine this runs inside the
-    caller's distributed-autograd context."""
+    own batch); reply with the last one's result. ``seq`` numbers training calls: they run in that
+    order. With the autograd engine this runs inside the caller's distributed-autograd context."""
     host = _host(rref)
     evaluating = any(hop.evaluating for hop, _ in work)
     faults.hit("eval" if evaluating else "train")
-    with host.lock:
-        if evaluating:
-            host.stage.train(False)
-        try:
-            return host.run(work, labels, lr)
-        finally:
-            if evaluating:
-                host.stage.train(True)
+    with host.in_order(seq), host.lock:
+        return host.run(work, labels, lr, evaluating)
 
 
 def apply_step(rref: rpc.RRef, context_id: int, lr: float) -> None:

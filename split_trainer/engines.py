@@ -15,6 +15,7 @@ central's weights after the previous batch's step, whichever edge it went to.
 from __future__ import annotations
 
 import threading
+from collections import defaultdict, deque
 from typing import Any, Callable, Optional, Protocol
 
 import torch
@@ -36,14 +37,17 @@ class EdgeCalls(Protocol):
     def run(self, work: list[tuple[Hop, Any]], labels: Optional[Tensor], lr: float,
             evaluating: bool = False) -> Reply: ...
 
+    def submit(self, work: list[tuple[Hop, Any]], labels: Optional[Tensor], lr: float) -> Callable[[], Reply]: ...
+
     def step(self, context_id: int, lr: float) -> None: ...
 
 
 class Turns:
-    """Hands the central's turn to batches strictly in dispatch order; ``fail`` releases every waiter."""
+    """Hands a turn to numbered comers strictly in order (the central's turn to batches in dispatch
+    order; an edge's to one lane's calls in the order they were sent); ``fail`` releases every waiter."""
 
-    def __init__(self, first: int, timeout_s: float):
-        self.next, self.timeout_s, self.failed = first, timeout_s, False
+    def __init__(self, first: int, timeout_s: float, what: str = "batch {} waited {:g} s for the central's turn"):
+        self.next, self.timeout_s, self.failed, self.what = first, timeout_s, False, what
         self.cond = threading.Condition()
 
     def wait(self, step: int) -> None:
@@ -52,7 +56,7 @@ class Turns:
             if self.failed:
                 raise JobError("aborted: another edge failed")
             if not ready:
-                raise JobError(f"batch {step} waited {self.timeout_s:g} s for the central's turn")
+                raise JobError(self.what.format(step, self.timeout_s))
 
     def done(self, step: int) -> None:
         with self.cond:
@@ -72,8 +76,8 @@ class Engine:
     """One stage's engine: the central's (which also drives the lanes) or an edge replica's."""
     name = ""
 
-    def __init__(self, places: list[str], stage: Stage):
-        self.stage = stage
+    def __init__(self, places: list[str], stage: Stage, in_flight: int = 1):
+        self.stage, self.in_flight = stage, in_flight
         self.route: Route = self.route_for(places)
         self.eval_hops = eval_route(places)
 
@@ -99,9 +103,13 @@ class Engine:
         raise NotImplementedError
 
     def first(self, edge: EdgeCalls, carry: list[tuple[Hop, Any]], batch: Batch, lr: float) -> Tensor:
-        """The edge's first forward of ``batch`` (after ``carry``): its cut activation. In edge
-        placement the labels come with it when the loss is on the central."""
-        reply = edge.run([*carry, (self.route.first, batch.source)], None, lr)
+        """The edge's first forward of ``batch`` (after ``carry``): its cut activation."""
+        return self.arrived(batch, edge.run([*carry, (self.route.first, batch.source)], None, lr))
+
+    @staticmethod
+    def arrived(batch: Batch, reply: Reply) -> Tensor:
+        """The reply to a batch's first forward: its cut activation. In edge placement the labels
+        come with it when the loss is on the central."""
         batch.y = reply.labels if reply.labels is not None else batch.y
         batch.samples = len(reply.output)
         return reply.output
@@ -137,33 +145,52 @@ class Relay(Engine):
     name = "relay"
     route_for = staticmethod(relay_route)
 
-    def __init__(self, places: list[str], stage: Stage):
-        super().__init__(places, stage)
-        self.pending: dict[int, tuple[Tensor, Tensor]] = {}  # segment -> (input, output) awaiting its gradient
+    def __init__(self, places: list[str], stage: Stage, in_flight: int = 1):
+        super().__init__(places, stage, in_flight)
+        # segment -> the forwards awaiting their gradient, oldest first: (input, output, stashed weights)
+        self.pending: dict[int, deque[tuple[Tensor, Tensor, Optional[list[Tensor]]]]] = defaultdict(deque)
 
     def train_hop(self, hop: Hop, x: Tensor, labels: Optional[Tensor], lr: float) -> Reply:
         if hop.kind == "backward":  # x is the gradient of the segment's output
-            inputs, out = self.pending.pop(hop.segment)
-            return Reply(output=self.stage.backprop(hop.segment, out, x, inputs, lr))
+            inputs, out, stash = self.pending[hop.segment].popleft()
+            return Reply(output=self.stage.backprop(hop.segment, out, x, inputs, lr, stash))
         x = x.detach().requires_grad_(hop.segment > 0)
-        out = self.stage.modules[hop.segment](x)
+        module, stash = self.stage.modules[hop.segment], None
+        if hop == self.route.first and self.in_flight > 1:
+            # Another batch steps these weights before this one's gradient comes back: keep the
+            # weights this forward saw (weight stashing), take the gradient there, apply it to the
+            # current ones. Stepping in place under a pending graph would break its backward.
+            names = [name for name, _ in module.named_parameters()]
+            stash = [p.detach().clone().requires_grad_() for p in module.parameters()]
+            out = torch.func.functional_call(module, dict(zip(names, stash)), (x,))
+        else:
+            out = module(x)
         if hop.kind == "forward":
-            self.pending[hop.segment] = (x, out)
+            self.pending[hop.segment].append((x, out, stash))
             return Reply(output=out.detach())
         loss = F.cross_entropy(out, labels)  # turnaround
         return Reply(output=self.stage.backprop(hop.segment, loss, None, x, lr), loss=loss.item())
 
     def lane(self, edge: EdgeCalls, batches: list[Batch], turns: Turns, lr: float, finished: Finished) -> None:
-        carry: list[tuple[Hop, Any]] = []
-        for batch in batches:
-            # One call carries the previous batch's last backward and this batch's first forward.
-            act = self.first(edge, carry, batch, lr)
+        """Up to ``in_flight`` first forwards ahead of the batch in its turn; after each turn one
+        call carries that batch's last backward and the first forward of the batch ``in_flight``
+        later (so with one in flight: the next batch's)."""
+        ahead = deque(edge.submit([(self.route.first, b.source)], None, lr) for b in batches[:self.in_flight])
+        tail = []
+        for i, batch in enumerate(batches):
+            act = self.arrived(batch, ahead.popleft()())
             turns.wait(batch.step)
             grad, loss = self.turn(edge, batch, act, lr)
             finished(batch, loss)
             turns.done(batch.step)
             carry = [(self.route.last, grad)]
-        edge.run(carry, None, lr)
+            later = i + self.in_flight
+            if later < len(batches):
+                ahead.append(edge.submit([*carry, (self.route.first, batches[later].source)], None, lr))
+            else:
+                tail.append(edge.submit(carry, None, lr))
+        for wait in tail:
+            wait()
 
 
 class Autograd(Engine):
@@ -190,5 +217,5 @@ class Autograd(Engine):
 ENGINES: dict[str, type[Engine]] = {"relay": Relay, "autograd": Autograd}
 
 
-def engine_for(name: str, places: list[str], stage: Stage) -> Engine:
-    return ENGINES[name](places, stage)
+def engine_for(name: str, places: list[str], stage: Stage, in_flight: int = 1) -> Engine:
+    return ENGINES[name](places, stage, in_flight)

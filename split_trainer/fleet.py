@@ -36,18 +36,30 @@ class EdgeHandle:
 
     def __init__(self, link: EdgeLink, rref: rpc.RRef, wire: WireFormat, timeout_s: float):
         self.link, self.rref, self.wire, self.timeout_s = link, rref, wire, timeout_s
+        self.sent = 0  # training calls sent so far: the next one's number
 
     def call(self, fn: Callable, args: tuple, during: str = "") -> Any:
         """One call, its failure recorded the moment it happens (see EdgeLink.watch)."""
+        return self._wait(self._send(fn, args, during), during)
+
+    def _send(self, fn: Callable, args: tuple, during: str) -> torch.futures.Future:
         try:
-            fut = rpc.rpc_async(self.link.name, fn, args=(self.rref, *args), timeout=self.timeout_s)
-            return self.link.watch(fut, during).wait()
+            return self.link.watch(rpc.rpc_async(self.link.name, fn, args=(self.rref, *args), timeout=self.timeout_s),
+                                   during)
         except Exception as exc:
             raise self.link.fail(exc, during) from exc
 
-    def run(self, work: list[tuple[Hop, Any]], labels: Optional[Tensor], lr: float,
-            evaluating: bool = False) -> Reply:
-        """The edge runs ``work`` ((hop, input) pairs); every tensor is counted by what it is."""
+    def _wait(self, fut: torch.futures.Future, during: str) -> Any:
+        try:
+            return fut.wait()
+        except Exception as exc:
+            raise self.link.fail(exc, during) from exc
+
+    def submit(self, work: list[tuple[Hop, Any]], labels: Optional[Tensor], lr: float,
+               evaluating: bool = False) -> Callable[[], Reply]:
+        """Send the edge ``work`` ((hop, input) pairs) to run in order; return the wait for its
+        reply. Every tensor is counted by what it is. Training calls are numbered: the edge runs
+        them in the order they were sent, however many are in flight."""
         tally, packed = Tally(evaluating), []
         for hop, tensor in work:
             into = crossing(hop, "in")
@@ -56,17 +68,28 @@ class EdgeHandle:
             tally.count(tally.sent, into, tensor)
             packed.append((hop, tensor))
         tally.sent["labels"] += nbytes(labels)
+        during, seq = (" in evaluation", None) if evaluating else ("", self.sent)
+        self.sent += not evaluating
         started = time.perf_counter()
-        reply: Reply = self.call(edge.run, (packed, labels, lr), " in evaluation" if evaluating else "")
-        tally.received["labels"] += nbytes(reply.labels)
-        if reply.output is not None:
-            out = crossing(work[-1][0], "out")
-            tally.count(tally.received, out, reply.output)
-            reply = reply._replace(output=self.wire.decode(reply.output, out))
-        if isinstance(reply.loss, Tensor):  # the autograd engine's loss, computed on the edge: a scalar
-            tally.received["control"] += nbytes(reply.loss)
-        self.link.call(time.perf_counter() - started, tally.sent, tally.received, tally.cuts)
-        return reply
+        fut = self._send(edge.run, (packed, labels, lr, seq), during)
+
+        def wait() -> Reply:
+            reply: Reply = self._wait(fut, during)
+            tally.received["labels"] += nbytes(reply.labels)
+            if reply.output is not None:
+                out = crossing(work[-1][0], "out")
+                tally.count(tally.received, out, reply.output)
+                reply = reply._replace(output=self.wire.decode(reply.output, out))
+            if isinstance(reply.loss, Tensor):  # the autograd engine's loss, computed on the edge: a scalar
+                tally.received["control"] += nbytes(reply.loss)
+            self.link.call(time.perf_counter() - started, tally.sent, tally.received, tally.cuts)
+            return reply
+
+        return wait
+
+    def run(self, work: list[tuple[Hop, Any]], labels: Optional[Tensor], lr: float,
+            evaluating: bool = False) -> Reply:
+        return self.submit(work, labels, lr, evaluating)()
 
     def step(self, context_id: int, lr: float) -> None:
         """Autograd engine: the edge steps its segments with the context's gradients."""
@@ -85,7 +108,7 @@ class Fleet:
         self.described = [f.wait() for f in [rpc.rpc_async(name, edge.describe, args=(r,), timeout=startup)
                                              for name, r in zip(names, rrefs)]]
         self.links = [EdgeLink(name, d["host"]) for name, d in zip(names, self.described)]
-        wire = WireFormat(cfg.rpc.wire_dtype)
+        wire = WireFormat(cfg.rpc.wire_types, graph=cfg.train.engine == "autograd")
         self.edges = [EdgeHandle(link, rref, wire, cfg.rpc.timeout_s) for link, rref in zip(self.links, rrefs)]
         self.timeout_s = cfg.rpc.timeout_s
         self.pool = ThreadPoolExecutor(len(names), thread_name_prefix="edge-lane")

@@ -53,10 +53,13 @@ class Stage:
         with torch.no_grad():
             return self.modules[segment](x)
 
-    def backprop(self, segment: int, out: Tensor, grad: Optional[Tensor], x: Tensor, lr: float) -> Optional[Tensor]:
-        """Backprop ``out`` (with ``grad``) into the segment and its input, step, return d/d input."""
+    def backprop(self, segment: int, out: Tensor, grad: Optional[Tensor], x: Tensor, lr: float,
+                 stash: Optional[list[Tensor]] = None) -> Optional[Tensor]:
+        """Backprop ``out`` (with ``grad``) into the segment and its input, step, return d/d input.
+        ``stash``: the copies of the parameters that ``out`` was computed with, when not the
+        parameters themselves; their gradients step the parameters."""
         params = list(self.modules[segment].parameters())
-        wanted = ([x] if x.requires_grad else []) + params
+        wanted = ([x] if x.requires_grad else []) + (stash or params)
         if not wanted:
             return None
         grads = torch.autograd.grad(out, wanted, grad)

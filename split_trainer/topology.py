@@ -127,7 +127,7 @@ def init_rpc(topo: Topology, cfg: Config) -> None:
     transports = {"tcp": ["uv"], "auto": None}[cfg.rpc.transport]
     options = rpc.TensorPipeRpcBackendOptions(
         num_worker_threads=cfg.rpc.num_worker_threads, rpc_timeout=cfg.rpc.timeout_s, init_method=f"{SCHEME}://",
-        _transports=transports)
+        _transports=transports, _channels=cfg.rpc.channels)
     with warnings.catch_warnings():  # upstream #149393: init_rpc's own Gloo group warns of itself
         warnings.filterwarnings("ignore", message=".*as a ProcessGroup.*")
         rpc.init_rpc(topo.name, rank=topo.rank, world_size=topo.world_size, rpc_backend_options=options)

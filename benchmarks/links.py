@@ -1,0 +1,280 @@
+"""Split training over shaped links: the central and each edge host in its own network namespace.
+
+    sudo python benchmarks/links.py --rate 20mbit --edges 3                # float32, one batch in flight
+    sudo python benchmarks/links.py --rate 20mbit --dtypes float32 bfloat16 int8 --in-flight 1 2
+    sudo python benchmarks/links.py --rate 1gbit                           # where compute takes over
+
+Each host is a network namespace joined to the others by a veth pair on a bridge (in a namespace
+of its own: nothing changes outside the namespaces this script makes). Each edge host's link is
+shaped with ``tc tbf`` at ``--rate`` in both directions; the central's link is not shaped. The
+hosts start as a user would start them, with launch/central.sh and launch/edge.sh, in edge
+placement, with ``rpc.channels=[basic]`` so that tensor payloads cross the veths (between
+processes of one machine TensorPipe would otherwise move them by cross-memory attach, outside any
+network: docs/performance.md).
+
+Reports, per setting: samples/s after the warm-up; the tensor bytes per sample each way (wire
+accounting); and each edge link's utilisation, the bytes the interface really moved per second
+each way (payload, protocol and control together) as a share of the shaped rate. A split run over
+a link cannot beat rate / bytes per sample. Needs root and ``ip netns``: without them it says so
+in one line and exits 2. Every namespace it made is removed on the way out, a failed run included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
+PORT = 29500  # the rendezvous port inside the central's own namespace: nothing else listens there
+
+
+def _ip(*args: str, ns: str | None = None) -> str:
+    cmd = ["ip", *(["-n", ns] if ns else []), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _tc(ns: str, *args: str) -> None:
+    done = subprocess.run(["ip", "netns", "exec", ns, "tc", *args], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"tc {' '.join(args)} in {ns}: {done.stderr.strip()}")
+
+
+def rate_bits(rate: str) -> float:
+    """tc's rate syntax (20mbit, 1gbit, 500kbit) in bits per second."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(kbit|mbit|gbit|bit)", rate)
+    if not match:
+        raise ValueError(f"--rate {rate}: give it as tc does, e.g. 20mbit, 1gbit")
+    return float(match.group(1)) * {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[match.group(2)]
+
+
+def require_root() -> None:
+    """One line and exit 2 where namespaces cannot be made."""
+    why = None
+    if os.geteuid() != 0:
+        why = "it needs root (network namespaces, veth pairs, tc)"
+    elif not shutil.which("ip") or not shutil.which("tc"):
+        why = "it needs the ip and tc commands (iproute2)"
+    if why:
+        print(f"benchmarks/links.py: error: {why}: run it as root on Linux", file=sys.stderr)
+        sys.exit(2)
+
+
+class Hosts:
+    """A central host and ``edges`` edge hosts, each a namespace with one veth (``v0``) on a bridge
+    in a switch namespace; edge hosts' links shaped both ways at ``rate`` (None: unshaped)."""
+
+    def __init__(self, prefix: str, edges: int, rate: str | None, queue_ms: float = 50):
+        self.prefix, self.rate, self.queue_ms = prefix, rate, queue_ms
+        self.names = [f"{prefix}c", *(f"{prefix}e{k}" for k in range(1, edges + 1))]
+        self.switch = f"{prefix}sw"
+        self.address = {name: f"10.231.0.{i + 1}" for i, name in enumerate(self.names)}
+
+    def up(self) -> None:
+        _ip("netns", "add", self.switch)
+        _ip("link", "add", "br0", "type", "bridge", ns=self.switch)
+        _ip("link", "set", "br0", "up", ns=self.switch)
+        for i, name in enumerate(self.names):
+            _ip("netns", "add", name)
+            _ip("link", "set", "lo", "up", ns=name)
+            port = f"p{i}"
+            _ip("link", "add", "v0", "netns", name, "type", "veth", "peer", "name", port, "netns", self.switch)
+            _ip("link", "set", port, "master", "br0", ns=self.switch)
+            _ip("link", "set", port, "up", ns=self.switch)
+            _ip("addr", "add", f"{self.address[name]}/24", "dev", "v0", ns=name)
+            _ip("link", "set", "v0", "up", ns=name)
+            if self.rate and i > 0:  # uplink: the edge host's egress; downlink: the bridge port's egress
+                for ns, dev in ((name, "v0"), (self.switch, port)):
+                    _tc(ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate, "burst", "32kb",
+                        "latency", f"{self.queue_ms:g}ms")
+
+    def down(self) -> None:
+        for ns in [*self.names, self.switch]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+    def counters(self, name: str) -> tuple[int, int]:
+        """(bytes sent, bytes received) so far by host ``name``'s link."""
+        stats = json.loads(_ip("-s", "-j", "link", "show", "v0", ns=name))[0]["stats64"]
+        return stats["tx"]["bytes"], stats["rx"]["bytes"]
+
+
+@contextmanager
+def hosts(prefix: str, edges: int, rate: str | None, queue_ms: float = 50) -> Iterator[Hosts]:
+    """Namespaces that exist only inside the block, whatever happens in it (SIGTERM included)."""
+    made = Hosts(prefix, edges, rate, queue_ms)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        made.up()
+        yield made
+    finally:
+        made.down()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _spawn(ns: str, cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT),
+           "IFNAME": "v0"}
+    return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], cwd=ROOT, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run_job(net: Hosts, overrides: list[str], run_dir: Path, timeout: float) -> dict:
+    """One job over the namespaces: the central and one edge per edge host, each started with its
+    launch script; interface counters sampled while it runs. Returns its records and samples."""
+    edges = len(net.names) - 1
+    common = ["--config", "configs/mnist_edge_data.yaml", "--quiet", "--set", f"topology.edges={edges}",
+              f"output.run_dir={run_dir}", *overrides]
+    samples: list[tuple[float, list[tuple[int, int]]]] = [(time.time(), [net.counters(n) for n in net.names[1:]])]
+    procs = [_spawn(net.names[0], ["bash", "launch/central.sh", "--hosts", str(edges), "--port", str(PORT), *common],
+                    run_dir.parent / f"{run_dir.name}-central.log")]
+    for k, name in enumerate(net.names[1:], 1):
+        procs.append(_spawn(name, ["bash", "launch/edge.sh", "--central", f"{net.address[net.names[0]]}:{PORT}",
+                                   "--hosts", str(edges), "--node", str(k), "--edges", "1", *common],
+                            run_dir.parent / f"{run_dir.name}-edge{k}.log"))
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.25):
+            samples.append((time.time(), [net.counters(name) for name in net.names[1:]]))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        stop.set()
+        sampler.join()
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        samples.append((time.time(), [net.counters(name) for name in net.names[1:]]))
+    if procs[0].returncode != 0:
+        raise RuntimeError(f"the job failed (central exit {procs[0].returncode}; its log: "
+                           f"{run_dir.parent / (run_dir.name + '-central.log')})")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"records": records, "summary": json.loads((run_dir / "summary.json").read_text()), "counters": samples}
+
+
+def _at(samples: list, when: float) -> list[tuple[float, float]]:
+    """Each link's counters at ``when``, interpolated between samples."""
+    before = max((s for s in samples if s[0] <= when), key=lambda s: s[0], default=samples[0])
+    after = min((s for s in samples if s[0] >= when), key=lambda s: s[0], default=samples[-1])
+    share = 0.0 if after[0] == before[0] else (when - before[0]) / (after[0] - before[0])
+    return [tuple(b + share * (a - b) for b, a in zip(lb, la)) for lb, la in zip(before[1], after[1])]
+
+
+def measure(job: dict, warmup: int, batch: int, rate: float | None) -> dict:
+    steps = [r for r in job["records"] if "loss" in r]
+    start = next(r for r in steps if r["step"] >= warmup)
+    end = steps[-1]
+    seconds = end["time"] - start["time"]
+    samples = (end["step"] - start["step"]) * batch
+    first, last = _at(job["counters"], start["time"]), _at(job["counters"], end["time"])
+    up = [(l[0] - f[0]) / seconds for f, l in zip(first, last)]  # bytes/s each edge host sent
+    down = [(l[1] - f[1]) / seconds for f, l in zip(first, last)]
+    kinds = job["summary"]["bytes"]["per_edge"].values()
+    train_samples = job["summary"]["steps"] * batch
+    kinds_up = ("activations", "labels", "control")
+    result = {"samples_per_s": samples / seconds, "steps_measured": end["step"] - start["step"],
+              "accounted_bytes_per_sample": {
+                  "up": sum(e["received"].get(k, 0) for e in kinds for k in kinds_up) / train_samples,
+                  "down": sum(e["sent"].get(k, 0) for e in kinds for k in ("inputs", "activation_grads", "control"))
+                  / train_samples},
+              "link_bytes_per_sample": {"up": sum(up) / (samples / seconds), "down": sum(down) / (samples / seconds)},
+              "link_bytes_per_s": {"up": up, "down": down},
+              # the whole job, start-up and evaluation included: what the edge links moved against
+              # the tensor bytes the central accounted (all kinds)
+              "job_link_bytes": {"up": sum(l[0] - f[0] for f, l in zip(job["counters"][0][1], job["counters"][-1][1])),
+                                 "down": sum(l[1] - f[1] for f, l in zip(job["counters"][0][1], job["counters"][-1][1]))},
+              "job_accounted_bytes": {"up": job["summary"]["bytes"]["received_total"],
+                                      "down": job["summary"]["bytes"]["sent_total"]},
+              "test_accuracy": job["summary"]["test_accuracy"]}
+    if rate:
+        result["utilisation"] = {"up": [8 * b / rate for b in up], "down": [8 * b / rate for b in down]}
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", default="20mbit", help="each edge host's link, both ways (tc syntax); 0: unshaped")
+    parser.add_argument("--edges", type=int, default=3, help="edge hosts, one edge each")
+    parser.add_argument("--queue-ms", type=float, default=50,
+                        help="each shaped link's queue, in ms at its rate (tbf latency)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], help="rpc.activation_dtype values to run")
+    parser.add_argument("--in-flight", nargs="+", type=int, default=[1], help="train.in_flight values to run")
+    parser.add_argument("--channels", nargs="+", default=["basic"], choices=["basic", "auto"],
+                        help="rpc.channels: basic (payloads cross the veths) or auto (TensorPipe's choice)")
+    parser.add_argument("--steps", type=int, default=150, help="steps in all, warm-up included")
+    parser.add_argument("--warmup", type=int, default=30, help="steps left out of the measurement")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MNIST IDX files (every edge host's data.root)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="more split_trainer overrides for every run")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "links" / "links.json")
+    parser.add_argument("--prefix", default=f"st{os.getpid() % 100000}", help="namespace name prefix")
+    parser.add_argument("--timeout", type=float, default=1800, help="longest wait for one job, in seconds")
+    args = parser.parse_args()
+    require_root()
+    try:
+        rate = None if args.rate == "0" else rate_bits(args.rate)
+    except ValueError as exc:
+        print(f"benchmarks/links.py: error: {exc}", file=sys.stderr)
+        return 2
+    rows = []
+    runs = args.out.parent / f"{args.out.stem}-runs"  # each job's run folder and logs, to look into
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    try:
+        with hosts(args.prefix, args.edges, None if rate is None else args.rate, args.queue_ms) as net:
+            for channels in args.channels:
+                for dtype in args.dtypes:
+                    for in_flight in args.in_flight:
+                        row = {"rate": args.rate, "edges": args.edges, "channels": channels, "dtype": dtype,
+                               "in_flight": in_flight}
+                        run_dir = runs / "-".join(str(v) for v in row.values())
+                        overrides = [f"data.root={args.data}", "data.partition=iid", "data.limit_test=2000",
+                                     f"train.max_steps={args.steps}", "logging.every_steps=20",
+                                     "checkpoint.every_steps=100000", f"rpc.activation_dtype={dtype}",
+                                     f"train.in_flight={in_flight}",
+                                     f"rpc.channels={'null' if channels == 'auto' else f'[{channels}]'}",
+                                     *args.overrides]
+                        row.update(measure(run_job(net, overrides, run_dir, args.timeout), args.warmup, 64, rate))
+                        rows.append(row)
+                        print(_line(row), flush=True)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"benchmarks/links.py: error: {str(exc).strip().splitlines()[0]} (logs: {runs})", file=sys.stderr)
+        return 1
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _line(row: dict) -> str:
+    util = row.get("utilisation")
+    used = (f" utilisation up {min(util['up']):.0%}-{max(util['up']):.0%} down {min(util['down']):.0%}-"
+            f"{max(util['down']):.0%}") if util else ""
+    return (f"{row['rate']} 1+{row['edges']} {row['channels']} {row['dtype']} in_flight {row['in_flight']}: "
+            f"{row['samples_per_s']:.0f} samples/s, accounted B/sample up {row['accounted_bytes_per_sample']['up']:,.0f}"
+            f" down {row['accounted_bytes_per_sample']['down']:,.0f}, on the link up "
+            f"{row['link_bytes_per_sample']['up']:,.0f} down {row['link_bytes_per_sample']['down']:,.0f}{used}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
