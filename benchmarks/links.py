@@ -103,7 +103,15 @@ class Hosts:
                         "latency", f"{self.queue_ms:g}ms")
 
     def down(self) -> None:
+        """Every process still in a namespace killed (torchrun starts its workers in sessions of
+        their own, out of reach of a process-group kill), then the namespaces deleted."""
         for ns in [*self.names, self.switch]:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30).stdout
+            for pid in map(int, pids.split()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
     def counters(self, name: str) -> tuple[int, int]:
@@ -160,11 +168,14 @@ def run_job(net: Hosts, overrides: list[str], run_dir: Path, timeout: float) -> 
     finally:
         stop.set()
         sampler.join()
+        for proc in procs:  # a job that did not end by itself: torchrun passes SIGTERM on to its workers
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
         for proc in procs:
             try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         samples.append((time.time(), [net.counters(name) for name in net.names[1:]]))
     if procs[0].returncode != 0:
         raise RuntimeError(f"the job failed (central exit {procs[0].returncode}; its log: "
@@ -192,11 +203,11 @@ def measure(job: dict, warmup: int, batch: int, rate: float | None) -> dict:
     down = [(l[1] - f[1]) / seconds for f, l in zip(first, last)]
     kinds = job["summary"]["bytes"]["per_edge"].values()
     train_samples = job["summary"]["steps"] * batch
-    kinds_up = ("activations", "labels", "control")
+    kinds_up = ("activations", "labels", "edge_state", "control")
     result = {"samples_per_s": samples / seconds, "steps_measured": end["step"] - start["step"],
               "accounted_bytes_per_sample": {
                   "up": sum(e["received"].get(k, 0) for e in kinds for k in kinds_up) / train_samples,
-                  "down": sum(e["sent"].get(k, 0) for e in kinds for k in ("inputs", "activation_grads", "control"))
+                  "down": sum(e["sent"].get(k, 0) for e in kinds for k in ("inputs", "activation_grads", "edge_state", "control"))
                   / train_samples},
               "link_bytes_per_sample": {"up": sum(up) / (samples / seconds), "down": sum(down) / (samples / seconds)},
               "link_bytes_per_s": {"up": up, "down": down},

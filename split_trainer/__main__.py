@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(exc, Terminated) else 1
 
 
-COMMANDS = {"evaluate": "standalone", "export": "standalone", "config": "reference"}
+COMMANDS = {"evaluate": "standalone", "export": "standalone", "config": "reference", "audit": "audit"}
 
 
 def _command(argv: list[str]) -> int:

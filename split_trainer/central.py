@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import checkpoint, evaluation, faults, state
+from . import checkpoint, evaluation, faults, privacy, state
 from .config import Config
 from .console import Console
 from .engines import Turns, engine_for
@@ -64,7 +64,7 @@ class Central:
         self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("central"), cfg.train, device),
                                  cfg.train.in_flight)
         self.stage = self.engine.stage
-        self.fleet = Fleet(cfg, topo.edge_names, Stage(plan.on("edge"), cfg.train).state_dict())
+        self.fleet = Fleet(cfg, topo.edge_names)
         self.placement.bind(self.fleet.described)
         console.attach(self.fleet.links)
         self.steps_per_epoch = self.placement.steps_per_epoch
@@ -167,9 +167,12 @@ class Central:
         self.console.print(f"checkpoint step {self.step} saved: {path} ({size / 1e6:.1f} MB, {seconds:.2f} s)")
 
     def _finish(self, wall: float) -> dict[str, Any]:
-        # After the final sync every replica is the same: any one gives the edge segments.
-        merged = {**self.fleet.state(), **self.stage.state_dict()}
-        save_model(self.run_dir / "model.pt", self.cfg.to_dict()["model"], self.plan.shape, merged)
+        if self.fleet.own_weights:
+            self.console.print("model.pt not written: the edge segments stay on the edges; python -m split_trainer "
+                               "export --checkpoint CHECKPOINT --out model.pt merges the parts where they are at hand")
+        else:  # after the final sync every replica is the same: any one gives the edge segments
+            merged = {**self.fleet.state(), **self.stage.state_dict()}
+            save_model(self.run_dir / "model.pt", self.cfg.to_dict()["model"], self.plan.shape, merged)
         test_loss, test_accuracy = self.progress.last_eval
         return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 4),
                 "test_loss": test_loss, "test_accuracy": test_accuracy,
@@ -177,6 +180,8 @@ class Central:
                 "samples_per_s": self.log.samples / max(self.train_time, 1e-9),
                 "checkpoint_time_s": round(self.checkpoint_time, 3),
                 "edges": len(self.fleet), "restarts": self.topo.restart, "resumed_from_step": self.resumed_from,
+                "privacy": {"edge_weights": self.cfg.privacy.edge_weights, "delta": self.cfg.privacy.delta,
+                            "epsilon": privacy.epsilon(self.cfg.privacy, -(-self.step // self.steps_per_epoch))},
                 "bytes": wire_summary(self.fleet.links, self.log.samples, self.plan.cuts)}
 
     def close(self) -> None:
@@ -194,6 +199,7 @@ def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
                         f"epochs ({central.total_steps} steps), sync every {cfg.train.edge_sync_every} steps",
             "threads": f"central {threads} on {central.stage.device}; " + ", ".join(
                 f"{link.name} {d['threads']} on {d['device']}" for link, d in zip(links, central.fleet.described)),
+            "privacy": privacy.describe(cfg.privacy, cfg.train.epochs),
             "outputs": f"{central.run_dir} (checkpoints in {checkpoint.directory(cfg)})"}
 
 

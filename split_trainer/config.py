@@ -246,6 +246,40 @@ class RpcConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """What the central can learn of the edges' data: who holds the edge weights, and the defences
+    applied on the edges before anything crosses to the central (docs/privacy.md)."""
+    edge_weights: Literal["central", "edges"] = "central"
+    """central: the central averages the edge replicas and checkpoints them, so it holds their exact
+    weights; edges: the edges average among themselves and each writes its own checkpoint part to
+    its own disk, and no edge parameter or optimizer state ever reaches the central."""
+    clip: Optional[float] = None
+    """Activation defence: each sample's cut activation is clipped to this L2 norm before it leaves
+    the edge (every cut whose activation goes to the central); null: no clipping."""
+    noise: float = 0.0
+    """Activation defence: Gaussian noise of standard deviation noise x clip is added to each
+    clipped activation; (epsilon, delta) over the run is reported (needs clip)."""
+    nopeek: float = 0.0
+    """NoPeek: weight of the distance correlation between an edge's input batch and its first cut
+    activation, added to the edge's loss."""
+    label_noise: float = 0.0
+    """Label protection (U-shaped plans): Gaussian noise on the gradients the edge sends back, of
+    standard deviation label_noise x the batch's largest per-sample gradient norm / sqrt(values per
+    sample)."""
+    delta: float = 1e-5
+    """The delta of the (epsilon, delta) reported for the activation noise."""
+
+    def __post_init__(self) -> None:
+        _require(self.clip is None or self.clip > 0, f"privacy.clip must be null or positive, got {self.clip}")
+        _require(self.noise >= 0, f"privacy.noise must be 0 or more, got {self.noise}")
+        _require(self.noise == 0 or self.clip is not None,
+                 "privacy.noise needs privacy.clip: the noise is scaled to the clipping norm (set both)")
+        _require(self.nopeek >= 0, f"privacy.nopeek must be 0 or more, got {self.nopeek}")
+        _require(self.label_noise >= 0, f"privacy.label_noise must be 0 or more, got {self.label_noise}")
+        _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
+
+
+@dataclass
 class OutputConfig:
     """Where a run's files go (docs/outputs.md)."""
     run_dir: str = "runs/mnist"
@@ -286,6 +320,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -19,33 +19,41 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.distributed import rpc
 
-from . import faults
+from . import checkpoint, faults
 from .config import Config
 from .engines import Turns, engine_for
 from .metrics import resident_bytes
 from .placement import PLACEMENTS
+from .privacy import Defences
 from .plan import plan_for
 from .route import Hop, crossing
-from .stage import Stage
+from .stage import Stage, average_states
 from .topology import Topology, device_for, init_rpc
 from .wire import Reply, WireFormat
 
 _finished = threading.Event()
 _last_seen = [time.monotonic()]  # the last time the central called us
 _loaded: list = [None]  # what this host's placement loaded before RPC (edge placement: its data set)
+_hosts: list = [None]  # this process's EdgeHost, for its peers (privacy.edge_weights: edges)
 
 
 class EdgeHost:
     """This edge's replica of the plan's edge segments and its data (placement.py). ``cfg`` is the
     central's config: it decides everything but where this host's data lies."""
 
-    def __init__(self, cfg: Config, state: dict[str, torch.Tensor]):
+    def __init__(self, cfg: Config):
         device = device_for(cfg.train.edge_device, "train.edge_device", int(os.environ.get("LOCAL_RANK", "0")))
-        plan = plan_for(cfg, 0)  # the weights come from the central: any seed will do
+        plan = plan_for(cfg, cfg.train.seed)  # the weights the central's seed draws: one model, N copies
         self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("edge"), cfg.train, device),
-                                 cfg.train.in_flight)
+                                 cfg.train.in_flight, Defences(cfg.privacy, plan.places))
         self.stage = self.engine.stage
-        self.stage.load_state_dict(state)
+        self.name, self.timeout_s = rpc.get_worker_info().name, cfg.rpc.timeout_s
+        # privacy.edge_weights: edges: this edge's checkpoint parts, on its own disk; one more kept
+        # than the central keeps, so that a part outlives a central checkpoint that failed to land.
+        self.parts, self.keep = checkpoint.directory(cfg) / "edges" / self.name, cfg.checkpoint.keep + 1
+        self.average: Optional[dict[str, torch.Tensor]] = None
+        checkpoint.remove_stale_temporaries(self.parts)
+        _hosts[0] = self
         self.wire = WireFormat(cfg.rpc.wire_types, graph=cfg.train.engine == "autograd")
         self.lock = threading.Lock()
         # With two batches in flight, two training calls can reach this host at once: run them in
@@ -143,6 +151,55 @@ def import_state(rref: rpc.RRef, state: dict) -> None:
     with host.lock:
         host.data.load_state(state.get("data", {}))
         host.stage.load_part(state)
+
+
+# -- privacy.edge_weights: edges: the replicas never reach the central -------------------------
+def peer_state() -> dict[str, torch.Tensor]:
+    """This edge's replica, for a peer's average: edge to edge."""
+    host = _hosts[0]
+    faults.hit("sync")
+    with host.lock:
+        return host.stage.state_dict()
+
+
+def gather_average(rref: rpc.RRef, peers: list[str]) -> None:
+    """Fetch the replicas of ``peers`` (in that order; this edge's own among them or not) and keep
+    their average for ``apply_average``: every edge computes the same one."""
+    host = _host(rref)
+    futures = [None if p == host.name else rpc.rpc_async(p, peer_state, timeout=host.timeout_s) for p in peers]
+    host.average = average_states([peer_state() if f is None else f.wait() for f in futures])
+
+
+def apply_average(rref: rpc.RRef) -> None:
+    host = _host(rref)
+    with host.lock:
+        host.stage.load_state_dict(host.average)
+        host.average = None
+
+
+def save_part(rref: rpc.RRef, step: int, job: str) -> dict[str, Any]:
+    """Write this edge's checkpoint part for ``step`` to its own disk (atomically, as the central
+    writes its own); return its size and SHA-256, which the central's manifest records."""
+    host = _host(rref)
+    faults.hit("export")
+    with host.lock:
+        part = {**host.stage.part(), "data": host.data.state()}
+    path, _ = checkpoint.save(host.parts, step, {host.name: part}, {"job": job, "edge": host.name}, host.keep)
+    return checkpoint.load(path).manifest["files"][f"{host.name}.pt"]
+
+
+def load_part(rref: rpc.RRef, step: int, expected: dict[str, Any]) -> None:
+    """Continue from this edge's own part for ``step``, which must be the one the central's
+    checkpoint names."""
+    host = _host(rref)
+    try:
+        loaded = checkpoint.load(host.parts / f"step_{step:08d}")
+    except ValueError as exc:
+        raise RuntimeError(f"{host.name} cannot resume step {step} from its own disk: {exc}") from None
+    if loaded.manifest["files"][f"{host.name}.pt"]["sha256"] != expected["sha256"]:
+        raise RuntimeError(f"{host.name}'s checkpoint part for step {step} in {host.parts} is not the one the "
+                           f"central's checkpoint names (another run's?): resume with --resume never")
+    import_state(rref, loaded.parts[host.name])
 
 
 def describe(rref: rpc.RRef) -> dict:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .failures import JobError
 from .placement import Batch
+from .privacy import Defences
 from .route import Hop, Route, autograd_route, eval_route, relay_route
 from .stage import Stage
 from .wire import Reply
@@ -76,8 +77,8 @@ class Engine:
     """One stage's engine: the central's (which also drives the lanes) or an edge replica's."""
     name = ""
 
-    def __init__(self, places: list[str], stage: Stage, in_flight: int = 1):
-        self.stage, self.in_flight = stage, in_flight
+    def __init__(self, places: list[str], stage: Stage, in_flight: int = 1, defences: Optional[Defences] = None):
+        self.stage, self.in_flight, self.defences = stage, in_flight, defences
         self.route: Route = self.route_for(places)
         self.eval_hops = eval_route(places)
 
@@ -90,13 +91,19 @@ class Engine:
         device; outputs stay there (the wire moves them)."""
         x, labels = self.stage.here(x), self.stage.here(labels)
         if hop.kind == "infer":
-            return Reply(output=self.stage.infer(hop.segment, x))
+            return Reply(output=self.outgoing(hop, x, self.stage.infer(hop.segment, x)))
         if hop.kind == "score":
             return Reply(score=self.stage.score(hop.segment, x, labels))
         return self.train_hop(hop, x, labels, lr)
 
     def train_hop(self, hop: Hop, x: Tensor, labels: Optional[Tensor], lr: float) -> Reply:
         raise NotImplementedError
+
+    def incoming(self, hop: Hop, x: Tensor) -> Tensor:
+        return x if self.defences is None else self.defences.incoming(hop, x)
+
+    def outgoing(self, hop: Hop, inputs: Tensor, out: Tensor) -> Tensor:
+        return out if self.defences is None else self.defences.outgoing(hop, inputs, out)
 
     def lane(self, edge: EdgeCalls, batches: list[Batch], turns: Turns, lr: float, finished: Finished) -> None:
         """One edge's share of a chunk, in order; ``finished(batch, loss)`` after each batch's turn."""
@@ -145,8 +152,8 @@ class Relay(Engine):
     name = "relay"
     route_for = staticmethod(relay_route)
 
-    def __init__(self, places: list[str], stage: Stage, in_flight: int = 1):
-        super().__init__(places, stage, in_flight)
+    def __init__(self, places: list[str], stage: Stage, in_flight: int = 1, defences: Optional[Defences] = None):
+        super().__init__(places, stage, in_flight, defences)
         # segment -> the forwards awaiting their gradient, oldest first: (input, output, stashed weights)
         self.pending: dict[int, deque[tuple[Tensor, Tensor, Optional[list[Tensor]]]]] = defaultdict(deque)
 
@@ -155,16 +162,17 @@ class Relay(Engine):
             inputs, out, stash = self.pending[hop.segment].popleft()
             return Reply(output=self.stage.backprop(hop.segment, out, x, inputs, lr, stash))
         x = x.detach().requires_grad_(hop.segment > 0)
-        module, stash = self.stage.modules[hop.segment], None
+        module, stash, inputs = self.stage.modules[hop.segment], None, self.incoming(hop, x)
         if hop == self.route.first and self.in_flight > 1:
             # Another batch steps these weights before this one's gradient comes back: keep the
             # weights this forward saw (weight stashing), take the gradient there, apply it to the
             # current ones. Stepping in place under a pending graph would break its backward.
             names = [name for name, _ in module.named_parameters()]
             stash = [p.detach().clone().requires_grad_() for p in module.parameters()]
-            out = torch.func.functional_call(module, dict(zip(names, stash)), (x,))
+            out = torch.func.functional_call(module, dict(zip(names, stash)), (inputs,))
         else:
-            out = module(x)
+            out = module(inputs)
+        out = self.outgoing(hop, x, out)
         if hop.kind == "forward":
             self.pending[hop.segment].append((x, out, stash))
             return Reply(output=out.detach())
@@ -198,7 +206,8 @@ class Autograd(Engine):
     route_for = staticmethod(autograd_route)
 
     def train_hop(self, hop: Hop, x: Tensor, labels: Optional[Tensor], lr: float) -> Reply:
-        out = self.stage.modules[hop.segment](x)  # the graph stays attached: it crosses the wire with the tensor
+        # The graph stays attached: it crosses the wire with the tensor.
+        out = self.outgoing(hop, x, self.stage.modules[hop.segment](self.incoming(hop, x)))
         return Reply(loss=F.cross_entropy(out, labels)) if hop.kind == "loss" else Reply(output=out)
 
     def lane(self, edge: EdgeCalls, batches: list[Batch], turns: Turns, lr: float, finished: Finished) -> None:
@@ -217,5 +226,6 @@ class Autograd(Engine):
 ENGINES: dict[str, type[Engine]] = {"relay": Relay, "autograd": Autograd}
 
 
-def engine_for(name: str, places: list[str], stage: Stage, in_flight: int = 1) -> Engine:
-    return ENGINES[name](places, stage, in_flight)
+def engine_for(name: str, places: list[str], stage: Stage, in_flight: int = 1,
+               defences: Optional[Defences] = None) -> Engine:
+    return ENGINES[name](places, stage, in_flight, defences)

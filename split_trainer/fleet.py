@@ -19,16 +19,10 @@ from . import edge
 from .config import Config
 from .failures import JobError
 from .route import Hop, crossing
+from .stage import average_states
 from .wire import EdgeLink, Reply, Tally, WireFormat, nbytes
 
 Tensor = torch.Tensor
-
-
-def average_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """One segment from its replicas: floating-point parameters and buffers averaged, integer
-    buffers (counters) taken from the first."""
-    return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
-            for k, v in states[0].items()}
 
 
 class EdgeHandle:
@@ -99,12 +93,12 @@ class EdgeHandle:
 class Fleet:
     """Every edge of the job, each hosting one replica of the plan's edge segments."""
 
-    def __init__(self, cfg: Config, names: list[str], initial: dict[str, Tensor]):
+    def __init__(self, cfg: Config, names: list[str]):
         self.names = names
-        # Every replica starts from the central's seeded weights: one model, N copies.
+        self.own_weights = cfg.privacy.edge_weights == "edges"  # the edges keep their weights to themselves
         # The first calls also connect and build the segments: a loaded host may take a while.
         startup = cfg.rpc.startup_timeout_s
-        rrefs = [rpc.remote(name, edge.EdgeHost, args=(cfg, initial), timeout=startup) for name in names]
+        rrefs = [rpc.remote(name, edge.EdgeHost, args=(cfg,), timeout=startup) for name in names]
         self.described = [f.wait() for f in [rpc.rpc_async(name, edge.describe, args=(r,), timeout=startup)
                                              for name, r in zip(names, rrefs)]]
         self.links = [EdgeLink(name, d["host"]) for name, d in zip(names, self.described)]
@@ -156,22 +150,39 @@ class Fleet:
         """Average the replicas that trained since the last sync (``trained``: edge indices; an edge
         that has served its whole shard sits out the rest of the epoch and would only pull the
         average back) and push the average to every replica."""
-        if len(self.edges) == 1:
+        n = len(self.edges)
+        if n == 1:
             return  # one replica is its own average
-        states = self.on_all(edge.get_state, [()] * len(self.edges))
+        if self.own_weights:  # the edges fetch each other's replicas: the central only says when
+            self.on_all(edge.gather_average, [([self.names[k] for k in sorted(trained)] or self.names,)] * n)
+            self.on_all(edge.apply_average, [()] * n)
+            return
+        states = self.on_all(edge.get_state, [()] * n, "edge_state")
         average = average_states([s for k, s in enumerate(states) if k in trained] or states)
-        self.on_all(edge.set_state, [(average,)] * len(self.edges))
+        self.on_all(edge.set_state, [(average,)] * n, "edge_state")
 
     def state(self) -> dict[str, Tensor]:
         """The edge segments of the one synchronised model (after a sync any replica will do)."""
-        return self.edges[0].call(edge.get_state, ())
+        started, handle = time.perf_counter(), self.edges[0]
+        state = handle.call(edge.get_state, ())
+        handle.link.call(time.perf_counter() - started, {}, {"edge_state": nbytes(state)})
+        return state
 
-    def export(self) -> dict[str, Any]:
-        """Every edge's checkpoint part, by edge name."""
-        return dict(zip(self.names, self.on_all(edge.export_state, [()] * len(self.edges))))
+    def export(self, step: int, job: str) -> dict[str, Any]:
+        """Every edge's checkpoint part by edge name; with edge-held weights, each edge writes its
+        part to its own disk and only its size and SHA-256 come back."""
+        if self.own_weights:
+            return dict(zip(self.names, self.on_all(edge.save_part, [(step, job)] * len(self.edges))))
+        return dict(zip(self.names, self.on_all(edge.export_state, [()] * len(self.edges), "edge_state")))
 
     def restore(self, parts: dict[str, Any]) -> None:
-        self.on_all(edge.import_state, [(parts[name],) for name in self.names])
+        """Put every edge back from its checkpoint part (by edge name)."""
+        self.on_all(edge.import_state, [(parts[name],) for name in self.names], "edge_state")
+
+    def restore_own(self, step: int, written: dict[str, Any]) -> None:
+        """Every edge back from the part it wrote to its own disk for ``step`` (``written``: each
+        part's size and SHA-256, as the central's checkpoint records them)."""
+        self.on_all(edge.load_part, [(step, written[name]) for name in self.names])
 
     def memory_bytes(self) -> list[int]:
         return self.on_all(edge.rss, [()] * len(self.edges))

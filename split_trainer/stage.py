@@ -30,6 +30,13 @@ def _on_cpu(obj: Any) -> Any:
     return obj
 
 
+def average_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One stage from its replicas: floating-point parameters and buffers averaged, integer
+    buffers (counters) taken from the first."""
+    return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+
+
 class Stage:
     def __init__(self, modules: dict[int, nn.Module], cfg: TrainConfig, device: torch.device = torch.device("cpu")):
         self.device = device

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +21,17 @@ from . import checkpoint
 from .config import Config, ConfigError, config_from_dict
 from .data import index_batches
 from .datasets import load
-from .fleet import average_states
 from .model_file import build_model, read_model, save_model
 from .models import Shape
+from .stage import average_states
 from .topology import device_for
 
 
-def load_merged(path: Path) -> tuple[dict[str, Any], dict[str, Any], Shape, dict[str, torch.Tensor]]:
+def load_merged(path: Path, edge_parts: Optional[Path] = None
+                ) -> tuple[dict[str, Any], dict[str, Any], Shape, dict[str, torch.Tensor]]:
     """(config dict or {}, model config dict, data shape, merged state_dict) from a checkpoint or a
-    model file."""
+    model file. A checkpoint whose edges kept their own parts is merged with those found under
+    ``edge_parts`` (default: the checkpoint directory), in ``edges/<name>/``."""
     if path.is_file():
         return {}, *read_model(path)
     if path.is_dir() and not (path / checkpoint.MANIFEST).is_file():
@@ -39,9 +41,28 @@ def load_merged(path: Path) -> tuple[dict[str, Any], dict[str, Any], Shape, dict
     else:
         loaded = checkpoint.resolve(str(path), path.parent, warn=print)
     parts = loaded.parts
+    if "edge_parts" in loaded.manifest:
+        parts = {**parts, **_edge_parts(loaded, edge_parts or loaded.path.parent)}
     edges = [parts[name]["module"] for name in sorted(parts) if name != "central"]
     config = loaded.manifest["config"]
     return config, config["model"], loaded.manifest["shape"], {**average_states(edges), **parts["central"]["module"]}
+
+
+def _edge_parts(loaded: checkpoint.Loaded, root: Path) -> dict[str, Any]:
+    """Each edge's own part of ``loaded``'s step, verified against the central's manifest."""
+    parts = {}
+    for name, written in loaded.manifest["edge_parts"].items():
+        folder = root / "edges" / name / loaded.path.name
+        try:
+            part = checkpoint.load(folder)
+        except ValueError as exc:
+            raise ConfigError(f"{name}'s part of {loaded.path}: {exc}; pass --edge-parts DIR, the folder that holds "
+                              f"edges/{name}/ as that edge wrote it") from None
+        if part.manifest["files"][f"{name}.pt"]["sha256"] != written["sha256"]:
+            raise ConfigError(f"{folder} is not the part {loaded.path} names (another run's?): pass the right "
+                              f"--edge-parts DIR")
+        parts[name] = part.parts[name]
+    return parts
 
 
 def evaluate(model: nn.Module, cfg: Config, device: torch.device) -> tuple[float, float]:
@@ -64,13 +85,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                         help="where the model runs (evaluate); a checkpoint from a GPU run loads anywhere")
+    parser.add_argument("--edge-parts", type=Path, metavar="DIR",
+                        help="privacy.edge_weights=edges: the folder holding edges/<name>/ as the edges wrote them "
+                             "(default: the checkpoint directory)")
     if argv[0] == "export":
         parser.add_argument("--out", required=True, type=Path, help="where to write the standalone model file")
     args = parser.parse_args(argv[1:])
     device = device_for(args.device, "--device", 0)
     if not args.checkpoint.exists():
         raise ConfigError(f"--checkpoint {args.checkpoint} does not exist")
-    config, model_cfg, shape, state = load_merged(args.checkpoint)
+    config, model_cfg, shape, state = load_merged(args.checkpoint, args.edge_parts)
     model = build_model(model_cfg, shape, state)
     if argv[0] == "export":
         save_model(args.out, model_cfg, shape, model.state_dict())

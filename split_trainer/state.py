@@ -31,8 +31,13 @@ class Progress:
 def save(cfg: Config, meta: dict[str, Any], central: Stage, fleet: Fleet, progress: Progress) -> tuple[Path, int]:
     """Both sides' full state at a quiet point (no batch in flight), as checkpoint ``progress.step``;
     ``meta`` (fingerprint, job, shape) goes into the manifest."""
-    parts = {"central": {**central.part(), "progress": asdict(progress)}, **fleet.export()}
+    edges = fleet.export(progress.step, meta["job"])  # the edges' own parts first: the central's manifest lands last
+    parts = {"central": {**central.part(), "progress": asdict(progress)}}
     meta = {**meta, "epoch": progress.epoch, "position": progress.position, "config": cfg.to_dict()}
+    if fleet.own_weights:  # written by each edge on its own disk; the manifest names them
+        meta["edge_parts"] = edges
+    else:
+        parts.update(edges)
     return checkpoint.save(checkpoint.directory(cfg), progress.step, parts, meta, cfg.checkpoint.keep)
 
 
@@ -40,5 +45,8 @@ def restore(loaded: checkpoint.Loaded, central: Stage, fleet: Fleet) -> Progress
     """Continue exactly where the checkpoint was taken: weights, optimizers, RNG, data position."""
     part = loaded.parts["central"]
     central.load_part(part)
-    fleet.restore(loaded.parts)
+    if "edge_parts" in loaded.manifest:
+        fleet.restore_own(loaded.step, loaded.manifest["edge_parts"])
+    else:
+        fleet.restore(loaded.parts)
     return Progress(**part["progress"])

@@ -18,7 +18,7 @@ from .failures import JobError, short
 from .route import Crossing
 
 Tensor = torch.Tensor
-TRAIN_KINDS = ("inputs", "labels", "activations", "activation_grads", "control")
+TRAIN_KINDS = ("inputs", "labels", "activations", "activation_grads", "edge_state", "control")
 
 
 class Reply(NamedTuple):
@@ -208,7 +208,9 @@ class EdgeLink:
         return 1000 * statistics.fmean(times), 1000 * times[min(len(times) - 1, int(0.95 * len(times)))]
 
     def totals(self) -> dict[str, Any]:
-        return {"host": self.host, "batches": self.batches, "sent": dict(self.sent), "received": dict(self.received),
+        zeros = dict.fromkeys(TRAIN_KINDS, 0)  # a kind that never crossed shows as 0, not as missing
+        return {"host": self.host, "batches": self.batches, "sent": {**zeros, **self.sent},
+                "received": {**zeros, **self.received},
                 "sent_total": sum(self.sent.values()), "received_total": sum(self.received.values())}
 
 

@@ -40,6 +40,32 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
+def end_tree(pid: int) -> None:
+    """SIGKILL a process, its group and every descendant: torchrun starts each worker in a session
+    of its own, out of reach of a process-group kill."""
+    for target in [pid, *_descendants(pid)]:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout, kill the whole group and fail."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -47,14 +73,11 @@ def run(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        end_tree(proc.pid)
         out, _ = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s:\n{out[-4000:]}")
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # no rank outlives its test
-        except ProcessLookupError:
-            pass
+        end_tree(proc.pid)  # no rank outlives its test
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 
@@ -94,8 +117,5 @@ def run_and_kill(cmd: list[str], after_line: str, rank: int, sig: int = signal.S
                 break
         out, _ = proc.communicate(timeout=300)  # a hang fails here
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        end_tree(proc.pid)
     return proc.returncode, "".join(lines) + out

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from split_trainer import checkpoint
-from conftest import ROOT, TUTORIAL_PLAN, child_env, quick_overrides, rank_pid, run, torchrun_cmd
+from conftest import ROOT, TUTORIAL_PLAN, child_env, end_tree, quick_overrides, rank_pid, run, torchrun_cmd
 
 # 4,096 samples, batch 64: 64 steps; checkpoints at 20, 40, 60, 64; syncs every 10 steps; augmented
 # batches (crop_flip), so that every case also checks that a resumed run augments the same way.
@@ -79,10 +79,7 @@ def test_a_stopped_job_leaves_nothing_behind_and_the_same_command_resumes(mnist_
         proc.communicate(timeout=60)
         stopped_in = time.monotonic() - started
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        end_tree(proc.pid)
     assert proc.returncode != 0
     # Every rank ended by itself, sooner than torchrun's 30 s grace before it SIGKILLs one.
     assert stopped_in < 20, stopped_in

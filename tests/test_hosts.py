@@ -2,12 +2,10 @@
 two-terminal workflow starts them: launch/central.sh on one "host", launch/edge.sh on the other."""
 
 import json
-import os
-import signal
 import socket
 import subprocess
 
-from conftest import ROOT, child_env
+from conftest import ROOT, child_env, end_tree
 
 LAUNCH = ROOT / "launch"
 
@@ -30,10 +28,7 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
             outputs.append(proc.communicate(timeout=timeout)[0])
     finally:
         for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            end_tree(proc.pid)
     return outputs
 
 
