@@ -153,7 +153,8 @@ def test_the_configuration_reference_is_what_the_code_generates():
     assert result.returncode == 0, result.stdout
     assert result.stdout == (ROOT / "docs" / "configuration.md").read_text(), \
         "run: python -m split_trainer config --reference > docs/configuration.md"
-    assert "| `rpc.activation_dtype` | `float32` \\| `float16` \\| `bfloat16` | `float32` |" in result.stdout
+    assert "| `rpc.activation_dtype` | `float32` \\| `float16` \\| `bfloat16` \\| `float8` \\| `int8` | `float32` |" \
+        in result.stdout
 
 
 def test_config_resolves_a_file_without_starting_anything():

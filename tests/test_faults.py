@@ -108,12 +108,13 @@ def test_a_full_disk_ends_the_job_with_one_line_and_keeps_the_previous_checkpoin
 
 def test_a_small_timeout_never_fails_a_healthy_job_on_a_loaded_machine(mnist_root, tmp_path):
     """rpc.timeout_s bounds a call's own work: nothing queues behind another call on its edge.
-    The full test set, the default model, and two busy processes competing for the cores."""
+    The full test set in 50 evaluation calls, the default model, and two busy processes competing
+    for the cores: if an edge's 25 calls queued, the later ones would wait far past the timeout."""
     load = [subprocess.Popen(["python3", "-c", "while True: pass"]) for _ in range(2)]
     try:
         result = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path, edges=2, **{
             "rpc.timeout_s": 5, "train.max_steps": 60, "checkpoint.every_steps": 20, "data.limit_train": "null",
-            "data.limit_test": "null"})), timeout=400)
+            "data.limit_test": "null", "data.eval_batch_size": 200})), timeout=400)
     finally:
         for proc in load:
             proc.kill()
