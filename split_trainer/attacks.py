@@ -111,12 +111,15 @@ def unsplit_attack(segment: nn.Module, received: Tensor, start: Tensor, rounds: 
 
 
 def kmeans(points: Tensor, k: int, seed: int, iterations: int = 50) -> Tensor:
-    """Cluster labels of ``points`` (k-means++ start, Lloyd's iterations)."""
+    """Cluster labels of ``points`` (k-means++ start, Lloyd's iterations). A model that learned
+    nothing can give identical or non-finite points: they cluster (trivially) rather than fail."""
     gen = torch.Generator().manual_seed(seed)
+    points = torch.nan_to_num(points, nan=0.0, posinf=0.0, neginf=0.0)
     centres = points[torch.randint(len(points), (1,), generator=gen)]
     for _ in range(1, k):
         distance = torch.cdist(points, centres).min(1).values ** 2
-        centres = torch.cat([centres, points[torch.multinomial(distance / distance.sum(), 1, generator=gen)]])
+        weights = distance if distance.sum() > 0 else torch.ones_like(distance)
+        centres = torch.cat([centres, points[torch.multinomial(weights, 1, generator=gen)]])
     for _ in range(iterations):
         assigned = torch.cdist(points, centres).argmin(1)
         centres = torch.stack([points[assigned == c].mean(0) if (assigned == c).any() else centres[c]

@@ -85,6 +85,18 @@ def test_epsilon_is_opacus_rdp_accountant():
     assert epsilon(PrivacyConfig(), 6) is None
 
 
+def test_the_label_attack_on_a_model_that_learned_nothing_scores_the_largest_class():
+    """A diverged edge (say, too strong a NoPeek) sends back identical or non-finite gradients: the
+    audit says the attacker learns nothing from them rather than failing."""
+    from split_trainer.attacks import kmeans, matched_accuracy
+
+    labels = torch.tensor([0] * 6 + [1] * 3 + [2])
+    for points in (torch.ones(10, 4), torch.full((10, 4), float("nan"))):
+        assert matched_accuracy(kmeans(points, 3, seed=0), labels, 3) == pytest.approx(0.6)
+    separable = torch.nn.functional.one_hot(labels, 3).float() * 10
+    assert matched_accuracy(kmeans(separable, 3, seed=0), labels, 3) == 1.0
+
+
 AUDIT = ["--public", "1000", "--private", "400", "--reidentify", "60", "--candidates", "30", "--decoder-epochs", "6",
          "--inversions", "4", "--inversion-steps", "60", "--unsplit", "8", "--unsplit-rounds", "5"]
 
