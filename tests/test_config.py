@@ -12,6 +12,17 @@ def test_shipped_config_is_one_central_three_edges():
     assert cfg.model.name == "mnist_cnn" and cfg.model.split == "pool"
 
 
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_is_valid(name):
+    load_config(ROOT / "configs" / name)
+
+
+def test_the_private_config_keeps_data_labels_and_edge_weights_on_the_edges():
+    cfg = load_config(ROOT / "configs" / "mnist_private.yaml")
+    assert cfg.data.placement == "edge" and cfg.privacy.edge_weights == "edges"
+    assert cfg.model.plan[-1]["place"] == "edge"  # U-shaped: the loss, so the labels, on the edge
+
 def test_overrides_parse_yaml_scalars_and_dotted_keys():
     cfg = load_config(None, ["train.max_steps=60", "train.lr=1e-2", "data.root=/x/y", "model.dropout=false",
                              "train.max_steps=70"])
