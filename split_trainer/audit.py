@@ -34,23 +34,33 @@ from .standalone import load_merged
 Tensor = torch.Tensor
 
 
+def _count(text: str) -> int:
+    """A number of images, epochs or steps: an attack on none of them would report NaN."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m split_trainer audit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder or checkpoint directory")
     parser.add_argument("--edge-parts", type=Path, metavar="DIR", help="as for export, with edge-held weights")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, help="folder for audit.json and audit.png (default: beside the checkpoints)")
-    parser.add_argument("--public", type=int, default=5000, help="public images (test split) the decoder trains on")
-    parser.add_argument("--private", type=int, default=2000, help="private training images attacked by the decoder")
-    parser.add_argument("--reidentify", type=int, default=200, help="of those, how many are re-identified")
-    parser.add_argument("--candidates", type=int, default=100, help="same-class private images to pick each from")
-    parser.add_argument("--decoder-epochs", type=int, default=30)
-    parser.add_argument("--inversions", type=int, default=8, help="images attacked by optimisation, with weights")
-    parser.add_argument("--inversion-steps", type=int, default=300)
-    parser.add_argument("--unsplit", type=int, default=64, help="images attacked by UnSplit (no weights)")
-    parser.add_argument("--unsplit-rounds", type=int, default=40)
+    parser.add_argument("--public", type=_count, default=5000, help="public images (test split) the decoder trains on")
+    parser.add_argument("--private", type=_count, default=2000, help="private training images attacked by the decoder")
+    parser.add_argument("--reidentify", type=_count, default=200, help="of those, how many are re-identified")
+    parser.add_argument("--candidates", type=_count, default=100, help="same-class private images to pick each from")
+    parser.add_argument("--decoder-epochs", type=_count, default=30)
+    parser.add_argument("--inversions", type=_count, default=8, help="images attacked by optimisation, with weights")
+    parser.add_argument("--inversion-steps", type=_count, default=300)
+    parser.add_argument("--unsplit", type=_count, default=64, help="images attacked by UnSplit (no weights)")
+    parser.add_argument("--unsplit-rounds", type=_count, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv[1:])
+    args = parser.parse_args(argv[1:])
+    if args.reidentify > args.private:
+        parser.error(f"--reidentify {args.reidentify} is more than the --private {args.private} images attacked")
+    return args
 
 
 class Views:

@@ -101,6 +101,14 @@ AUDIT = ["--public", "1000", "--private", "400", "--reidentify", "60", "--candid
          "--inversions", "4", "--inversion-steps", "60", "--unsplit", "8", "--unsplit-rounds", "5"]
 
 
+@pytest.mark.parametrize("bad, says", [(["--public", "0"], "--public: must be a whole number of at least 1"),
+                                       (["--private", "10"], "--reidentify 200 is more than the --private 10")])
+def test_the_audit_refuses_counts_that_would_report_nan(tmp_path, bad, says):
+    result = run([sys.executable, "-m", "split_trainer", "audit", "--checkpoint", str(tmp_path), *bad], timeout=60)
+    assert result.returncode == 2 and says in result.stdout.splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_audit_finds_the_leak_of_an_undefended_cut(trained_run, mnist_root, tmp_path):
     run_dir, _ = trained_run
     result = run([sys.executable, "-m", "split_trainer", "audit", "--checkpoint", str(run_dir / "checkpoints"), "--set",
