@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import attacks
+from . import attacks, checkpoint
 from .config import Config, ConfigError, PrivacyConfig, config_from_dict
 from .datasets import Source, load
 from .files import atomic_write, write_json
@@ -234,7 +234,7 @@ def main(argv: list[str]) -> int:
             pictures.append((name, found))
     if plan.places[-1] == "edge":
         report["labels"] = _label_attacks(plan, cfg.privacy, data, args.seed)
-    folder = args.checkpoint.parent if (args.checkpoint / "manifest.json").is_file() else args.checkpoint
+    folder = args.checkpoint.parent if (args.checkpoint / checkpoint.MANIFEST).is_file() else args.checkpoint
     out = args.out or folder.parent / "audit"  # beside the run's checkpoints folder
     write_json(out / "audit.json", report)
     _picture(out / "audit.png", data, pictures)

@@ -118,7 +118,7 @@ def complete_candidates(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     found = [p for p in directory.iterdir() if PATTERN.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: (_manifest_field(p, "written_at") or 0, p.name), reverse=True)
+    return sorted(found, key=lambda p: (manifest_field(p, "written_at") or 0, p.name), reverse=True)
 
 
 def load(path: Path) -> Loaded:
@@ -146,7 +146,8 @@ def load(path: Path) -> Loaded:
     return Loaded(path, manifest, parts)
 
 
-def _manifest_field(path: Path, key: str) -> Any:
+def manifest_field(path: Path, key: str) -> Any:
+    """One field of a checkpoint's manifest, without reading its parts; None if unreadable."""
     try:
         return json.loads((path / MANIFEST).read_text()).get(key)
     except (OSError, ValueError, AttributeError):
@@ -157,7 +158,7 @@ def find_resumable(directory: Path, warn, job: str | None = None) -> Loaded | No
     """The newest checkpoint that loads and verifies (of ``job`` only, when given); broken ones
     are skipped with a warning."""
     for path in complete_candidates(directory):
-        if job is not None and _manifest_field(path, "job") != job:
+        if job is not None and manifest_field(path, "job") != job:
             continue
         try:
             return load(path)

@@ -185,7 +185,7 @@ def save_part(rref: rpc.RRef, step: int, job: str) -> dict[str, Any]:
     with host.lock:
         part = {**host.stage.part(), "data": host.data.state()}
     path, _ = checkpoint.save(host.parts, step, {host.name: part}, {"job": job, "edge": host.name}, host.keep)
-    return checkpoint.load(path).manifest["files"][f"{host.name}.pt"]
+    return checkpoint.manifest_field(path, "files")[f"{host.name}.pt"]
 
 
 def load_part(rref: rpc.RRef, step: int, expected: dict[str, Any]) -> None:
