@@ -3,32 +3,34 @@ when to synchronise the replicas, evaluate and checkpoint.
 
 One central thread per edge (a *lane*, fleet.Fleet.lanes) keeps one batch in flight on every
 edge, so the edges compute at once; what a batch does on its way through the plan is the
-engine's business (engines.py), and batches take the central's turn strictly in dispatch order,
-which makes a run a function of its seed and config.
+engine's business (engines.py); which edge takes which batch, and the order of the central's
+turns, is dispatch.py's (round robin, by default: a run is a function of its seed and config).
+The edges are whoever the rendezvous brought (an elastic fleet's members may change between
+attempts: the membership record and state.restore say what that does).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
-from . import checkpoint, evaluation, faults, privacy, state
+from . import checkpoint, dispatch, evaluation, faults, privacy, state
 from .config import Config
 from .console import Console
-from .engines import Turns, engine_for
+from .engines import engine_for
 from .failures import Terminated, cause_of, raise_on_sigterm
 from .files import write_json, write_text
-from .fleet import Fleet
+from .fleet import Fleet, Membership
 from .metrics import MetricsLog, TrainLog
 from .model_file import save_model
 from .optim import lr_at
 from .placement import Batch, Placement, placement_for
 from .plan import Plan, describe
 from .stage import Stage
-from .topology import Topology, device_for
+from .topology import Topology, device_for, members
 from .wire import summary as wire_summary
 
 
@@ -64,14 +66,18 @@ class Central:
         self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("central"), cfg.train, device),
                                  cfg.train.in_flight)
         self.stage = self.engine.stage
-        self.fleet = Fleet(cfg, topo.edge_names)
-        self.placement.bind(self.fleet.described)
+        self.fleet = Fleet(cfg, members())
+        self.progress = state.Progress(seed=cfg.train.seed)
+        if loaded:
+            self.progress = state.restore(loaded, self.stage, self.fleet)
+        self.placement.bind(self.fleet.described, self.fleet.names, self.progress.served)
         console.attach(self.fleet.links)
-        self.steps_per_epoch = self.placement.steps_per_epoch
+        # An epoch's length is fixed when the run starts: a fleet that shrinks or grows later does not change it.
+        self.steps_per_epoch = self.progress.steps_per_epoch or self.placement.steps_per_epoch
+        self.progress.steps_per_epoch = self.placement.steps_per_epoch = self.steps_per_epoch
         total = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.max_steps or total)
         self.cadence = Cadence(cfg, self.steps_per_epoch, self.total_steps)
-        self.progress = state.Progress(seed=cfg.train.seed)
         self.train_time, self.checkpoint_time = 0.0, 0.0
         self.run_dir = Path(cfg.output.run_dir)
         self.resumed_from = loaded.step if loaded else None
@@ -80,9 +86,11 @@ class Central:
         self.log = TrainLog(metrics, console, self.fleet, cfg.logging.every_steps, self.steps_per_epoch,
                             self.total_steps)
         if loaded:
-            self.progress = state.restore(loaded, self.stage, self.fleet)
             metrics.write(event="resume", step=self.step, from_checkpoint=str(loaded.path), attempt=topo.restart)
             console.print(f"resumed from {loaded.path} (step {self.step}, attempt {topo.restart})")
+        before = metrics.last("membership") or ({"edges": self.progress.edges} if loaded else None)
+        self.membership = Membership(before["edges"] if before else None, self.fleet.names, self.step)
+        metrics.write(event="membership", attempt=topo.restart, **self.membership.record())
 
     @property
     def step(self) -> int:
@@ -104,7 +112,7 @@ class Central:
             for chunk in self._chunks(epoch):
                 t0 = time.perf_counter()
                 self._train_chunk(chunk, lr)
-                trained = set(self.progress.trained) | {b.edge for b in chunk}
+                trained = set(self.progress.trained) | {self.fleet.names[b.edge] for b in chunk}
                 self.progress.trained = sorted(trained)
                 if self.cadence.sync(self.step):
                     self.fleet.sync(trained)
@@ -134,9 +142,10 @@ class Central:
     def _train_chunk(self, chunk: list[Batch], lr: float) -> None:
         # A batch waits at most for the batch before it: its first call, then its turn, one call
         # per edge hop in the turn. One bound more lets a hung edge's own timeout be the report.
-        turns = Turns(chunk[0].step, (2 + self.engine.route.edge_hops_in_turn) * self.cfg.rpc.timeout_s)
+        mode, bound = self.cfg.train.dispatch, (2 + self.engine.route.edge_hops_in_turn) * self.cfg.rpc.timeout_s
+        turns = dispatch.turns(mode, chunk[0].step, bound)
 
-        def lane(k: int, batches: list[Batch]) -> None:
+        def lane(k: int, batches: Iterable[Batch]) -> None:
             link = self.fleet.links[k]
 
             def finished(batch: Batch, loss: float) -> None:
@@ -146,7 +155,7 @@ class Central:
 
             self.engine.lane(self.fleet.edges[k], batches, turns, lr, finished)
 
-        self.fleet.lanes(lane, [[b for b in chunk if b.edge == k] for k in range(len(self.fleet))], turns.fail)
+        self.fleet.lanes(lane, dispatch.shares(mode, chunk, len(self.fleet), self.placement.take), turns.fail)
         self.progress.step = chunk[-1].step + 1
 
     def _evaluate(self, epoch: int) -> None:
@@ -159,6 +168,7 @@ class Central:
     def _checkpoint(self) -> None:
         started = time.perf_counter()
         self.progress.epoch, self.progress.position = divmod(self.step, self.steps_per_epoch)
+        self.progress.edges = list(self.fleet.names)
         path, size = state.save(self.cfg, self.meta, self.stage, self.fleet, self.progress)
         seconds = time.perf_counter() - started
         self.checkpoint_time += seconds
@@ -190,9 +200,13 @@ class Central:
 
 
 def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
+    from torch.distributed import rpc
+
     links = central.fleet.links
-    edges = ", ".join(f"{link.name} (rank {i + 1}, {link.host})" for i, link in enumerate(links))
-    return {"topology": f"central (rank 0) + {len(central.fleet)} edges: {edges}",
+    edges = ", ".join(f"{link.name} (rank {rpc.get_worker_info(link.name).id}, {link.host})" for link in links)
+    membership = central.membership.describe(cfg)
+    return {"topology": f"central (rank {central.topo.rank}) + {len(central.fleet)} edges: {edges}",
+            **({"membership": membership} if membership else {}),
             "model": f"{cfg.model.name}: {describe(central.plan.layout)}; engine {cfg.train.engine}",
             "data": central.placement.describe(central.fleet.names),
             "settings": f"batch {cfg.data.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, {cfg.train.epochs} "
@@ -219,13 +233,14 @@ def run_central(cfg: Config, topo: Topology, plan: Plan, threads: int, resume: s
         require_tensorboard()
     checkpoint.remove_stale_temporaries(checkpoint.directory(cfg))
     run_dir = Path(cfg.output.run_dir)
-    job = checkpoint.job_of_run(run_dir) if topo.restart else None  # a restart resumes its own job first
+    agent = checkpoint.launcher()
+    job = checkpoint.job_of_run(run_dir, agent)  # a restart (or a new round of an elastic fleet) resumes its own job
     loaded = checkpoint.resolve(resume, checkpoint.directory(cfg), console.warn, job)
     fingerprint = checkpoint.fingerprint(cfg, describe(plan.layout))
     if loaded:
         checkpoint.check_fingerprint(loaded, fingerprint)
     init_rpc(topo, cfg)  # every rank got this far: an edge's own start-up checks passed
-    job = job or checkpoint.start_job(run_dir)
+    job = job or checkpoint.start_job(run_dir, agent)
     write_text(run_dir / "config.yaml", cfg.to_yaml())
     central = None
     try:

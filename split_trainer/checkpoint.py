@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,10 +39,12 @@ def directory(cfg: Config) -> Path:
 
 
 def fingerprint(cfg: Config, plan: str) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed: the topology, the data set, the model (and
-    its arguments) and its plan (``plan.describe`` of the layout: which layers run where)."""
-    return {"edges": cfg.topology.edges, "data": cfg.data.name, "model": cfg.model.name, "args": cfg.model.args,
-            "plan": plan}
+    """What a checkpoint must agree with to be resumed: the data set, the model (and its arguments)
+    and its plan (``plan.describe`` of the layout: which layers run where). Not the number of
+    edges (a fleet may shrink or grow, docs/elastic.md), except with edge-held data, whose shards
+    are carved over topology.edges."""
+    edges = {"edges": cfg.topology.edges} if cfg.data.placement == "edge" else {}
+    return {**edges, "data": cfg.data.name, "model": cfg.model.name, "args": cfg.model.args, "plan": plan}
 
 
 @dataclass
@@ -167,18 +170,32 @@ def find_resumable(directory: Path, warn, job: str | None = None) -> Loaded | No
     return None
 
 
-def job_of_run(run_dir: Path) -> str | None:
-    """The id that the first attempt of this torchrun job wrote (restarts read it), if any."""
+def launcher() -> str:
+    """The torchrun agent this process runs under (host, pid, start time): the same in every
+    attempt of one job, and in every round of an elastic one (which torchrun does not count)."""
+    agent = os.getppid()
     try:
-        return json.loads((run_dir / JOB).read_text())["id"]
-    except (OSError, ValueError, KeyError):
+        started = Path(f"/proc/{agent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "?"
+    return f"{socket.gethostname()}:{agent}:{started}"
+
+
+def job_of_run(run_dir: Path, agent: str) -> str | None:
+    """The id of the job that this run folder's torchrun agent ``agent`` started, if any: a
+    restart or a new round finds its own job by it."""
+    try:
+        job = json.loads((run_dir / JOB).read_text())
+        return job["id"] if job.get("launcher") == agent else None
+    except (OSError, ValueError, KeyError, AttributeError):
         return None
 
 
-def start_job(run_dir: Path) -> str:
+def start_job(run_dir: Path, agent: str) -> str:
     """A new job: a fresh id that its checkpoints carry, so that its restarts find their own."""
     job = uuid.uuid4().hex
-    atomic_write(run_dir / JOB, lambda f: f.write(json.dumps({"id": job, "started_at": time.time()}).encode()))
+    atomic_write(run_dir / JOB, lambda f: f.write(json.dumps({"id": job, "launcher": agent,
+                                                              "started_at": time.time()}).encode()))
     return job
 
 

@@ -31,10 +31,20 @@ def _require(ok: bool, message: str) -> None:
 class TopologyConfig:
     """Who takes part in the job."""
     edges: int = 3
-    """Number of edge ranks (1..N); the job runs with world size 1 + edges, rank 0 being the central."""
+    """Number of edges (edge1..edgeN); the job runs with 1 central + edges ranks. In an elastic
+    fleet, the most edges (docs/elastic.md)."""
+    min_edges: Optional[int] = None
+    """The fewest edges the job trains with: an elastic fleet when below edges (edges come and go,
+    launch/central.sh --hosts MIN:MAX); null: exactly edges."""
 
     def __post_init__(self) -> None:
         _require(self.edges >= 1, f"topology.edges must be at least 1, got {self.edges}")
+        _require(self.min_edges is None or 1 <= self.min_edges <= self.edges,
+                 f"topology.min_edges must be null or 1..topology.edges ({self.edges}), got {self.min_edges}")
+
+    @property
+    def fewest(self) -> int:
+        return self.edges if self.min_edges is None else self.min_edges
 
 
 @dataclass
@@ -184,6 +194,11 @@ class TrainConfig:
     while the previous batch's gradient is on its way back, so a link carries both directions at
     once; that forward runs on weights one step stale (3: two steps), its gradient is taken at the
     weights it ran on (weight stashing) and applied to the current ones (docs/thin-links.md)."""
+    dispatch: Literal["round_robin", "free_first"] = "round_robin"
+    """round_robin: batch i to edge i mod N, turns in that order (a function of seed and config);
+    free_first: the next batch to whichever edge is free first and the central's turn to whichever
+    activation arrives first, so a slow edge does not set everyone's pace (not bit-reproducible;
+    docs/elastic.md)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")

@@ -28,7 +28,7 @@ from .privacy import Defences
 from .plan import plan_for
 from .route import Hop, crossing
 from .stage import Stage, average_states
-from .topology import Topology, device_for, init_rpc
+from .topology import Topology, device_for, edge_number, init_rpc
 from .wire import Reply, WireFormat
 
 _finished = threading.Event()
@@ -59,7 +59,7 @@ class EdgeHost:
         # With two batches in flight, two training calls can reach this host at once: run them in
         # the order the central sent them.
         self.calls = Turns(0, cfg.rpc.timeout_s, "training call {} waited {:g} s for the one before it")
-        self.data = PLACEMENTS[cfg.data.placement].edge_data(cfg, _loaded[0], rpc.get_worker_info().id)
+        self.data = PLACEMENTS[cfg.data.placement].edge_data(cfg, _loaded[0], edge_number(self.name))
         self.labels: Optional[torch.Tensor] = None  # the labels of this edge's own batch in flight
 
     @contextmanager
@@ -222,7 +222,7 @@ def finish() -> None:
 
 def serve(topo: Topology, cfg: Config) -> None:
     """Serve RPCs until the central says the job is done; give up if it falls silent."""
-    torch.manual_seed(cfg.train.seed + topo.rank)
+    torch.manual_seed(cfg.train.seed + edge_number(topo.name))
     # An edge prints only warnings and errors, each on one line under its own name.
     warnings.showwarning = lambda message, category, *_args, **_kw: print(
         f"split_trainer: [{topo.name}] warning: {category.__name__}: {message}", file=sys.stderr, flush=True)

@@ -9,14 +9,15 @@ every cut, ``dist_autograd.backward`` carries the gradients back, and each side 
 context. Both give the same gradients on the same batches.
 
 Batches take the central's turn strictly in dispatch order (``Turns``), so every batch sees the
-central's weights after the previous batch's step, whichever edge it went to.
+central's weights after the previous batch's step, whichever edge it went to; under free_first in
+the order they become ready (``FirstCome``), still one at a time.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import defaultdict, deque
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -70,7 +71,31 @@ class Turns:
             self.cond.notify_all()
 
 
+class FirstCome(Turns):
+    """The central's turn to whichever batch is ready first (train.dispatch: free_first): still one
+    batch at a time, each seeing the weights every earlier turn left."""
+
+    def __init__(self, timeout_s: float):
+        super().__init__(0, timeout_s)
+        self.busy = False
+
+    def wait(self, step: int) -> None:
+        with self.cond:
+            ready = self.cond.wait_for(lambda: self.failed or not self.busy, self.timeout_s)
+            if self.failed:
+                raise JobError("aborted: another edge failed")
+            if not ready:
+                raise JobError(self.what.format(step, self.timeout_s))
+            self.busy = True
+
+    def done(self, step: int) -> None:
+        with self.cond:
+            self.busy = False
+            self.cond.notify_all()
+
+
 Finished = Callable[[Batch, float], None]
+Batches = Iterable[Batch]  # one lane's batches, each taken when the lane gets to it (dispatch.py)
 
 
 class Engine:
@@ -105,7 +130,7 @@ class Engine:
     def outgoing(self, hop: Hop, inputs: Tensor, out: Tensor) -> Tensor:
         return out if self.defences is None else self.defences.outgoing(hop, inputs, out)
 
-    def lane(self, edge: EdgeCalls, batches: list[Batch], turns: Turns, lr: float, finished: Finished) -> None:
+    def lane(self, edge: EdgeCalls, batches: Batches, turns: Turns, lr: float, finished: Finished) -> None:
         """One edge's share of a chunk, in order; ``finished(batch, loss)`` after each batch's turn."""
         raise NotImplementedError
 
@@ -179,22 +204,25 @@ class Relay(Engine):
         loss = F.cross_entropy(out, labels)  # turnaround
         return Reply(output=self.stage.backprop(hop.segment, loss, None, x, lr), loss=loss.item())
 
-    def lane(self, edge: EdgeCalls, batches: list[Batch], turns: Turns, lr: float, finished: Finished) -> None:
+    def lane(self, edge: EdgeCalls, batches: Batches, turns: Turns, lr: float, finished: Finished) -> None:
         """Up to ``in_flight`` first forwards ahead of the batch in its turn; after each turn one
         call carries that batch's last backward and the first forward of the batch ``in_flight``
         later (so with one in flight: the next batch's)."""
-        ahead = deque(edge.submit([(self.route.first, b.source)], None, lr) for b in batches[:self.in_flight])
+        batches = iter(batches)
+        ahead = deque((b, edge.submit([(self.route.first, b.source)], None, lr))
+                      for _, b in zip(range(self.in_flight), batches))
         tail = []
-        for i, batch in enumerate(batches):
-            act = self.arrived(batch, ahead.popleft()())
+        while ahead:
+            batch, reply = ahead.popleft()
+            act = self.arrived(batch, reply())
             turns.wait(batch.step)
             grad, loss = self.turn(edge, batch, act, lr)
             finished(batch, loss)
             turns.done(batch.step)
             carry = [(self.route.last, grad)]
-            later = i + self.in_flight
-            if later < len(batches):
-                ahead.append(edge.submit([*carry, (self.route.first, batches[later].source)], None, lr))
+            later = next(batches, None)
+            if later is not None:
+                ahead.append((later, edge.submit([*carry, (self.route.first, later.source)], None, lr)))
             else:
                 tail.append(edge.submit(carry, None, lr))
         for wait in tail:
@@ -210,7 +238,7 @@ class Autograd(Engine):
         out = self.outgoing(hop, x, self.stage.modules[hop.segment](self.incoming(hop, x)))
         return Reply(loss=F.cross_entropy(out, labels)) if hop.kind == "loss" else Reply(output=out)
 
-    def lane(self, edge: EdgeCalls, batches: list[Batch], turns: Turns, lr: float, finished: Finished) -> None:
+    def lane(self, edge: EdgeCalls, batches: Batches, turns: Turns, lr: float, finished: Finished) -> None:
         for batch in batches:
             with dist_autograd.context() as ctx:
                 act = self.first(edge, [], batch, lr)

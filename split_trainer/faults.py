@@ -8,7 +8,9 @@ edge1, ...) does ``action`` the ``n``-th time it reaches ``point`` in torchrun a
 on the central), ``eval`` (an edge's evaluation call), ``sync`` (an edge handing its replica for
 averaging), ``export`` (an edge handing its checkpoint part), ``checkpoint`` (the central about
 to write a checkpoint file). Actions: ``kill`` (SIGKILL), ``stop`` (SIGSTOP: a hang), ``kill_soon``
-(SIGKILL 50 ms later, after the current call has replied), ``enospc`` (the write fails: no space).
+(SIGKILL 50 ms later, after the current call has replied), ``enospc`` (the write fails: no space),
+``slow`` (from then on, every time: SPLIT_TRAINER_SLOW_MS more, default 100 ms, about twice an
+edge's own work on a batch).
 Unset, every hook is one dictionary lookup.
 """
 
@@ -18,12 +20,14 @@ import errno
 import os
 import signal
 import threading
+import time
 from collections import Counter
 
 from .config import ConfigError
 
 POINTS = ("train", "eval", "sync", "export", "checkpoint")
-ACTIONS = ("kill", "stop", "kill_soon", "enospc")
+ACTIONS = ("kill", "stop", "kill_soon", "enospc", "slow")
+SLOW_S = float(os.environ.get("SPLIT_TRAINER_SLOW_MS", "100")) / 1000
 _armed: dict[str, tuple[int, str]] = {}  # point -> (n, action) for this rank and attempt
 _seen: Counter[str] = Counter()
 _lock = threading.Lock()
@@ -46,9 +50,13 @@ def hit(point: str) -> None:
         return
     with _lock:
         _seen[point] += 1
-        if _seen[point] != _armed[point][0]:
-            return
+        count = _seen[point]
     action = _armed[point][1]
+    if action == "slow" and count >= _armed[point][0]:
+        time.sleep(SLOW_S)  # a slower machine: the work itself, not a wait for anything
+        return
+    if count != _armed[point][0]:
+        return
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if action == "kill_soon":

@@ -132,13 +132,16 @@ class Fleet:
         except Exception as exc:
             raise self.links[k].fail(exc) from exc
 
-    def on_all(self, fn: Callable, per_edge_args: list[tuple], kind: str = "control") -> list[Any]:
-        """``fn(rref, *per_edge_args[k])`` on every edge k at once, one call each; wait for all."""
+    def on_all(self, fn: Callable, per_edge_args: list[tuple], kind: str = "control",
+               names: Optional[list[str]] = None) -> list[Any]:
+        """``fn(rref, *per_edge_args[k])`` on every edge k (of ``names``, when given) at once, one
+        call each; wait for all."""
         started = time.perf_counter()
+        handles = self.edges if names is None else [self.edges[self.names.index(name)] for name in names]
         futures = [h.link.watch(rpc.rpc_async(h.link.name, fn, args=(h.rref, *args), timeout=self.timeout_s))
-                   for h, args in zip(self.edges, per_edge_args)]
+                   for h, args in zip(handles, per_edge_args)]
         results = []
-        for h, args, fut in zip(self.edges, per_edge_args, futures):
+        for h, args, fut in zip(handles, per_edge_args, futures):
             try:
                 results.append(fut.wait())
             except Exception as exc:
@@ -146,19 +149,19 @@ class Fleet:
             h.link.call(time.perf_counter() - started, {kind: nbytes(args)}, {kind: nbytes(results[-1])})
         return results
 
-    def sync(self, trained: set[int]) -> None:
-        """Average the replicas that trained since the last sync (``trained``: edge indices; an edge
+    def sync(self, trained: set[str]) -> None:
+        """Average the replicas that trained since the last sync (``trained``: edge names; an edge
         that has served its whole shard sits out the rest of the epoch and would only pull the
         average back) and push the average to every replica."""
         n = len(self.edges)
         if n == 1:
             return  # one replica is its own average
         if self.own_weights:  # the edges fetch each other's replicas: the central only says when
-            self.on_all(edge.gather_average, [([self.names[k] for k in sorted(trained)] or self.names,)] * n)
+            self.on_all(edge.gather_average, [([name for name in self.names if name in trained] or self.names,)] * n)
             self.on_all(edge.apply_average, [()] * n)
             return
         states = self.on_all(edge.get_state, [()] * n, "edge_state")
-        average = average_states([s for k, s in enumerate(states) if k in trained] or states)
+        average = average_states([s for name, s in zip(self.names, states) if name in trained] or states)
         self.on_all(edge.set_state, [(average,)] * n, "edge_state")
 
     def state(self) -> dict[str, Tensor]:
@@ -175,14 +178,25 @@ class Fleet:
             return dict(zip(self.names, self.on_all(edge.save_part, [(step, job)] * len(self.edges))))
         return dict(zip(self.names, self.on_all(edge.export_state, [()] * len(self.edges), "edge_state")))
 
-    def restore(self, parts: dict[str, Any]) -> None:
-        """Put every edge back from its checkpoint part (by edge name)."""
-        self.on_all(edge.import_state, [(parts[name],) for name in self.names], "edge_state")
+    def restore(self, parts: dict[str, Any], names: list[str]) -> None:
+        """Put the edges ``names`` back from their checkpoint parts (by edge name)."""
+        self.on_all(edge.import_state, [(parts[name],) for name in names], "edge_state", names)
 
-    def restore_own(self, step: int, written: dict[str, Any]) -> None:
-        """Every edge back from the part it wrote to its own disk for ``step`` (``written``: each
-        part's size and SHA-256, as the central's checkpoint records them)."""
-        self.on_all(edge.load_part, [(step, written[name]) for name in self.names])
+    def restore_own(self, step: int, written: dict[str, Any], names: list[str]) -> None:
+        """The edges ``names`` back from the parts they wrote to their own disks for ``step``
+        (``written``: each part's size and SHA-256, as the central's checkpoint records them)."""
+        self.on_all(edge.load_part, [(step, written[name]) for name in names], "control", names)
+
+    def adopt(self, newcomers: list[str], known: list[str], states: Optional[list[dict[str, Tensor]]]) -> None:
+        """Edges a checkpoint does not know take the average of its edges' weights (``states``), or,
+        when those stay on the edges, the average the ``known`` edges hold; their optimizers start
+        fresh."""
+        if states is not None:
+            average = average_states(states)
+            self.on_all(edge.set_state, [(average,)] * len(newcomers), "edge_state", newcomers)
+            return
+        self.on_all(edge.gather_average, [(known,)] * len(newcomers), "control", newcomers)
+        self.on_all(edge.apply_average, [()] * len(newcomers), "control", newcomers)
 
     def memory_bytes(self) -> list[int]:
         return self.on_all(edge.rss, [()] * len(self.edges))
@@ -193,3 +207,35 @@ class Fleet:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Membership:
+    """The edges present in this attempt against those of the attempt before (``before``: None in
+    a run's first): what the banner and metrics.jsonl record of every change."""
+
+    def __init__(self, before: Optional[list[str]], now: list[str], step: int):
+        self.before, self.now, self.step = before, now, step
+        self.left = [name for name in before or [] if name not in now]
+        self.joined = [name for name in now if before is not None and name not in before]
+
+    def record(self) -> dict[str, Any]:
+        return {"step": self.step, "edges": self.now, "left": self.left, "joined": self.joined}
+
+    def describe(self, cfg: Config) -> Optional[str]:
+        """The banner's line: None for a fixed fleet that did not change."""
+        most = cfg.topology.edges
+        elastic = cfg.topology.fewest < most
+        if not (elastic or self.left or self.joined):
+            return None
+        text = f"{len(self.now)} of {cfg.topology.fewest}..{most} edges present" if elastic else \
+            f"{len(self.now)} edges present"
+        changes = [f"{', '.join(names)} {what}" for names, what in ((self.left, "left"), (self.joined, "joined"))
+                   if names]
+        if changes:
+            text += f"; {' and '.join(changes)} at step {self.step} (was {', '.join(self.before)})"
+        if self.joined and self.step:
+            text += "; a joining edge starts from the average of the checkpoint's edge weights, optimizer fresh"
+        absent = [f"edge{k}" for k in range(1, most + 1) if f"edge{k}" not in self.now]
+        if absent and cfg.data.placement == "edge":
+            text += f"; {', '.join(absent)}'s data is not trained on while away"
+        return text

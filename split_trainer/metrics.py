@@ -34,16 +34,22 @@ class MetricsLog:
     def __init__(self, path: str | Path, keep_through: int | None, tensorboard_dir: Path | None = None):
         path = Path(path)
         self._tb = tensorboard_writer(tensorboard_dir) if tensorboard_dir else None
-        kept = []
+        kept, self.kept = [], []
         if keep_through is not None and path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= keep_through:
-                        kept.append(line + "\n")
+                    record = json.loads(line)
                 except ValueError:  # a line torn by a kill
-                    pass
+                    continue
+                if record.get("step", 0) <= keep_through:
+                    kept.append(line + "\n")
+                    self.kept.append(record)
         write_text(path, "".join(kept))
         self._file = open(path, "a", encoding="utf-8")
+
+    def last(self, event: str) -> dict[str, Any] | None:
+        """The latest kept record of ``event`` (from the attempts before this one)."""
+        return next((r for r in reversed(self.kept) if r.get("event") == event), None)
 
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))

@@ -33,7 +33,7 @@ Score = tuple[float, int, int]  # summed loss, correct predictions, samples
 class Batch:
     step: int
     edge: int  # the lane (edge index) it goes to
-    source: Any  # the inputs, or a draw of the edge's own batch (shards.Draw)
+    source: Any  # the inputs, or a draw of the edge's own batch (shards.Draw: made when the edge takes it)
     y: Optional[Tensor] = None  # the labels, once the central has them (never, when they stay on the edge)
     samples: int = 0  # known once the first activation arrives
 
@@ -42,11 +42,15 @@ class Placement(Protocol):
     """The central's side of a placement."""
     steps_per_epoch: int
 
-    def bind(self, described: list[dict[str, Any]]) -> None:
-        """The fleet is up: ``described`` holds every edge's ``edge.describe``."""
+    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int]) -> None:
+        """The fleet is up: ``described`` holds every present edge's ``edge.describe``; ``served``
+        counts each edge's training batches so far, by name (the progress record's, updated here)."""
 
     def batches(self, epoch: int, position: int) -> Iterator[Batch]:
         """The epoch's batches in dispatch order, from batch ``position`` on."""
+
+    def take(self, batch: Batch) -> Batch:
+        """``batch`` as the edge ``batch.edge`` takes it (in that edge's lane, in order)."""
 
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
         """Per edge, its (test batch number, key) pairs; ``test_batch(key)`` gives (source, labels)."""
@@ -101,7 +105,7 @@ class CentralData:
         self.test_batches = index_batches(len(self.test), cfg.data.eval_batch_size)
         self.edges = 0
 
-    def bind(self, described: list[dict[str, Any]]) -> None:
+    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int]) -> None:
         self.edges = len(described)
 
     def batches(self, epoch: int, position: int) -> Iterator[Batch]:
@@ -112,6 +116,9 @@ class CentralData:
             if self.cfg.data.augment == "crop_flip":
                 x = crop_flip(x, self.cfg.train.seed, epoch, i)
             yield Batch(start + i, (start + i) % self.edges, x, y)
+
+    def take(self, batch: Batch) -> Batch:
+        return batch  # the inputs are the data set's next batch, whichever edge takes them
 
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
         n = self.edges
@@ -135,13 +142,16 @@ class CentralData:
         return None  # the edge holds no data: inputs come with the calls
 
     @staticmethod
-    def edge_data(cfg: Config, loaded: None, rank: int) -> EdgeSide:
+    def edge_data(cfg: Config, loaded: None, edge: int) -> EdgeSide:
         return CallInputs()
 
 
 class EdgeData:
-    """Each edge holds its own shard; the central sends draws. An epoch ends when every edge has
-    served its shard once, each edge's batches spread evenly over it (shards.rotation)."""
+    """Each edge holds its own shard; the central sends draws. An epoch is as many steps as the
+    shards of the fleet that started the run hold batches (with that fleet, every edge serves its
+    shard once, its batches spread evenly over the epoch: shards.rotation). Each edge goes through
+    its shard at its own pace, counted by name (``served``): an edge that is away is not trained on
+    and picks up where it stopped when it comes back; under free_first a fast edge takes more."""
 
     def __init__(self, cfg: Config, labels_here: bool):
         self.cfg, self.labels_here = cfg, labels_here  # the edges send labels only when the loss is here
@@ -149,16 +159,25 @@ class EdgeData:
         self.shards: list[dict[str, Any]] = []
         self.rotation: list[tuple[int, int]] = []
         self.steps_per_epoch = 0
+        self.names: list[str] = []
+        self.served: dict[str, int] = {}
 
-    def bind(self, described: list[dict[str, Any]]) -> None:
-        self.shards = [d["shard"] for d in described]
+    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int]) -> None:
+        self.shards, self.names, self.served = [d["shard"] for d in described], names, served
         self.rotation = rotation([s["train_batches"] for s in self.shards])
         self.steps_per_epoch = len(self.rotation)
 
     def batches(self, epoch: int, position: int) -> Iterator[Batch]:
-        start = epoch * self.steps_per_epoch
-        for i, (k, j) in enumerate(self.rotation[position:], position):
-            yield Batch(start + i, k, Draw("train", epoch, j, self.labels_here))
+        start = epoch * self.steps_per_epoch  # (the central's: the run's epoch length)
+        for i in range(position, self.steps_per_epoch):
+            yield Batch(start + i, self.rotation[i % len(self.rotation)][0], None)
+
+    def take(self, batch: Batch) -> Batch:
+        name, n = self.names[batch.edge], self.shards[batch.edge]["train_batches"]
+        count = self.served.get(name, 0)
+        self.served[name] = count + 1
+        batch.source = Draw("train", count // n, count % n, self.labels_here)
+        return batch
 
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
         return [[(j, Draw("test", epoch, j, self.labels_here)) for j in range(s["test_batches"])] for s in self.shards]
@@ -191,12 +210,14 @@ class EdgeData:
         return load(dataclasses.replace(cfg.data, limit_train=None, limit_test=None))
 
     @staticmethod
-    def edge_data(cfg: Config, loaded: Optional[tuple[Source, Source, Spec]], rank: int) -> EdgeSide:
+    def edge_data(cfg: Config, loaded: Optional[tuple[Source, Source, Spec]], edge: int) -> EdgeSide:
+        """Edge number ``edge``'s shard: shards are carved over topology.edges (the most edges) by
+        edge number, so an edge has the same shard whoever else is present."""
         if loaded is None:
             raise RuntimeError("this edge loaded no data: start it with data.placement=edge, as the central")
         train, test = (s if limit is None else s.subset(torch.arange(min(limit, len(s)))) for s, limit in
                        zip(loaded[:2], (cfg.data.limit_train, cfg.data.limit_test)))
-        return Shard.carve(train, test, rank, cfg.topology.edges, cfg.data, cfg.train.seed, loaded[2].classes)
+        return Shard.carve(train, test, edge, cfg.topology.edges, cfg.data, cfg.train.seed, loaded[2].classes)
 
 
 class CallInputs:

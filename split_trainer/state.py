@@ -24,8 +24,14 @@ class Progress:
     seed: int = 0
     last_eval: list[float] = field(default_factory=lambda: [float("nan"), float("nan")])
     """(test loss, test accuracy) of the latest evaluation."""
-    trained: list[int] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
     """Edges that trained since the last replica sync (a checkpoint may fall between two syncs)."""
+    edges: list[str] = field(default_factory=list)
+    """The edges present when this record was saved."""
+    served: dict[str, int] = field(default_factory=dict)
+    """Training batches each edge has taken (edge placement: its place in its own shard)."""
+    steps_per_epoch: int = 0
+    """The run's epoch length, fixed when it started (edge placement: the first fleet's shards)."""
 
 
 def save(cfg: Config, meta: dict[str, Any], central: Stage, fleet: Fleet, progress: Progress) -> tuple[Path, int]:
@@ -42,11 +48,24 @@ def save(cfg: Config, meta: dict[str, Any], central: Stage, fleet: Fleet, progre
 
 
 def restore(loaded: checkpoint.Loaded, central: Stage, fleet: Fleet) -> Progress:
-    """Continue exactly where the checkpoint was taken: weights, optimizers, RNG, data position."""
+    """Continue exactly where the checkpoint was taken: weights, optimizers, RNG, data position.
+    An edge the checkpoint does not know starts from the average of its edges' weights with fresh
+    optimizer state; one the checkpoint knows but that is away is left out."""
     part = loaded.parts["central"]
     central.load_part(part)
-    if "edge_parts" in loaded.manifest:
-        fleet.restore_own(loaded.step, loaded.manifest["edge_parts"])
+    own = loaded.manifest.get("edge_parts")
+    saved = list(own) if own is not None else [stem for stem in loaded.parts if stem != "central"]
+    known = [name for name in fleet.names if name in saved]
+    if own is not None:
+        if not known:
+            raise RuntimeError(f"none of the checkpoint's edges ({', '.join(saved)}) is present and their weights are "
+                               f"only on their own disks: start at least one of them, or --resume never")
+        fleet.restore_own(loaded.step, own, known)
     else:
-        fleet.restore(loaded.parts)
-    return Progress(**part["progress"])
+        fleet.restore(loaded.parts, known)
+    newcomers = [name for name in fleet.names if name not in saved]
+    if newcomers:
+        fleet.adopt(newcomers, known, [loaded.parts[name]["module"] for name in saved] if own is None else None)
+    progress = Progress(**part["progress"])
+    progress.trained = [name for name in progress.trained if name in fleet.names]
+    return progress

@@ -1,8 +1,10 @@
-"""Who is who in the job (rank 0 the central, ranks 1..N the edges), threads, and RPC start-up.
+"""Who is who in the job (the central and edge1..edgeN), threads, and RPC start-up.
 
 RPC rendezvous goes through torchrun's own store, under a prefix per torchrun attempt: after
 a ``--max-restarts`` restart the store still holds the dead processes' addresses under the
-default keys, and a fresh prefix makes the new group meet on empty keys.
+default keys, and a fresh prefix makes the new group meet on empty keys. An elastic fleet's hosts
+count their restarts apart (a membership change is no restart), so there each round's workers
+meet in a store of their own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) without a prefix.
 """
 
 from __future__ import annotations
@@ -22,42 +24,67 @@ from .config import Config, ConfigError
 SCHEME = "split-trainer"
 
 
+ROLE = "SPLIT_TRAINER_ROLE"
+"""Set by the launch scripts of an elastic fleet: central or edge. Rendezvous ranks then follow
+arrival, so the role comes from how a host was launched, not from its rank."""
+EDGE_NUMBERS = "SPLIT_TRAINER_EDGES"
+"""An elastic edge host's edge numbers, one per local rank (e.g. 3,4: edge3 and edge4)."""
+
+
 @dataclass(frozen=True)
 class Topology:
     rank: int
     world_size: int
-    edges: int
     local_world_size: int
     local_rank: int
     restart: int
     """torchrun's TORCHELASTIC_RESTART_COUNT: 0 on the first attempt."""
+    name: str
+    """central, or edgeK: an edge's name is its identity (its shard, its checkpoint part)."""
+    central_here: bool
+    """This host runs the central (it gets a share of the cores by that role)."""
 
     @property
     def is_central(self) -> bool:
-        return self.rank == 0
+        return self.name == "central"
 
-    @property
-    def name(self) -> str:
-        return "central" if self.rank == 0 else f"edge{self.rank}"
 
-    @property
-    def edge_names(self) -> list[str]:
-        return [f"edge{r}" for r in range(1, self.edges + 1)]
+def edge_number(name: str) -> int:
+    return int(name.removeprefix("edge"))
 
 
 def topology_from_env(cfg: Config) -> Topology:
-    """Read torchrun's environment and check the world size against the config."""
+    """Read torchrun's environment (and the launch scripts' roles) and check the world size."""
     env = os.environ
-    world = int(env.get("WORLD_SIZE", "1"))
-    if world != cfg.world_size:
+    world, rank = int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", rank))
+    fewest, most = cfg.topology.fewest, cfg.topology.edges
+    if not fewest + 1 <= world <= most + 1:
+        edges, wanted = (f"{most}", f"{most + 1}") if fewest == most else \
+            (f"{fewest}..{most}", f"{fewest + 1} to {most + 1}")
         raise ConfigError(
-            f"world size {world} does not match topology.edges={cfg.topology.edges}: 1 central + "
-            f"{cfg.topology.edges} edges needs {cfg.world_size} ranks; launch with torchrun "
-            f"--nproc_per_node {cfg.world_size} (or set topology.edges={max(world - 1, 1)})")
-    return Topology(rank=int(env.get("RANK", "0")), world_size=world, edges=cfg.topology.edges,
-                    local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
-                    local_rank=int(env.get("LOCAL_RANK", env.get("RANK", "0"))),
-                    restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")))
+            f"world size {world} does not match topology.edges={most}: 1 central + {edges} edges needs {wanted} "
+            f"ranks; launch with torchrun --nproc_per_node {most + 1} (or set topology.edges={max(world - 1, 1)})")
+    role = env.get(ROLE)
+    if role is None:  # one host, or a static rendezvous: ranks are numbered host by host, rank 0 the central
+        name, central_here = "central" if rank == 0 else f"edge{rank}", rank - local_rank == 0
+    elif role == "central":
+        name, central_here = "central", True
+    else:
+        numbers = env.get(EDGE_NUMBERS, "").split(",")
+        if local_rank >= len(numbers) or not numbers[local_rank].isdigit() or not 1 <= int(numbers[local_rank]) <= most:
+            raise ConfigError(f"{EDGE_NUMBERS}={env.get(EDGE_NUMBERS, '')!r} names no edge 1..{most} for local rank "
+                              f"{local_rank}: start edge hosts with launch/edge.sh")
+        name, central_here = f"edge{int(numbers[local_rank])}", False
+    return Topology(rank=rank, world_size=world, local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
+                    local_rank=local_rank, restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), name=name,
+                    central_here=central_here)
+
+
+def members() -> list[str]:
+    """The edges in this RPC group, by number: whoever the rendezvous brought (after init_rpc)."""
+    names = [w.name for w in rpc.api._get_current_rpc_agent().get_worker_infos() if w.name != "central"]
+    return sorted(names, key=edge_number)
 
 
 def cores() -> int:
@@ -81,7 +108,7 @@ def thread_split(cores: int, local_edges: int, central_here: bool) -> list[int]:
 def set_threads(requested: int, topo: Topology) -> int:
     """Set this rank's intra-op threads: ``train.threads`` if given, else its share of the host's
     cores (``thread_split``), so that co-located ranks do not oversubscribe."""
-    central_here = topo.rank - topo.local_rank == 0  # torchrun numbers ranks host by host
+    central_here = topo.central_here
     split = thread_split(cores(), topo.local_world_size - central_here, central_here)
     threads = requested or split[topo.local_rank]
     torch.set_num_threads(threads)
@@ -108,8 +135,11 @@ def _attempt_rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **
     query = {k: v[0] for k, v in parse_qs(urlparse(url).query).items()}
     env_url = "env://?" + "&".join(f"{k}={v}" for k, v in query.items())
     store, rank, world = next(dist.rendezvous(env_url, timeout=timeout))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    yield dist.PrefixStore(f"split_trainer/attempt{attempt}", store), rank, world
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        yield store, rank, world  # a fresh store for every round (the elastic launch scripts' choice)
+    else:  # torchrun's own store, reused by every attempt; in a group that restarts together, counts agree
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        yield dist.PrefixStore(f"split_trainer/attempt{attempt}", store), rank, world
     raise RuntimeError("split_trainer rendezvous cannot be re-entered")
 
 

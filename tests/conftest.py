@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -119,3 +123,52 @@ def run_and_kill(cmd: list[str], after_line: str, rank: int, sig: int = signal.S
     finally:
         end_tree(proc.pid)
     return proc.returncode, "".join(lines) + out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, *args: str, **env: str) -> subprocess.Popen:
+    """A host started by one of the launch scripts, in a session of its own."""
+    return subprocess.Popen(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=child_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+class Lines:
+    """A process's output, line by line as it comes (read on a thread of its own), and all of it."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines, self.seen = proc, queue.Queue(), []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, wanted: Callable[[str], bool], timeout: float) -> str:
+        """The first line (from here on) that ``wanted`` accepts; fails when the output ends first."""
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                pytest.fail(f"no such line in {timeout} s; the output so far:\n{''.join(self.seen)[-4000:]}")
+            if line is None:
+                pytest.fail(f"the output ended first:\n{''.join(self.seen)[-4000:]}")
+            self.seen.append(line)
+            if wanted(line):
+                return line
+
+    def rest(self, timeout: float) -> str:
+        """Everything, once the process has ended (killed, with its tree, after ``timeout`` s)."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            end_tree(self.proc.pid)
+            pytest.fail(f"still running after {timeout} s:\n{''.join(self.seen)[-4000:]}")
+        while (line := self.lines.get(timeout=30)) is not None:
+            self.seen.append(line)
+        return "".join(self.seen)

@@ -2,23 +2,11 @@
 two-terminal workflow starts them: launch/central.sh on one "host", launch/edge.sh on the other."""
 
 import json
-import socket
 import subprocess
 
-from conftest import ROOT, child_env, end_tree
+from conftest import ROOT, child_env, end_tree, free_port, launch
 
 LAUNCH = ROOT / "launch"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(script: str, *args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(["bash", str(LAUNCH / script), *args], cwd=ROOT, env=child_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
@@ -35,12 +23,12 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
 def test_two_hosts_train_with_the_data_only_on_the_edges(mnist_root, tmp_path):
     """The central's data.root does not exist: in edge placement it never opens, receives or asks
     for an input. Two edges on the edge host, IID shards, the default single cut."""
-    port = _free_port()
+    port = free_port()
     common = ["--config", "configs/mnist_edge_data.yaml", "--set", "topology.edges=2", "data.partition=iid",
               "data.limit_train=4096", "data.limit_test=1000", "train.epochs=1", f"output.run_dir={tmp_path}",
               "logging.every_steps=8"]
-    central = _start("central.sh", "--hosts", "1", "--port", str(port), *common, f"data.root={tmp_path / 'nowhere'}")
-    edge = _start("edge.sh", "--central", f"127.0.0.1:{port}", "--hosts", "1", "--node", "1", "--edges", "2",
+    central = launch("central.sh", "--hosts", "1", "--port", str(port), *common, f"data.root={tmp_path / 'nowhere'}")
+    edge = launch("edge.sh", "--central", f"127.0.0.1:{port}", "--hosts", "1", "--node", "1", "--edges", "2",
                   *common, f"data.root={mnist_root}")
     central_out, edge_out = _finish([central, edge])
     assert central.returncode == 0 and edge.returncode == 0, central_out[-3000:] + edge_out[-3000:]
@@ -66,10 +54,10 @@ def test_an_edge_host_that_runs_more_edges_than_the_topology_is_one_line():
 
 def test_hosts_whose_counts_disagree_with_the_topology_stop_with_one_line(tmp_path):
     """Each host's count is fine alone, but 1 + 2 ranks do not make 1 central + 3 edges."""
-    port = _free_port()
+    port = free_port()
     common = ["--set", f"output.run_dir={tmp_path}", f"data.root={tmp_path}"]
-    central = _start("central.sh", "--hosts", "1", "--port", str(port), *common)
-    edge = _start("edge.sh", "--central", f"127.0.0.1:{port}", "--hosts", "1", "--node", "1", "--edges", "2", *common)
+    central = launch("central.sh", "--hosts", "1", "--port", str(port), *common)
+    edge = launch("edge.sh", "--central", f"127.0.0.1:{port}", "--hosts", "1", "--node", "1", "--edges", "2", *common)
     central_out, edge_out = _finish([central, edge], timeout=180)
     assert central.returncode != 0 and edge.returncode != 0
     line = "world size 3 does not match topology.edges=3: 1 central + 3 edges needs 4 ranks"

@@ -1,0 +1,118 @@
+"""Edges that come and go: an elastic fleet of three torchrun nodes on this machine (torchrun's
+c10d rendezvous through the launch scripts, loopback), checkpoints that resume under another
+edge count, and free_first dispatch around a slow edge."""
+
+import json
+
+import torch
+from conftest import Lines, child_env, end_tree, free_port, launch, quick_overrides, run, torchrun_cmd
+
+
+def _records(run_dir, event=None):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("event") == event]
+
+
+def test_an_edge_host_lost_mid_run_leaves_a_job_that_finishes_and_takes_it_back(mnist_root, tmp_path):
+    """Edge host 2 (agent and worker) is killed with SIGKILL mid-run: the others meet again without
+    it and go on; started again, it is admitted at the next rendezvous and trains."""
+    port, total = free_port(), 12 * 64
+    common = ["--set", "topology.edges=2", f"data.root={mnist_root}", f"output.run_dir={tmp_path}",
+              "data.limit_train=4096", "data.limit_test=1000", "train.epochs=12", "checkpoint.every_steps=16",
+              "logging.every_steps=8", "rpc.timeout_s=60"]
+    elastic = ["--hosts", "1:2", "--addr", "127.0.0.1", "--max-restarts", "3"]
+
+    def edge_host(node: int):
+        return launch("edge.sh", "--central", f"127.0.0.1:{port}", "--node", str(node), "--edges", "1", *elastic,
+                      *common)
+
+    central = launch("central.sh", "--port", str(port), "--wait", "2", *elastic, *common)
+    hosts = [central, edge_host(1), edge_host(2)]
+    try:
+        out = Lines(central)
+        out.wait_for(lambda line: line.startswith("step 64/"), timeout=300)  # both edges at work
+        end_tree(hosts[2].pid)  # the whole host: its agent and its worker
+        left = out.wait_for(lambda line: "edge2 left" in line, timeout=300)
+        hosts.append(edge_host(2))
+        joined = out.wait_for(lambda line: "edge2 joined" in line, timeout=300)
+        text = out.rest(timeout=400)
+        for host in hosts[1::2]:
+            host.wait(timeout=120)
+    finally:
+        for host in hosts:
+            end_tree(host.pid)
+    assert central.returncode == 0 and hosts[1].returncode == 0 and hosts[3].returncode == 0, text[-3000:]
+    assert "1 of 1..2 edges present; edge2 left at step" in left
+    assert "2 of 1..2 edges present; edge2 joined at step" in joined
+    changes = [(r["left"], r["joined"], r["step"]) for r in _records(tmp_path, "membership")]
+    assert changes[0][:2] == ([], []) and (["edge2"], [], changes[1][2]) in changes
+    assert changes[-1][:2] == ([], ["edge2"]) and changes[-1][2] >= changes[1][2]
+    steps = [r["step"] for r in _records(tmp_path) if "loss" in r]
+    assert len(steps) == len(set(steps)) and steps[-1] == total  # every step once, to the end
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == total and summary["edges"] == 2
+    assert summary["bytes"]["per_edge"]["edge2"]["batches"] > 0  # trained since it came back
+
+
+def test_a_checkpoint_of_three_edges_resumes_on_two_and_on_four(mnist_root, tmp_path):
+    first = run(torchrun_cmd(4, *quick_overrides(mnist_root, tmp_path / "three", edges=3, **{
+        "train.max_steps": 20, "checkpoint.every_steps": 10})))
+    assert first.returncode == 0, first.stdout[-3000:]
+    saved = tmp_path / "three" / "checkpoints" / "step_00000020"
+    for edges, change in ((2, "edge3 left"), (4, "edge4 joined")):
+        result = run(torchrun_cmd(edges + 1, "--resume", str(saved), *quick_overrides(
+            mnist_root, tmp_path / str(edges), edges=edges, **{"train.max_steps": 40})))
+        assert result.returncode == 0, result.stdout[-3000:]
+        lines = [line for line in result.stdout.splitlines() if line.startswith("membership: ")]
+        assert lines == [f"membership: {edges} edges present; {change} at step 20 (was edge1, edge2, edge3)"
+                         + ("; a joining edge starts from the average of the checkpoint's edge weights, optimizer "
+                            "fresh" if edges == 4 else "")], result.stdout[-3000:]
+        summary = json.loads((tmp_path / str(edges) / "summary.json").read_text())
+        assert summary["resumed_from_step"] == 20 and summary["steps"] == 40 and summary["edges"] == edges
+        assert all(edge["batches"] > 0 for edge in summary["bytes"]["per_edge"].values())
+
+
+def test_free_first_lets_a_slow_edge_take_fewer_batches_and_learns_as_well(mnist_root, tmp_path):
+    """edge3 spends 100 ms more on every training call. Round robin gives it a third of the
+    batches regardless; free_first gives it fewer, and accuracy stays in the same band."""
+    summaries = {}
+    for mode in ("round_robin", "free_first"):
+        result = run(torchrun_cmd(4, *quick_overrides(mnist_root, tmp_path / mode, edges=3, **{
+            "train.epochs": 2, "train.dispatch": mode})), env=child_env(SPLIT_TRAINER_FAULT="edge3:train:1:slow"))
+        assert result.returncode == 0, result.stdout[-3000:]
+        summaries[mode] = json.loads((tmp_path / mode / "summary.json").read_text())
+    batches = {mode: {name: edge["batches"] for name, edge in s["bytes"]["per_edge"].items()}
+               for mode, s in summaries.items()}
+    assert max(batches["round_robin"].values()) - min(batches["round_robin"].values()) <= 1, batches  # 64 = 22+21+21
+    assert batches["free_first"]["edge3"] < min(batches["free_first"]["edge1"], batches["free_first"]["edge2"]), batches
+    assert sum(batches["free_first"].values()) == sum(batches["round_robin"].values()) == 64
+    accuracy = {mode: s["test_accuracy"] for mode, s in summaries.items()}
+    assert accuracy["free_first"] > 0.8 and abs(accuracy["free_first"] - accuracy["round_robin"]) < 0.05, accuracy
+
+
+def test_edge_held_data_of_an_edge_away_waits_for_it_where_it_stopped(mnist_root, tmp_path):
+    """Edge placement: with edge2 away its shard is not trained on, evaluation covers edge1 only,
+    and when edge2 is back it continues in its shard where it stopped."""
+    common = ["--config", "configs/mnist_edge_data.yaml", "--resume", "auto", *quick_overrides(
+        mnist_root, tmp_path, edges=2, **{"data.partition": "iid", "checkpoint.every_steps": 8,
+                                          "topology.min_edges": 1})]
+
+    def until(nproc: int, steps: int) -> str:
+        result = run(torchrun_cmd(nproc, *common, f"train.max_steps={steps}"))
+        assert result.returncode == 0, result.stdout[-3000:]
+        return result.stdout
+
+    def served(step: int) -> dict:
+        part = torch.load(tmp_path / "checkpoints" / f"step_{step:08d}" / "central.pt", weights_only=True)
+        return part["progress"]["served"]
+
+    until(3, 16)
+    assert served(16) == {"edge1": 8, "edge2": 8}
+    away = until(2, 32)
+    assert ("membership: 1 of 1..2 edges present; edge2 left at step 16 (was edge1, edge2); edge2's data is not "
+            "trained on while away") in away
+    assert served(32) == {"edge1": 24, "edge2": 8}
+    assert list(_records(tmp_path, "eval")[-1]["per_edge"]) == ["edge1"]
+    back = until(3, 48)
+    assert "membership: 2 of 1..2 edges present; edge2 joined at step 32 (was edge1)" in back
+    assert served(48) == {"edge1": 32, "edge2": 16}  # edge2 went on from its 8th batch
