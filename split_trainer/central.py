@@ -67,9 +67,9 @@ class Central:
                                  cfg.train.in_flight)
         self.stage = self.engine.stage
         self.fleet = Fleet(cfg, members())
-        self.progress = state.Progress(seed=cfg.train.seed)
+        self.progress, averaged = state.Progress(seed=cfg.train.seed), []
         if loaded:
-            self.progress = state.restore(loaded, self.stage, self.fleet)
+            self.progress, averaged = state.restore(loaded, self.stage, self.fleet)
         self.placement.bind(self.fleet.described, self.fleet.names, self.progress.served)
         console.attach(self.fleet.links)
         # An epoch's length is fixed when the run starts: a fleet that shrinks or grows later does not change it.
@@ -89,7 +89,7 @@ class Central:
             metrics.write(event="resume", step=self.step, from_checkpoint=str(loaded.path), attempt=topo.restart)
             console.print(f"resumed from {loaded.path} (step {self.step}, attempt {topo.restart})")
         before = metrics.last("membership") or ({"edges": self.progress.edges} if loaded else None)
-        self.membership = Membership(before["edges"] if before else None, self.fleet.names, self.step)
+        self.membership = Membership(before["edges"] if before else None, self.fleet.names, self.step, averaged)
         metrics.write(event="membership", attempt=topo.restart, **self.membership.record())
 
     @property

@@ -157,7 +157,8 @@ class Fleet:
         if n == 1:
             return  # one replica is its own average
         if self.own_weights:  # the edges fetch each other's replicas: the central only says when
-            self.on_all(edge.gather_average, [([name for name in self.names if name in trained] or self.names,)] * n)
+            peers = [name for name in self.names if name in trained] or self.names
+            self.on_all(edge.gather_average, [(peers,)] * n)
             self.on_all(edge.apply_average, [()] * n)
             return
         states = self.on_all(edge.get_state, [()] * n, "edge_state")
@@ -213,8 +214,8 @@ class Membership:
     """The edges present in this attempt against those of the attempt before (``before``: None in
     a run's first): what the banner and metrics.jsonl record of every change."""
 
-    def __init__(self, before: Optional[list[str]], now: list[str], step: int):
-        self.before, self.now, self.step = before, now, step
+    def __init__(self, before: Optional[list[str]], now: list[str], step: int, averaged: list[str]):
+        self.before, self.now, self.step, self.averaged = before, now, step, averaged  # averaged: see state.restore
         self.left = [name for name in before or [] if name not in now]
         self.joined = [name for name in now if before is not None and name not in before]
 
@@ -225,7 +226,7 @@ class Membership:
         """The banner's line: None for a fixed fleet that did not change."""
         most = cfg.topology.edges
         elastic = cfg.topology.fewest < most
-        if not (elastic or self.left or self.joined):
+        if not (elastic or self.left or self.joined or self.averaged):
             return None
         text = f"{len(self.now)} of {cfg.topology.fewest}..{most} edges present" if elastic else \
             f"{len(self.now)} edges present"
@@ -233,8 +234,8 @@ class Membership:
                    if names]
         if changes:
             text += f"; {' and '.join(changes)} at step {self.step} (was {', '.join(self.before)})"
-        if self.joined and self.step:
-            text += "; a joining edge starts from the average of the checkpoint's edge weights, optimizer fresh"
+        if self.averaged:
+            text += f"; {', '.join(self.averaged)} from the average of the checkpoint's edge weights, optimizer fresh"
         absent = [f"edge{k}" for k in range(1, most + 1) if f"edge{k}" not in self.now]
         if absent and cfg.data.placement == "edge":
             text += f"; {', '.join(absent)}'s data is not trained on while away"

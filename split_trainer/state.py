@@ -47,10 +47,11 @@ def save(cfg: Config, meta: dict[str, Any], central: Stage, fleet: Fleet, progre
     return checkpoint.save(checkpoint.directory(cfg), progress.step, parts, meta, cfg.checkpoint.keep)
 
 
-def restore(loaded: checkpoint.Loaded, central: Stage, fleet: Fleet) -> Progress:
+def restore(loaded: checkpoint.Loaded, central: Stage, fleet: Fleet) -> tuple[Progress, list[str]]:
     """Continue exactly where the checkpoint was taken: weights, optimizers, RNG, data position.
     An edge the checkpoint does not know starts from the average of its edges' weights with fresh
-    optimizer state; one the checkpoint knows but that is away is left out."""
+    optimizer state; one the checkpoint knows but that is away is left out. Returns the progress
+    record and the edges that started from the average."""
     part = loaded.parts["central"]
     central.load_part(part)
     own = loaded.manifest.get("edge_parts")
@@ -68,4 +69,4 @@ def restore(loaded: checkpoint.Loaded, central: Stage, fleet: Fleet) -> Progress
         fleet.adopt(newcomers, known, [loaded.parts[name]["module"] for name in saved] if own is None else None)
     progress = Progress(**part["progress"])
     progress.trained = [name for name in progress.trained if name in fleet.names]
-    return progress
+    return progress, newcomers

@@ -33,6 +33,7 @@ def test_an_edge_host_lost_mid_run_leaves_a_job_that_finishes_and_takes_it_back(
         out.wait_for(lambda line: line.startswith("step 64/"), timeout=300)  # both edges at work
         end_tree(hosts[2].pid)  # the whole host: its agent and its worker
         left = out.wait_for(lambda line: "edge2 left" in line, timeout=300)
+        alone = out.wait_for(lambda line: line.startswith("step "), timeout=300)  # training goes on without it
         hosts.append(edge_host(2))
         joined = out.wait_for(lambda line: "edge2 joined" in line, timeout=300)
         text = out.rest(timeout=400)
@@ -42,7 +43,7 @@ def test_an_edge_host_lost_mid_run_leaves_a_job_that_finishes_and_takes_it_back(
         for host in hosts:
             end_tree(host.pid)
     assert central.returncode == 0 and hosts[1].returncode == 0 and hosts[3].returncode == 0, text[-3000:]
-    assert "1 of 1..2 edges present; edge2 left at step" in left
+    assert "1 of 1..2 edges present; edge2 left at step" in left and "edges ok 1/1" in alone
     assert "2 of 1..2 edges present; edge2 joined at step" in joined
     changes = [(r["left"], r["joined"], r["step"]) for r in _records(tmp_path, "membership")]
     assert changes[0][:2] == ([], []) and (["edge2"], [], changes[1][2]) in changes
@@ -65,8 +66,8 @@ def test_a_checkpoint_of_three_edges_resumes_on_two_and_on_four(mnist_root, tmp_
         assert result.returncode == 0, result.stdout[-3000:]
         lines = [line for line in result.stdout.splitlines() if line.startswith("membership: ")]
         assert lines == [f"membership: {edges} edges present; {change} at step 20 (was edge1, edge2, edge3)"
-                         + ("; a joining edge starts from the average of the checkpoint's edge weights, optimizer "
-                            "fresh" if edges == 4 else "")], result.stdout[-3000:]
+                         + ("; edge4 from the average of the checkpoint's edge weights, optimizer fresh"
+                            if edges == 4 else "")], result.stdout[-3000:]
         summary = json.loads((tmp_path / str(edges) / "summary.json").read_text())
         assert summary["resumed_from_step"] == 20 and summary["steps"] == 40 and summary["edges"] == edges
         assert all(edge["batches"] > 0 for edge in summary["bytes"]["per_edge"].values())
