@@ -4,6 +4,7 @@ edge count, and free_first dispatch around a slow edge."""
 
 import json
 
+import pytest
 import torch
 from conftest import Lines, child_env, end_tree, free_port, launch, quick_overrides, run, torchrun_cmd
 
@@ -16,9 +17,9 @@ def _records(run_dir, event=None):
 def test_an_edge_host_lost_mid_run_leaves_a_job_that_finishes_and_takes_it_back(mnist_root, tmp_path):
     """Edge host 2 (agent and worker) is killed with SIGKILL mid-run: the others meet again without
     it and go on; started again, it is admitted at the next rendezvous and trains."""
-    port, total = free_port(), 12 * 64
+    port, total = free_port(), 7 * 64
     common = ["--set", "topology.edges=2", f"data.root={mnist_root}", f"output.run_dir={tmp_path}",
-              "data.limit_train=4096", "data.limit_test=1000", "train.epochs=12", "checkpoint.every_steps=16",
+              "data.limit_train=4096", "data.limit_test=1000", "train.epochs=7", "checkpoint.every_steps=16",
               "logging.every_steps=8", "rpc.timeout_s=60"]
     elastic = ["--hosts", "1:2", "--addr", "127.0.0.1", "--max-restarts", "3"]
 
@@ -55,40 +56,45 @@ def test_an_edge_host_lost_mid_run_leaves_a_job_that_finishes_and_takes_it_back(
     assert summary["bytes"]["per_edge"]["edge2"]["batches"] > 0  # trained since it came back
 
 
-def test_a_checkpoint_of_three_edges_resumes_on_two_and_on_four(mnist_root, tmp_path):
-    first = run(torchrun_cmd(4, *quick_overrides(mnist_root, tmp_path / "three", edges=3, **{
-        "train.max_steps": 20, "checkpoint.every_steps": 10})))
-    assert first.returncode == 0, first.stdout[-3000:]
-    saved = tmp_path / "three" / "checkpoints" / "step_00000020"
-    for edges, change in ((2, "edge3 left"), (4, "edge4 joined")):
-        result = run(torchrun_cmd(edges + 1, "--resume", str(saved), *quick_overrides(
-            mnist_root, tmp_path / str(edges), edges=edges, **{"train.max_steps": 40})))
-        assert result.returncode == 0, result.stdout[-3000:]
-        lines = [line for line in result.stdout.splitlines() if line.startswith("membership: ")]
-        assert lines == [f"membership: {edges} edges present; {change} at step 20 (was edge1, edge2, edge3)"
-                         + ("; edge4 from the average of the checkpoint's edge weights, optimizer fresh"
-                            if edges == 4 else "")], result.stdout[-3000:]
-        summary = json.loads((tmp_path / str(edges) / "summary.json").read_text())
-        assert summary["resumed_from_step"] == 20 and summary["steps"] == 40 and summary["edges"] == edges
-        assert all(edge["batches"] > 0 for edge in summary["bytes"]["per_edge"].values())
-
-
-def test_free_first_lets_a_slow_edge_take_fewer_batches_and_learns_as_well(mnist_root, tmp_path):
-    """edge3 spends 100 ms more on every training call. Round robin gives it a third of the
-    batches regardless; free_first gives it fewer, and accuracy stays in the same band."""
-    summaries = {}
+@pytest.fixture(scope="module")
+def slow_edge_runs(mnist_root, tmp_path_factory) -> dict:
+    """1+3, 64 steps under each dispatch mode, edge3 spending 100 ms more on every training call."""
+    runs = {}
     for mode in ("round_robin", "free_first"):
-        result = run(torchrun_cmd(4, *quick_overrides(mnist_root, tmp_path / mode, edges=3, **{
+        run_dir = tmp_path_factory.mktemp(mode)
+        result = run(torchrun_cmd(4, *quick_overrides(mnist_root, run_dir, edges=3, **{
             "train.epochs": 2, "train.dispatch": mode})), env=child_env(SPLIT_TRAINER_FAULT="edge3:train:1:slow"))
         assert result.returncode == 0, result.stdout[-3000:]
-        summaries[mode] = json.loads((tmp_path / mode / "summary.json").read_text())
+        runs[mode] = run_dir
+    return runs
+
+
+def test_free_first_lets_a_slow_edge_take_fewer_batches_and_learns_as_well(slow_edge_runs):
+    """Round robin gives the slow edge a third of the batches regardless; free_first gives it
+    fewer, and accuracy stays in the same band."""
+    summaries = {mode: json.loads((d / "summary.json").read_text()) for mode, d in slow_edge_runs.items()}
     batches = {mode: {name: edge["batches"] for name, edge in s["bytes"]["per_edge"].items()}
                for mode, s in summaries.items()}
-    assert max(batches["round_robin"].values()) - min(batches["round_robin"].values()) <= 1, batches  # 64 = 22+21+21
+    assert max(batches["round_robin"].values()) - min(batches["round_robin"].values()) <= 1, batches  # 22+21+21
     assert batches["free_first"]["edge3"] < min(batches["free_first"]["edge1"], batches["free_first"]["edge2"]), batches
     assert sum(batches["free_first"].values()) == sum(batches["round_robin"].values()) == 64
     accuracy = {mode: s["test_accuracy"] for mode, s in summaries.items()}
     assert accuracy["free_first"] > 0.8 and abs(accuracy["free_first"] - accuracy["round_robin"]) < 0.05, accuracy
+
+
+def test_a_checkpoint_of_three_edges_resumes_on_two_and_on_four(mnist_root, slow_edge_runs, tmp_path):
+    saved = slow_edge_runs["round_robin"] / "checkpoints" / "step_00000032"  # the end of epoch 1
+    for edges, change in ((2, "edge3 left"), (4, "edge4 joined")):
+        result = run(torchrun_cmd(edges + 1, "--resume", str(saved), *quick_overrides(
+            mnist_root, tmp_path / str(edges), edges=edges, **{"train.epochs": 2, "train.max_steps": 40})))
+        assert result.returncode == 0, result.stdout[-3000:]
+        lines = [line for line in result.stdout.splitlines() if line.startswith("membership: ")]
+        assert lines == [f"membership: {edges} edges present; {change} at step 32 (was edge1, edge2, edge3)"
+                         + ("; edge4 from the average of the checkpoint's edge weights, optimizer fresh"
+                            if edges == 4 else "")], result.stdout[-3000:]
+        summary = json.loads((tmp_path / str(edges) / "summary.json").read_text())
+        assert summary["resumed_from_step"] == 32 and summary["steps"] == 40 and summary["edges"] == edges
+        assert all(edge["batches"] > 0 for edge in summary["bytes"]["per_edge"].values())
 
 
 def test_edge_held_data_of_an_edge_away_waits_for_it_where_it_stopped(mnist_root, tmp_path):
