@@ -53,7 +53,7 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--slow-ms", type=int, default=100)
-    parser.add_argument("--out", default="slow_edge.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmark" / "slow_edge.json")
     args = parser.parse_args()
     rows = []
     for slow in (False, True):
@@ -66,7 +66,8 @@ def main() -> int:
             rows.append(row)
             print(f"{row['mode']:<12} slow {row['slow_edge']:<22} {row['samples_per_s']:7.1f} samples/s "
                   f"{row['repeats']}  accuracy {row['test_accuracy']:.4f}  batches {row['batches']}", flush=True)
-    Path(args.out).write_text(json.dumps({"edges": args.edges, "steps": args.steps, "rows": rows}, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"edges": args.edges, "steps": args.steps, "rows": rows}, indent=2))
     return 0
 
 
