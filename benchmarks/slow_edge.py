@@ -4,7 +4,7 @@
     python benchmarks/slow_edge.py --edges 3 --steps 400 --repeats 3 --slow-ms 100
 
 The slow edge spends ``--slow-ms`` more on every training call (the ``slow`` fault of
-split_trainer.faults: a slower device, which on a machine of few cores is the one way to slow one
+split_trainer.training.faults: a slower device, which on a machine of few cores is the one way to slow one
 edge without slowing every rank that shares its cores). Each row is a real torchrun job on the
 full MNIST training set: samples/s after the warm-up (median of the repeats), the batches each
 edge took, and the test accuracy at the end. Writes the table as JSON.

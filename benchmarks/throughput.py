@@ -37,8 +37,8 @@ def local_worker(data: str, steps: int, warmup: int, threads: int, batch: int, d
     import torch
 
     from split_trainer.config import load_config
-    from split_trainer.datasets import load
-    from split_trainer.local import train_local
+    from split_trainer.data.datasets import load
+    from split_trainer.training.local import train_local
 
     torch.set_num_threads(threads)
     cfg = load_config(ROOT / "configs" / "mnist.yaml", [f"data.root={data}", f"data.batch_size={batch}"])

@@ -8,9 +8,9 @@ import importlib
 import os
 import sys
 
-from . import faults
-from .config import ConfigError, load_config
-from .failures import Terminated, short
+from split_trainer.training import faults
+from split_trainer.config import ConfigError, load_config
+from split_trainer.training.failures import Terminated, short
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,26 +38,32 @@ def main(argv: list[str] | None = None) -> int:
     # torch's C++ side logs every torn pipe with a stack of frames when a peer dies; the central's
     # one-line reason says it better. TORCH_CPP_LOG_LEVEL=INFO brings them back.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
-    where = ""
+    where, built = "", []
     try:
         cfg = load_config(args.config, args.overrides)
-        from .topology import device_for, set_threads, topology_from_env  # torch imports after argument checks
-
-        from .plan import plan_for
+        # torch imports after argument checks
+        from split_trainer.model.plan import plan_for
+        from split_trainer.transport.topology import device_for, loopback_topology, set_threads, topology_from_env
 
         plan = plan_for(cfg, cfg.train.seed)  # an unknown model or a bad plan fails on every rank, now
-        topo = topology_from_env(cfg)
+        loopback = cfg.topology.transport == "loopback"
+        topo = loopback_topology() if loopback else topology_from_env(cfg)
         where = f"[{topo.name}] "
         faults.arm(topo.name, topo.restart)
         role = "central" if topo.is_central else "edge"
         device_for(getattr(cfg.train, f"{role}_device"), f"train.{role}_device", topo.local_rank)  # one line, now
         threads = set_threads(cfg.train.threads, topo)
         if topo.is_central:
-            from .central import run_central
-            run_central(cfg, topo, plan, threads, args.resume, args.quiet)
+            from split_trainer.training.central import run_central
+
+            def transport_for():
+                built.append(_transport(cfg, topo))
+                return built[-1]
+
+            run_central(cfg, topo, plan, threads, transport_for, args.resume, args.quiet)
         else:
-            from .edge import serve
-            serve(topo, cfg)
+            from split_trainer.transport.rpc import serve_edge
+            serve_edge(topo, cfg)
         return 0
     except ConfigError as exc:
         _say(where, str(exc))
@@ -65,20 +71,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C reaches every rank of the process group: one line is enough
         if where in ("", "[central] "):
             _say(where, "interrupted (SIGINT): run the same command to resume from the newest checkpoint")
+        _shut_down(built)
         return 130
     except (Exception, Terminated) as exc:  # one line for the person; the cause chain is not for them
         if isinstance(exc, Terminated) and isinstance(exc.__context__, Exception):
             exc = exc.__context__  # the signal came while this error was on its way here
         _say(where, short(exc))
-        from torch.distributed import rpc
-        try:
-            rpc.shutdown(graceful=False)  # a dead or hung peer would block a graceful one
-        except Exception:
-            pass
+        _shut_down(built)
         return 143 if isinstance(exc, Terminated) else 1
 
 
-COMMANDS = {"evaluate": "standalone", "export": "standalone", "config": "reference", "audit": "audit"}
+def _transport(cfg, topo):
+    if cfg.topology.transport == "loopback":
+        from split_trainer.transport.loopback import LoopbackTransport
+        return LoopbackTransport(cfg)
+    from split_trainer.transport.rpc import RpcTransport
+    return RpcTransport(topo, cfg)
+
+
+def _shut_down(built: list) -> None:
+    """Non-gracefully: a dead or hung peer would block a graceful shutdown. An edge rank built no
+    transport object of its own, but it may be in an RPC group."""
+    try:
+        if built:
+            built[0].shutdown(graceful=False)
+        elif "torch.distributed.rpc" in sys.modules:
+            sys.modules["torch.distributed.rpc"].shutdown(graceful=False)
+    except Exception:
+        pass
+
+
+COMMANDS = {"evaluate": "cli.standalone", "export": "cli.standalone", "config": "cli.reference", "audit": "privacy.audit"}
 
 
 def _command(argv: list[str]) -> int:

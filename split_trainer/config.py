@@ -36,6 +36,10 @@ class TopologyConfig:
     min_edges: Optional[int] = None
     """The fewest edges the job trains with: an elastic fleet when below edges (edges come and go,
     launch/central.sh --hosts MIN:MAX); null: exactly edges."""
+    transport: Literal["rpc", "loopback"] = "rpc"
+    """rpc: torch RPC under torchrun, one process per rank (how a fleet runs); loopback: the central
+    and every edge in one process, started without torchrun (python -m split_trainer ...): the same
+    run, for a debugger, a notebook or a quick try (docs/how-it-works.md)."""
 
     def __post_init__(self) -> None:
         _require(self.edges >= 1, f"topology.edges must be at least 1, got {self.edges}")
@@ -176,6 +180,9 @@ class TrainConfig:
     """SGD momentum (ignored by other optimizers)."""
     weight_decay: float = 0.0
     """L2 penalty, for every optimizer."""
+    loss: Literal["cross_entropy", "nll"] = "cross_entropy"
+    """cross_entropy: on logits (the shipped networks); nll: on log-probabilities, for a network of
+    your own that ends in log_softmax."""
     seed: int = 1
     """Seeds weights, data order and dropout: the same seed and config give the same run."""
     edge_sync_every: int = 20
@@ -345,6 +352,11 @@ class Config:
         return 1 + self.topology.edges
 
     def __post_init__(self) -> None:
+        _require(not (self.topology.transport == "loopback" and self.train.engine == "autograd"
+                      and self.privacy.label_noise > 0),
+                 "privacy.label_noise with train.engine=autograd needs topology.transport=rpc: on loopback the "
+                 "noise would be drawn in the central's backward from the central's random stream, not the edge's; "
+                 "use train.engine=relay")
         if self.train.engine == "autograd":  # the gradient of what crossed comes back in the type it went out in
             _require(self.rpc.gradient_dtype in (None, self.rpc.activation_dtype),
                      f"rpc.gradient_dtype={self.rpc.gradient_dtype} needs train.engine=relay: distributed autograd "

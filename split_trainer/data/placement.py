@@ -1,0 +1,236 @@
+"""Where the data lives (``data.placement``): one interface, one class per placement.
+
+On the central a placement knows its steps per epoch, yields an epoch's batches from a position,
+yields the evaluation shares, and describes itself for the banner and the run's files. On each
+edge its counterpart (``edge_data``) turns what the central sends into inputs: the inputs
+themselves (central-held data), or a draw of the edge's own batch (edge-held shards).
+
+    central  the central loads the data set and sends each batch's inputs; labels never leave it
+    edge     each edge loads its own shard on its own host; the central sends draws (epoch, batch)
+             and never receives an input (nor a label when the loss is on the edge)
+
+A third placement is one more class with the same methods, named in ``PLACEMENTS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Optional, Protocol
+
+import torch
+
+from split_trainer.config import Config
+from split_trainer.data.batches import batch_loader, crop_flip, epoch_order, index_batches
+from split_trainer.data.datasets import Source, Spec, load, spec_of
+from split_trainer.data.shards import Draw, Shard, rotation
+from split_trainer.training.route import Batch
+
+Tensor = torch.Tensor
+Score = tuple[float, int, int]  # summed loss, correct predictions, samples
+
+
+class Placement(Protocol):
+    """The central's side of a placement."""
+    steps_per_epoch: int
+
+    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int]) -> None:
+        """The fleet is up: ``described`` holds every present edge's ``edge.describe``; ``served``
+        counts each edge's training batches so far, by name (the progress record's, updated here)."""
+
+    def batches(self, epoch: int, position: int) -> Iterator[Batch]:
+        """The epoch's batches in dispatch order, from batch ``position`` on."""
+
+    def take(self, batch: Batch) -> Batch:
+        """``batch`` as the edge ``batch.edge`` takes it (in that edge's lane, in order)."""
+
+    def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
+        """Per edge, its (test batch number, key) pairs; ``test_batch(key)`` gives (source, labels)."""
+
+    def test_batch(self, key: Any) -> tuple[Any, Optional[Tensor]]: ...
+
+    def eval_record(self, scores: dict[tuple[int, int], Score], names: list[str]) -> dict[str, Any]:
+        """What the evaluation record adds to the totals."""
+
+    def describe(self, names: list[str]) -> str:
+        """The banner's data line."""
+
+    def files(self, names: list[str]) -> dict[str, Any]:
+        """The run's files that describe the data (name -> JSON content)."""
+
+
+class EdgeSide(Protocol):
+    """An edge's side of a placement: what it makes of the first hop's input."""
+
+    def take(self, source: Any) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """(inputs, their labels when this edge holds them, the labels to send the central)."""
+
+    def state(self) -> dict[str, Any]:
+        """Where this edge stands in its own data: saved with its checkpoint part."""
+
+    def load_state(self, saved: dict[str, Any]) -> None: ...
+
+    def describe(self) -> Optional[dict[str, Any]]:
+        """Sizes and label counts of the data this edge holds, if any."""
+
+
+def _spec_text(cfg: Config, spec: Spec) -> str:
+    mean, std = (", ".join(f"{v:.4f}" for v in values) for values in (spec.mean, spec.std))
+    computed = " computed from the training images" if computes_statistics(cfg) else ""
+    augment = f", augment {cfg.data.augment}" if cfg.data.augment != "none" else ""
+    return (f"{cfg.data.name} ({spec.channels}x{spec.size}x{spec.size}, {spec.classes} classes, normalised with mean "
+            f"({mean}) std ({std}){computed}{augment})")
+
+
+def computes_statistics(cfg: Config) -> bool:
+    return cfg.data.name == "image_folder" and cfg.data.mean is None
+
+
+class CentralData:
+    """The central holds the data set and sends each batch's inputs to the edge whose turn it is
+    (batch i to edge i mod N); the test batches are spread over the edges the same way."""
+
+    def __init__(self, cfg: Config, labels_here: bool):
+        self.cfg = cfg
+        self.train, self.test, self.spec = load(cfg.data)  # a bad folder fails here, before RPC
+        self.steps_per_epoch = -(-len(self.train) // cfg.data.batch_size)
+        self.test_batches = index_batches(len(self.test), cfg.data.eval_batch_size)
+        self.edges = 0
+
+    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int]) -> None:
+        self.edges = len(described)
+
+    def batches(self, epoch: int, position: int) -> Iterator[Batch]:
+        start = epoch * self.steps_per_epoch
+        order = epoch_order(len(self.train), self.cfg.data.batch_size, self.cfg.train.seed, epoch)
+        loader = batch_loader(self.train, order[position:], self.cfg.data.num_workers)
+        for i, (x, y) in enumerate(loader, position):
+            if self.cfg.data.augment == "crop_flip":
+                x = crop_flip(x, self.cfg.train.seed, epoch, i)
+            yield Batch(start + i, (start + i) % self.edges, x, y)
+
+    def take(self, batch: Batch) -> Batch:
+        return batch  # the inputs are the data set's next batch, whichever edge takes them
+
+    def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
+        n = self.edges
+        return [[(j, idx) for j, idx in enumerate(self.test_batches) if j % n == k] for k in range(n)]
+
+    def test_batch(self, key: Tensor) -> tuple[Tensor, Tensor]:
+        return self.test.batch(key)  # gathered (or decoded) in the lane that sends it
+
+    def eval_record(self, scores: dict[tuple[int, int], Score], names: list[str]) -> dict[str, Any]:
+        return {}  # every edge evaluates the same kind of data: the total says it
+
+    def describe(self, names: list[str]) -> str:
+        return (f"{_spec_text(self.cfg, self.spec)} at {self.cfg.data.root} on the central ({len(self.train)} train / "
+                f"{len(self.test)} test), inputs sent to the edges")
+
+    def files(self, names: list[str]) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def load_on_edge(cfg: Config) -> None:
+        return None  # the edge holds no data: inputs come with the calls
+
+    @staticmethod
+    def edge_data(cfg: Config, loaded: None, edge: int) -> EdgeSide:
+        return CallInputs()
+
+
+class EdgeData:
+    """Each edge holds its own shard; the central sends draws. An epoch is as many steps as the
+    shards of the fleet that started the run hold batches (with that fleet, every edge serves its
+    shard once, its batches spread evenly over the epoch: shards.rotation). Each edge goes through
+    its shard at its own pace, counted by name (``served``): an edge that is away is not trained on
+    and picks up where it stopped when it comes back; under free_first a fast edge takes more."""
+
+    def __init__(self, cfg: Config, labels_here: bool):
+        self.cfg, self.labels_here = cfg, labels_here  # the edges send labels only when the loss is here
+        self.spec = spec_of(cfg.data)
+        self.shards: list[dict[str, Any]] = []
+        self.rotation: list[tuple[int, int]] = []
+        self.steps_per_epoch = 0
+        self.names: list[str] = []
+        self.served: dict[str, int] = {}
+
+    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int]) -> None:
+        self.shards, self.names, self.served = [d["shard"] for d in described], names, served
+        self.rotation = rotation([s["train_batches"] for s in self.shards])
+        self.steps_per_epoch = len(self.rotation)
+
+    def batches(self, epoch: int, position: int) -> Iterator[Batch]:
+        start = epoch * self.steps_per_epoch  # (the central's: the run's epoch length)
+        for i in range(position, self.steps_per_epoch):
+            yield Batch(start + i, self.rotation[i % len(self.rotation)][0], None)
+
+    def take(self, batch: Batch) -> Batch:
+        name, n = self.names[batch.edge], self.shards[batch.edge]["train_batches"]
+        count = self.served.get(name, 0)
+        self.served[name] = count + 1
+        return dataclasses.replace(batch, source=Draw("train", count // n, count % n, self.labels_here))
+
+    def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
+        return [[(j, Draw("test", epoch, j, self.labels_here)) for j in range(s["test_batches"])] for s in self.shards]
+
+    def test_batch(self, key: Draw) -> tuple[Draw, None]:
+        return key, None  # the edge draws its own test batch
+
+    def eval_record(self, scores: dict[tuple[int, int], Score], names: list[str]) -> dict[str, Any]:
+        """Each edge's own accuracy: with non-IID shards a weak edge must not hide behind a good average."""
+        per_edge = [[s for (k, _), s in scores.items() if k == e] for e in range(len(names))]
+        return {"per_edge": {name: sum(s[1] for s in p) / max(sum(s[2] for s in p), 1)
+                             for name, p in zip(names, per_edge)}}
+
+    def describe(self, names: list[str]) -> str:
+        cfg = self.cfg.data
+        shards = "; ".join(f"{name} {s['train']} train / {s['test']} test, labels {s['train_labels']}"
+                           for name, s in zip(names, self.shards))
+        how = cfg.partition + (f" alpha {cfg.dirichlet_alpha:g}" if cfg.partition == "dirichlet" else "")
+        note = " (each edge computes its own statistics)" if computes_statistics(self.cfg) else ""
+        return f"{_spec_text(self.cfg, self.spec)}{note} on the edges ({how} shards of each edge's {cfg.root}): {shards}"
+
+    def files(self, names: list[str]) -> dict[str, Any]:
+        return {"partition.json": {"partition": self.cfg.data.partition, "seed": self.cfg.train.seed,
+                                   **dict(zip(names, self.shards))}}
+
+    @staticmethod
+    def load_on_edge(cfg: Config) -> tuple[Source, Source, Spec]:
+        """The whole data set at this edge's data.root (a missing or broken folder fails here, before
+        RPC); the shard is carved once the central's config has arrived."""
+        return load(dataclasses.replace(cfg.data, limit_train=None, limit_test=None))
+
+    @staticmethod
+    def edge_data(cfg: Config, loaded: Optional[tuple[Source, Source, Spec]], edge: int) -> EdgeSide:
+        """Edge number ``edge``'s shard: shards are carved over topology.edges (the most edges) by
+        edge number, so an edge has the same shard whoever else is present."""
+        if loaded is None:
+            raise RuntimeError("this edge loaded no data: start it with data.placement=edge, as the central")
+        train, test = (s if limit is None else s.subset(torch.arange(min(limit, len(s)))) for s, limit in
+                       zip(loaded[:2], (cfg.data.limit_train, cfg.data.limit_test)))
+        return Shard.carve(train, test, edge, cfg.topology.edges, cfg.data, cfg.train.seed, loaded[2].classes)
+
+
+class CallInputs:
+    """An edge's data under central placement: the inputs arrive with each call."""
+
+    def take(self, source: Tensor) -> tuple[Tensor, None, None]:
+        return source, None, None
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, saved: dict[str, Any]) -> None:
+        if saved:
+            raise RuntimeError("the checkpoint was written with the data on the edges (data.placement=edge): "
+                               "resume with the same placement, or --resume never")
+
+    def describe(self) -> None:
+        return None
+
+
+PLACEMENTS = {"central": CentralData, "edge": EdgeData}
+
+
+def placement_for(cfg: Config, labels_here: bool) -> Placement:
+    """The central's side of ``data.placement``; ``labels_here``: the loss is on the central."""
+    return PLACEMENTS[cfg.data.placement](cfg, labels_here)

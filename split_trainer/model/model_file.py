@@ -1,0 +1,35 @@
+"""The standalone model file (``model.pt``): the architecture's config, the data shape and the
+merged state_dict, readable with ``torch.load(weights_only=True)`` and rebuilt without any
+topology, torchrun or RPC."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from split_trainer.config import ConfigError, config_from_dict
+from split_trainer.records.files import atomic_write
+from split_trainer.model.models import Shape, build_full
+
+
+def save_model(path: Path, model_cfg: dict[str, Any], shape: Shape, state: dict[str, torch.Tensor]) -> None:
+    saved = {"name": model_cfg["name"], "model": model_cfg, "shape": shape, "state_dict": state}
+    atomic_write(path, lambda f: torch.save(saved, f))
+
+
+def read_model(path: Path) -> tuple[dict[str, Any], Shape, dict[str, torch.Tensor]]:
+    """(model config dict, data shape, state_dict) of a model file; a ConfigError if it is not one."""
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+        return saved["model"], saved["shape"], saved["state_dict"]
+    except Exception as exc:
+        raise ConfigError(f"{path} is not a split_trainer model file ({str(exc).splitlines()[0][:200]})") from None
+
+
+def build_model(model_cfg: dict[str, Any], shape: Shape, state: dict[str, torch.Tensor]) -> nn.Sequential:
+    model = build_full(config_from_dict({"model": model_cfg}).model, shape)
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,246 @@
+"""``python -m split_trainer audit``: what an honest-but-curious central could learn of the edges'
+data, measured on the model at a checkpoint, with exactly what the central receives under that
+run's config (its defences included). One process, no cluster.
+
+    python -m split_trainer audit --checkpoint runs/mnist/checkpoints [--set data.root=DIR]
+
+At every cut whose activation reaches the central it attacks the inputs (split_trainer.attacks):
+a decoder and an optimisation that know the edge weights (what the central has when it holds
+them, and an upper bound when the edges keep them), and UnSplit, which knows only the
+architecture. Private images come from the training split, public ones (the decoder's training
+set) from the test split. In a U-shaped plan it also attacks the labels. Writes audit.json and
+audit.png (originals above their reconstructions) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from split_trainer.privacy import attacks
+from split_trainer.records import checkpoint
+from split_trainer.config import Config, ConfigError, PrivacyConfig, config_from_dict
+from split_trainer.data.datasets import Source, load
+from split_trainer.records.files import atomic_write, write_json
+from split_trainer.model.losses import Loss, loss_fn
+from split_trainer.model.plan import Plan, plan_for
+from split_trainer.privacy.defences import Defences, epsilon
+from split_trainer.training.route import Hop
+from split_trainer.cli.standalone import load_merged
+
+Tensor = torch.Tensor
+
+
+def _count(text: str) -> int:
+    """A number of images, epochs or steps: an attack on none of them would report NaN."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m split_trainer audit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder or checkpoint directory")
+    parser.add_argument("--edge-parts", type=Path, metavar="DIR", help="as for export, with edge-held weights")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, help="folder for audit.json and audit.png (default: beside the checkpoints)")
+    parser.add_argument("--public", type=_count, default=5000, help="public images (test split) the decoder trains on")
+    parser.add_argument("--private", type=_count, default=2000, help="private training images attacked by the decoder")
+    parser.add_argument("--reidentify", type=_count, default=200, help="of those, how many are re-identified")
+    parser.add_argument("--candidates", type=_count, default=100, help="same-class private images to pick each from")
+    parser.add_argument("--decoder-epochs", type=_count, default=30)
+    parser.add_argument("--inversions", type=_count, default=8, help="images attacked by optimisation, with weights")
+    parser.add_argument("--inversion-steps", type=_count, default=300)
+    parser.add_argument("--unsplit", type=_count, default=64, help="images attacked by UnSplit (no weights)")
+    parser.add_argument("--unsplit-rounds", type=_count, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv[1:])
+    if args.reidentify > args.private:
+        parser.error(f"--reidentify {args.reidentify} is more than the --private {args.private} images attacked")
+    return args
+
+
+class Views:
+    """What the central receives at a cut for images (normalised): ``received`` exactly, the
+    activation defence's noise included; ``model`` the same without the noise (what an attacker can
+    differentiate). What leaves an edge is the edge's own rule (privacy.defences.Defences.outgoing)."""
+
+    def __init__(self, plan: Plan, cfg: PrivacyConfig, cut: int):
+        self.plan, self.cut = plan, cut
+        self.defences = Defences(cfg, plan.places)
+        self.noiseless = Defences(dataclasses.replace(cfg, noise=0.0), plan.places)
+
+    def _through(self, x: Tensor, defences: Defences) -> Tensor:
+        for i, segment in enumerate(self.plan.segments[:self.cut + 1]):
+            out = segment.module(x)
+            x = defences.outgoing(Hop("infer", i, segment.place), x, out)
+        return x
+
+    def received(self, x: Tensor) -> Tensor:
+        return self._through(x, self.defences)
+
+    def model(self, x: Tensor) -> Tensor:
+        return self._through(x, self.noiseless)
+
+
+def _pixels(x: Tensor, source: Source) -> Tensor:
+    return (x * source.std.view(1, -1, 1, 1) + source.mean.view(1, -1, 1, 1)).clamp(0, 1)
+
+
+def _data(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """Public images (test split) and a seeded pool of private training images, with labels."""
+    train, test, spec = load(cfg.data)
+    gen = torch.Generator().manual_seed(args.seed)
+    public_idx = torch.arange(min(args.public, len(test)))
+    pool_idx = torch.randperm(len(train), generator=gen)[:args.private]
+    (px, py), (qx, qy) = test.batch(public_idx), train.batch(pool_idx)
+    # The attacked images: the first of each class in turn, so that every class is attacked alike.
+    order = torch.cat([(qy == c).nonzero().flatten()[: -(-args.reidentify // spec.classes)]
+                       for c in range(spec.classes)])
+    order = order[torch.argsort(order)][: args.reidentify]
+    return {"public": px, "public_pixels": _pixels(px, test), "public_labels": py, "pool": qx,
+            "pool_pixels": _pixels(qx, train), "pool_labels": qy, "targets": order, "source": train,
+            "classes": spec.classes}
+
+
+def _input_attacks(views: Views, plan: Plan, data: dict, args: argparse.Namespace,
+                   knows_weights: bool) -> dict[str, tuple[Tensor, Tensor]]:
+    """attack name -> (indices into the pool it attacked, reconstructions in pixels)."""
+    pool, targets = data["pool"], data["targets"]
+    with torch.no_grad():
+        received = torch.cat([views.received(b) for b in pool.split(256)])
+    start = data["public"].mean(0, keepdim=True)
+    found = {"decoder": (torch.arange(len(pool)), attacks.decoder_attack(
+        views.received, data["public"], data["public_pixels"], received, args.decoder_epochs, args.seed))}
+    some = targets[:args.inversions]
+    found["inversion"] = (some, attacks.stretched(attacks.inversion_attack(
+        views.model, received[some], start.expand(len(some), -1, -1, -1), args.inversion_steps)))
+    if views.cut == 0:  # UnSplit clones the edge segment that makes this activation
+        some = targets[:args.unsplit]
+        found["unsplit"] = (some, attacks.stretched(attacks.unsplit_attack(
+            plan.segments[0].module, received[some], start.expand(len(some), -1, -1, -1), args.unsplit_rounds,
+            args.seed)))
+    if not knows_weights:
+        found = {(name if name == "unsplit" else f"{name} (given the edge weights)"): v for name, v in found.items()}
+    return found
+
+
+def _score_inputs(found: dict, data: dict, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Scores on every image an attack reconstructed; re-identification on those among the targets."""
+    means = torch.stack([data["public_pixels"][data["public_labels"] == c].mean(0) for c in range(data["classes"])])
+    results = {}
+    for name, (idx, recon) in found.items():
+        labels = data["pool_labels"][idx]
+        row = attacks.scores(recon, data["pool_pixels"][idx], means[labels])
+        chosen = torch.isin(idx, data["targets"])
+        row["reidentified"], row["chance"] = attacks.reidentified(
+            recon[chosen], idx[chosen], data["pool_pixels"], data["pool_labels"], labels[chosen], args.candidates,
+            args.seed)
+        row["images"], row["reidentification_images"] = len(idx), int(chosen.sum())
+        results[name] = row
+    return results
+
+
+def _label_attacks(plan: Plan, cfg: PrivacyConfig, data: dict, seed: int, loss_of: Loss) -> dict[str, Any]:
+    """U-shaped plans: the labels from the gradients the edge sends back at the last cut (label noise
+    included), and from the central's own features there; clusters named at best."""
+    last = len(plan.segments) - 1
+    views, defences = Views(plan, cfg, last - 1), Defences(cfg, plan.places)
+    grads, features = [], []
+    for x, y in zip(data["pool"].split(64), data["pool_labels"].split(64)):  # batches as in training
+        with torch.no_grad():
+            features.append(views.received(x))
+        a = features[-1].clone().requires_grad_()
+        hop = Hop("turnaround", last, "edge")
+        loss = loss_of(plan.segments[last].module(defences.incoming(hop, a)), y)
+        grads.append(torch.autograd.grad(loss, a)[0])
+    labels, k = data["pool_labels"], data["classes"]
+    chance = float(torch.bincount(labels, minlength=k).max() / len(labels))
+    result = {"chance": chance, "samples": len(labels)}
+    for name, seen in (("from the returned gradients", torch.cat(grads)), ("from its own features", torch.cat(features))):
+        flat = F.normalize(seen.flatten(1), dim=1)
+        result[name] = {"accuracy": attacks.matched_accuracy(attacks.kmeans(flat, k, seed), labels, k)}
+        if k == 2:
+            result[name]["auc_gap"] = abs(attacks.norm_auc(seen, labels) - 0.5)
+    return result
+
+
+def _picture(path: Path, data: dict, found_by_cut: list[tuple[str, dict]], shown: int = 8) -> None:
+    """Originals above their reconstructions, one row per attack and cut, each row captioned."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+
+    targets = data["targets"][:shown]
+    rows = [("original", data["pool_pixels"][targets])]
+    for cut, found in found_by_cut:
+        for name, (idx, recon) in found.items():
+            where = [int((idx == t).nonzero()[0]) for t in targets if (idx == t).any()]
+            rows.append((f"{name}, after {cut}", recon[where]))
+    tiles = [torch.cat([images, torch.zeros(shown - len(images), *images.shape[1:])]) for _, images in rows]
+    grid = make_grid(torch.cat(tiles), nrow=shown, padding=2, pad_value=1.0)
+    picture = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).astype("uint8")).convert("RGB")
+    picture = picture.resize((picture.width * 3, picture.height * 3), Image.NEAREST)
+    canvas = Image.new("RGB", (picture.width + 330, picture.height), "white")
+    canvas.paste(picture, (330, 0))
+    draw, height = ImageDraw.Draw(canvas), picture.height / len(rows)
+    for i, (caption, _) in enumerate(rows):
+        draw.text((6, int(i * height + height / 2 - 6)), caption, fill="black")
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
+
+
+def _table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    holder = "the central holds" if report["edge_weights"] == "central" else "the edges hold"
+    table = Table(title=f"what the central can learn ({holder} the edge weights); re-id: reconstructions "
+                        f"picked out among same-class images")
+    for column in ("cut", "attack", "SSIM", "class mean", "PSNR", "re-id", "chance"):
+        table.add_column(column, justify="left" if column in ("cut", "attack") else "right")
+    for cut, rows in report["cuts"].items():
+        for name, r in rows.items():
+            table.add_row(cut, name, f"{r['ssim']:.3f}", f"{r['class_mean_ssim']:.3f}", f"{r['psnr_db']:.1f}",
+                          f"{r['reidentified']:.1%}", f"{r['chance']:.1%}")
+    console = Console(highlight=False)
+    console.print(table)
+    for name, r in report.get("labels", {}).items():
+        if isinstance(r, dict):
+            console.print(f"labels {name}: {r['accuracy']:.1%} (chance {report['labels']['chance']:.1%})")
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
+    if not args.checkpoint.is_dir():
+        raise ConfigError(f"--checkpoint {args.checkpoint}: not a checkpoint folder or directory (the audit needs "
+                          f"the run's config, which a checkpoint holds)")
+    config, _, _, state = load_merged(args.checkpoint, args.edge_parts)
+    cfg = config_from_dict(config, args.overrides)
+    plan = plan_for(cfg, cfg.train.seed)
+    plan.full.load_state_dict(state)
+    plan.full.train()  # as the segments run while training: what the central received then
+    torch.manual_seed(args.seed)
+    data = _data(cfg, args)
+    knows = cfg.privacy.edge_weights == "central"
+    report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "edge_weights": cfg.privacy.edge_weights,
+                              "privacy": dataclasses.asdict(cfg.privacy),
+                              "epsilon": epsilon(cfg.privacy, cfg.train.epochs), "cuts": {}}
+    pictures = []
+    for cut, name in enumerate(plan.cuts):
+        if plan.places[cut] == "edge":  # this cut's activation goes from an edge to the central
+            found = _input_attacks(Views(plan, cfg.privacy, cut), plan, data, args, knows)
+            report["cuts"][f"after {name}"] = _score_inputs(found, data, args)
+            pictures.append((name, found))
+    if plan.places[-1] == "edge":
+        report["labels"] = _label_attacks(plan, cfg.privacy, data, args.seed, loss_fn(cfg.train.loss))
+    folder = args.checkpoint.parent if (args.checkpoint / checkpoint.MANIFEST).is_file() else args.checkpoint
+    out = args.out or folder.parent / "audit"  # beside the run's checkpoints folder
+    write_json(out / "audit.json", report)
+    _picture(out / "audit.png", data, pictures)
+    _table(report)
+    print(f"wrote {out / 'audit.json'} and {out / 'audit.png'}")
+    return 0

@@ -1,0 +1,271 @@
+"""The central rank's driver: it feeds the placement's batches to the edges' lanes and decides
+when to synchronise the replicas, evaluate and checkpoint.
+
+One central thread per edge (a *lane*, fleet.Fleet.lanes) keeps one batch in flight on every
+edge, so the edges compute at once; what a batch does on its way through the plan is the
+engine's business (engines.py); which edge takes which batch, and the order of the central's
+turns, is dispatch.py's (round robin, by default: a run is a function of its seed and config).
+The edges are whoever the rendezvous brought (an elastic fleet's members may change between
+attempts: the membership record and state.restore say what that does).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from split_trainer.records import checkpoint
+from split_trainer.training import dispatch
+from split_trainer.training import evaluation
+from split_trainer.training import faults
+from split_trainer.privacy import defences as privacy
+from split_trainer.records import state
+from split_trainer.config import Config
+from split_trainer.cli.console import Console
+from split_trainer.training.engines import engine_for
+from split_trainer.training.failures import Terminated, cause_of, raise_on_sigterm
+from split_trainer.records.files import write_json, write_text
+from split_trainer.training.fleet import Fleet, Membership
+from split_trainer.records.metrics import MetricsLog, TrainLog
+from split_trainer.model.model_file import save_model
+from split_trainer.training.optim import lr_at
+from split_trainer.data.placement import Placement, placement_for
+from split_trainer.model.plan import Plan, describe
+from split_trainer.training.route import Batch
+from split_trainer.training.stage import Stage
+from split_trainer.transport.base import Transport
+from split_trainer.transport.link import summary as wire_summary
+from split_trainer.transport.topology import Topology, device_for
+
+
+class Cadence:
+    """When the edges must be quiet (no batch in flight): at every replica sync (every
+    train.edge_sync_every steps), every checkpoint (every checkpoint.every_steps), every epoch end
+    (both), and the run's end."""
+
+    def __init__(self, cfg: Config, steps_per_epoch: int, total_steps: int):
+        self.sync_every, self.checkpoint_every = cfg.train.edge_sync_every, cfg.checkpoint.every_steps
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+
+    def epoch_end(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0 or step == self.total_steps
+
+    def sync(self, step: int) -> bool:
+        return self.epoch_end(step) or step % self.sync_every == 0
+
+    def checkpoint(self, step: int) -> bool:
+        return self.epoch_end(step) or step % self.checkpoint_every == 0
+
+    def quiet(self, step: int) -> bool:
+        return self.sync(step) or self.checkpoint(step)
+
+
+class Central:
+    def __init__(self, cfg: Config, topo: Topology, plan: Plan, placement: Placement, console: Console,
+                 meta: dict[str, Any], transport: Transport, loaded: checkpoint.Loaded | None = None):
+        self.cfg, self.topo, self.plan, self.placement, self.console = cfg, topo, plan, placement, console
+        self.transport = transport
+        self.meta = meta  # fingerprint, job and data shape: every checkpoint's manifest carries them
+        torch.set_rng_state(plan.rng_after_init)  # the dropout stream continues from the weights' draw
+        device = device_for(cfg.train.central_device, "train.central_device", topo.local_rank)
+        self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("central"), cfg.train, device),
+                                 cfg.train.in_flight, None, transport.autograd, transport.guard)
+        self.stage = self.engine.stage
+        self.fleet = Fleet(cfg, transport, transport.members())
+        self.progress, averaged = state.Progress(seed=cfg.train.seed), []
+        if loaded:
+            self.progress, averaged = state.restore(loaded, self.stage, self.fleet)
+        self.placement.bind(self.fleet.described, self.fleet.names, self.progress.served)
+        console.attach(self.fleet.snapshots)
+        # An epoch's length is fixed when the run starts: a fleet that shrinks or grows later does not change it.
+        self.steps_per_epoch = self.progress.steps_per_epoch or self.placement.steps_per_epoch
+        self.progress.steps_per_epoch = self.placement.steps_per_epoch = self.steps_per_epoch
+        total = self.steps_per_epoch * cfg.train.epochs
+        self.total_steps = min(total, cfg.train.max_steps or total)
+        self.cadence = Cadence(cfg, self.steps_per_epoch, self.total_steps)
+        self.train_time, self.checkpoint_time = 0.0, 0.0
+        self.run_dir = Path(cfg.output.run_dir)
+        self.resumed_from = loaded.step if loaded else None
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through=self.resumed_from,
+                             tensorboard_dir=self.run_dir / "tb" if cfg.logging.tensorboard else None)
+        self.log = TrainLog(metrics, console, self.fleet, cfg.logging.every_steps, self.steps_per_epoch,
+                            self.total_steps)
+        if loaded:
+            metrics.write(event="resume", step=self.step, from_checkpoint=str(loaded.path), attempt=topo.restart)
+            console.print(f"resumed from {loaded.path} (step {self.step}, attempt {topo.restart})")
+        before = metrics.last("membership") or ({"edges": self.progress.edges} if loaded else None)
+        self.membership = Membership(before["edges"] if before else None, self.fleet.names, self.step, averaged)
+        metrics.write(event="membership", attempt=topo.restart, **self.membership.record())
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    def train(self) -> dict[str, Any]:
+        try:
+            return self._train()
+        except Terminated as stop:
+            raise cause_of(stop, self.fleet.snapshots, self.fleet.in_flight,
+                           grace_s=min(5.0, self.cfg.rpc.timeout_s)) from None
+
+    def _train(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        self.log.start()
+        while self.step < self.total_steps:
+            epoch = self.step // self.steps_per_epoch
+            lr = lr_at(self.cfg.train, epoch)
+            for chunk in self._chunks(epoch):
+                t0 = time.perf_counter()
+                trained = set(self.progress.trained) | self._train_chunk(chunk, lr)
+                self.progress.trained = sorted(trained)
+                if self.cadence.sync(self.step):
+                    self.fleet.sync(trained)
+                    self.progress.trained = []
+                self.train_time += time.perf_counter() - t0
+                self.log.chunk(chunk)
+                with self.log.paused():
+                    if self.cadence.epoch_end(self.step):
+                        self._evaluate(epoch)
+                    if self.cadence.checkpoint(self.step):
+                        self._checkpoint()
+        return self._finish(time.perf_counter() - started)
+
+    def _chunks(self, epoch: int) -> Iterator[list[Batch]]:
+        """This epoch's batches from the current position, cut where the edges must be quiet."""
+        chunk = []
+        for batch in self.placement.batches(epoch, self.step - epoch * self.steps_per_epoch):
+            chunk.append(batch)
+            if self.cadence.quiet(batch.step + 1):
+                yield chunk
+                chunk = []
+            if batch.step + 1 >= self.total_steps:
+                return
+        if chunk:
+            yield chunk
+
+    def _train_chunk(self, chunk: list[Batch], lr: float) -> set[str]:
+        """Train ``chunk``'s batches; return the names of the edges that trained them."""
+        # A batch waits at most for the batch before it: its first call, then its turn, one call
+        # per edge hop in the turn. One bound more lets a hung edge's own timeout be the report.
+        mode, bound = self.cfg.train.dispatch, (2 + self.engine.route.edge_hops_in_turn) * self.cfg.rpc.timeout_s
+        turns, trained = dispatch.turns(mode, chunk[0].step, bound), set()
+
+        def lane(k: int, batches: Iterable[Batch]) -> None:
+            link = self.fleet.links[k]
+
+            def finished(batch: Batch, loss: float) -> None:
+                self.log.finished(batch, loss)
+                link.trained()
+                trained.add(link.name)
+                faults.hit("train")
+
+            self.engine.lane(link, batches, turns, lr, finished)
+
+        self.fleet.lanes(lane, dispatch.shares(mode, chunk, len(self.fleet), self.placement.take), turns.fail)
+        self.progress.step = chunk[-1].step + 1
+        return trained
+
+    def _evaluate(self, epoch: int) -> None:
+        loss, accuracy, record = evaluation.evaluate(self.engine, self.fleet, self.placement, epoch)
+        self.progress.last_eval = [loss, accuracy]
+        self.log.metrics.write(event="eval", step=self.step, epoch=epoch + 1, test_loss=loss, test_accuracy=accuracy,
+                               **record)
+        self.console.evaluated(epoch, loss, accuracy, record.get("per_edge"))
+
+    def _checkpoint(self) -> None:
+        started = time.perf_counter()
+        self.progress.epoch, self.progress.position = divmod(self.step, self.steps_per_epoch)
+        self.progress.edges = list(self.fleet.names)
+        path, size = state.save(self.cfg, self.meta, self.stage, self.fleet, self.progress)
+        seconds = time.perf_counter() - started
+        self.checkpoint_time += seconds
+        self.log.metrics.write(event="checkpoint", step=self.step, seconds=round(seconds, 4), bytes=size,
+                               path=str(path))
+        self.console.print(f"checkpoint step {self.step} saved: {path} ({size / 1e6:.1f} MB, {seconds:.2f} s)")
+
+    def _finish(self, wall: float) -> dict[str, Any]:
+        if self.fleet.own_weights:
+            self.console.print("model.pt not written: the edge segments stay on the edges; python -m split_trainer "
+                               "export --checkpoint CHECKPOINT --out model.pt merges the parts where they are at hand")
+        else:  # after the final sync every replica is the same: any one gives the edge segments
+            merged = {**self.fleet.state(), **self.stage.state_dict()}
+            save_model(self.run_dir / "model.pt", self.cfg.to_dict()["model"], self.plan.shape, merged)
+        test_loss, test_accuracy = self.progress.last_eval
+        return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 4),
+                "test_loss": test_loss, "test_accuracy": test_accuracy,
+                "wall_time_s": round(wall, 3), "train_time_s": round(self.train_time, 3),
+                "samples_per_s": self.log.samples / max(self.train_time, 1e-9),
+                "checkpoint_time_s": round(self.checkpoint_time, 3),
+                "edges": len(self.fleet), "restarts": self.topo.restart, "resumed_from_step": self.resumed_from,
+                "privacy": {"edge_weights": self.cfg.privacy.edge_weights, "delta": self.cfg.privacy.delta,
+                            "epsilon": privacy.epsilon(self.cfg.privacy, -(-self.step // self.steps_per_epoch))},
+                "bytes": wire_summary(self.fleet.snapshots(), self.log.samples, self.plan.cuts)}
+
+    def close(self) -> None:
+        self.fleet.close()
+        self.log.close()
+
+
+def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
+    links = central.fleet.links
+    where = central.transport.where
+    edges = ", ".join(f"{link.name} ({where(link.name)}, {link.host})" for link in links)
+    membership = central.membership.describe(cfg)
+    return {"topology": f"central (rank {central.topo.rank}) + {len(central.fleet)} edges: {edges}",
+            **({"membership": membership} if membership else {}),
+            "model": f"{cfg.model.name}: {describe(central.plan.layout)}; engine {cfg.train.engine}",
+            "data": central.placement.describe(central.fleet.names),
+            "settings": f"batch {cfg.data.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, {cfg.train.epochs} "
+                        f"epochs ({central.total_steps} steps), sync every {cfg.train.edge_sync_every} steps",
+            "threads": f"central {threads} on {central.stage.device}; " + ", ".join(
+                f"{link.name} {d['threads']} on {d['device']}" for link, d in zip(links, central.fleet.described)),
+            "privacy": privacy.describe(cfg.privacy, cfg.train.epochs),
+            "outputs": f"{central.run_dir} (checkpoints in {checkpoint.directory(cfg)})"}
+
+
+def run_central(cfg: Config, topo: Topology, plan: Plan, threads: int, transport_for: Callable[[], Transport],
+                resume: str = "auto", quiet: bool = False) -> dict[str, Any]:
+    """Load data, bring the transport up, train, write the outputs, and release the edges.
+    ``transport_for`` builds the transport once the run's own checks have passed."""
+    from split_trainer.records.metrics import require_tensorboard
+
+    raise_on_sigterm()
+    # Everything a user can get wrong fails here, before any RPC and before anything is written.
+    console = Console(quiet=quiet)
+    placement = placement_for(cfg, plan.places[-1] == "central")  # central placement loads its data set here
+    if cfg.logging.tensorboard:
+        require_tensorboard()
+    checkpoint.remove_stale_temporaries(checkpoint.directory(cfg))
+    run_dir = Path(cfg.output.run_dir)
+    agent = checkpoint.launcher()
+    job = checkpoint.job_of_run(run_dir, agent)  # a restart (or a new round of an elastic fleet) resumes its own job
+    loaded = checkpoint.resolve(resume, checkpoint.directory(cfg), console.warn, job)
+    fingerprint = checkpoint.fingerprint(cfg, describe(plan.layout))
+    if loaded:
+        checkpoint.check_fingerprint(loaded, fingerprint)
+    transport = transport_for()
+    transport.start()  # every rank got this far: an edge's own start-up checks passed
+    job = job or checkpoint.start_job(run_dir, agent)
+    write_text(run_dir / "config.yaml", cfg.to_yaml())
+    central = None
+    try:
+        central = Central(cfg, topo, plan, placement, console,
+                          {"fingerprint": fingerprint, "job": job, "shape": plan.shape}, transport, loaded)
+        for name, content in placement.files(central.fleet.names).items():
+            write_json(run_dir / name, content)
+        console.banner(_banner(cfg, central, threads), central.total_steps)
+        summary = central.train()
+        write_json(run_dir / "summary.json", summary)
+        console.close(summary)
+        central.fleet.finish()
+    except BaseException:
+        console.close(None)
+        raise
+    finally:
+        if central is not None:
+            central.close()
+    transport.shutdown(graceful=True)
+    return summary

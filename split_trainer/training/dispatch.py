@@ -1,0 +1,97 @@
+"""The schedule: which edge takes which batch of a chunk, and in which order batches take the
+central's turn (``train.dispatch``), with the classes that hand out turns.
+
+    round_robin  batch i to edge i mod N (edge placement: the shards' rotation); turns in step
+                 order. A run is a function of its seed and config.
+    free_first   the next batch to whichever edge asks first (an edge asks when its previous batch
+                 has had its turn); the turn to whichever batch is ready first. A slow edge takes
+                 fewer batches and holds no one's turn; which edge trains which batch, and the turn
+                 order, follow the timing, so runs are not bit-reproducible.
+
+Either way a batch is *taken* (``Placement.take``) in the lane of the edge that runs it, in that
+lane's order: an edge-held batch is drawn from that edge's own shard only then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import deque
+from typing import Callable, Iterable, Iterator
+
+from split_trainer.training.failures import JobError
+from split_trainer.training.route import Batch
+
+Take = Callable[[Batch], Batch]
+
+
+def shares(mode: str, chunk: list[Batch], edges: int, take: Take) -> list[Iterable[Batch]]:
+    """Per edge, the batches its lane runs (an empty list: none)."""
+    if mode == "round_robin":
+        fixed = [[b for b in chunk if b.edge == k] for k in range(edges)]
+        return [map(take, share) if share else [] for share in fixed]
+    queue, lock = deque(chunk), threading.Lock()
+
+    def lane(k: int) -> Iterator[Batch]:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                batch = queue.popleft()
+            yield take(dataclasses.replace(batch, edge=k))
+
+    return [lane(k) for k in range(edges)]
+
+
+class Turns:
+    """Hands a turn to numbered comers strictly in order (the central's turn to batches in dispatch
+    order; an edge's to one lane's calls in the order they were sent); ``fail`` releases every waiter."""
+
+    def __init__(self, first: int, timeout_s: float, what: str = "batch {} waited {:g} s for the central's turn"):
+        self.next, self.timeout_s, self.failed, self.what = first, timeout_s, False, what
+        self.cond = threading.Condition()
+
+    def wait(self, step: int) -> None:
+        with self.cond:
+            ready = self.cond.wait_for(lambda: self.failed or self.next == step, self.timeout_s)
+            if self.failed:
+                raise JobError("aborted: another edge failed")
+            if not ready:
+                raise JobError(self.what.format(step, self.timeout_s))
+
+    def done(self, step: int) -> None:
+        with self.cond:
+            self.next = step + 1
+            self.cond.notify_all()
+
+    def fail(self) -> None:
+        with self.cond:
+            self.failed = True
+            self.cond.notify_all()
+
+
+class FirstCome(Turns):
+    """The central's turn to whichever batch is ready first (train.dispatch: free_first): still one
+    batch at a time, each seeing the weights every earlier turn left."""
+
+    def __init__(self, timeout_s: float):
+        super().__init__(0, timeout_s)
+        self.busy = False
+
+    def wait(self, step: int) -> None:
+        with self.cond:
+            ready = self.cond.wait_for(lambda: self.failed or not self.busy, self.timeout_s)
+            if self.failed:
+                raise JobError("aborted: another edge failed")
+            if not ready:
+                raise JobError(self.what.format(step, self.timeout_s))
+            self.busy = True
+
+    def done(self, step: int) -> None:
+        with self.cond:
+            self.busy = False
+            self.cond.notify_all()
+
+
+def turns(mode: str, first_step: int, timeout_s: float) -> Turns:
+    return Turns(first_step, timeout_s) if mode == "round_robin" else FirstCome(timeout_s)

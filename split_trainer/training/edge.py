@@ -1,0 +1,194 @@
+"""The edge object: one replica of the plan's edge segments and this edge's data, and every call
+the central (and, with edge-held weights, a peer edge) makes of it.
+
+It is plain: its name, device, data, config and peers are given to it, and it reads no
+environment and no RPC state, so it is built and tested the same way in one process (transport
+loopback) or behind torch RPC (transport.rpc). Every call enters through ``serve``, the one
+place that orders training calls and takes the lock, so a forward never overlaps a step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Optional
+
+import torch
+
+from split_trainer.config import Config
+from split_trainer.data.placement import EdgeSide
+from split_trainer.model.plan import plan_for
+from split_trainer.privacy.defences import Defences
+from split_trainer.records import checkpoint
+from split_trainer.records.metrics import resident_bytes
+from split_trainer.training import faults
+from split_trainer.training.dispatch import Turns
+from split_trainer.training.engines import engine_for
+from split_trainer.training.route import Hop, crossing
+from split_trainer.training.stage import Stage, average_states
+from split_trainer.transport.wire import Reply, WireFormat
+
+Peers = Callable[[str], Callable[[], dict[str, torch.Tensor]]]
+"""Asks the named peer edge for its replica (``peer_state``); returns the wait for it: edge to edge."""
+
+UNLOCKED = ("gather_average", "rss", "finish")
+"""Calls that take no lock: gather_average waits on peers that may be fetching this edge's own
+replica; rss and finish touch no segment."""
+FAULT_POINTS = {"get_state": "sync", "peer_state": "sync", "export_state": "export", "save_part": "export"}
+
+
+class Edge:
+    """This edge's replica of the plan's edge segments and its data (data.placement). ``cfg`` is
+    the central's config: it decides everything but where this edge's data lies."""
+
+    def __init__(self, name: str, cfg: Config, device: torch.device, data: EdgeSide, peers: Peers,
+                 autograd: Any, guard: Callable[[], AbstractContextManager] = nullcontext):
+        plan = plan_for(cfg, cfg.train.seed)  # the weights the central's seed draws: one model, N copies
+        self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("edge"), cfg.train, device),
+                                 cfg.train.in_flight, Defences(cfg.privacy, plan.places), autograd)
+        self.stage = self.engine.stage
+        self.name, self.data, self.peers, self.guard = name, data, peers, guard
+        # privacy.edge_weights: edges: this edge's checkpoint parts, on its own disk; one more kept
+        # than the central keeps, so that a part outlives a central checkpoint that failed to land.
+        self.parts, self.keep = checkpoint.directory(cfg) / "edges" / name, cfg.checkpoint.keep + 1
+        checkpoint.remove_stale_temporaries(self.parts)
+        self.average: Optional[dict[str, torch.Tensor]] = None
+        self.wire = WireFormat(cfg.rpc.wire_types, graph=cfg.train.engine == "autograd")
+        self.lock = threading.Lock()
+        # With two batches in flight, two training calls can reach this edge at once: run them in
+        # the order the central sent them.
+        self.calls = Turns(0, cfg.rpc.timeout_s, "training call {} waited {:g} s for the one before it")
+        self.labels: Optional[torch.Tensor] = None  # the labels of this edge's own batch in flight
+        self.last_seen = time.monotonic()  # the last call from the central: a silent one ends the edge
+        self.finished = threading.Event()
+
+    def serve(self, method: str, args: tuple, seq: Optional[int] = None) -> Any:
+        """The one entry of every call: training calls (numbered by ``seq``) in the order they
+        were sent, then the lock (and the transport's guard), then the method."""
+        if method not in CALLS:
+            raise RuntimeError(f"{self.name}: no such call {method!r}")
+        self.last_seen = time.monotonic()
+        point = FAULT_POINTS.get(method) or (method == "run" and ("eval" if _evaluating(args[0]) else "train"))
+        if point:
+            faults.hit(point)
+        if method in UNLOCKED:
+            return CALLS[method](self, *args)
+        if seq is not None:
+            self.calls.wait(seq)
+        try:
+            with self.lock, self.guard():
+                return CALLS[method](self, *args)
+        finally:
+            if seq is not None:
+                self.calls.done(seq)
+
+    # -- training and evaluation --------------------------------------------------------------------
+    def run(self, work: list[tuple[Hop, Any]], labels: Optional[torch.Tensor], lr: float) -> Reply:
+        """Run the hops in ``work`` in order, each on its own input (a tensor, or a draw of this
+        edge's own batch); reply with the last one's result. With the autograd engine this runs
+        inside the caller's autograd context."""
+        evaluating = _evaluating(work)
+        self.stage.train(not evaluating)
+        try:
+            return self._run(work, labels, lr)
+        finally:
+            self.stage.train(True)
+
+    def _run(self, work: list[tuple[Hop, Any]], labels: Optional[torch.Tensor], lr: float) -> Reply:
+        reply = Reply()
+        for hop, payload in work:
+            into = crossing(hop, "in")
+            sent = None
+            if into.kind == "inputs":  # the inputs themselves, or a draw of this edge's own batch
+                x, own, sent = self.data.take(payload)
+                self.labels = own if own is not None else self.labels
+            else:
+                x = self.wire.decode(payload, into)
+            reply = self.engine.run(hop, x, labels if labels is not None else self.labels, lr)
+            if reply.output is not None:  # activations and gradients as the wire carries them
+                reply = reply._replace(output=self.wire.encode(reply.output, crossing(hop, "out")))
+            if isinstance(reply.loss, torch.Tensor):
+                reply = reply._replace(loss=reply.loss.to("cpu"))
+            if sent is not None:
+                reply = reply._replace(labels=sent)
+        return reply
+
+    def apply_step(self, context_id: int, lr: float) -> None:
+        self.engine.step_from_context(context_id, lr)
+
+    # -- the replica and checkpoints ---------------------------------------------------------------
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return self.stage.state_dict()
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.stage.load_state_dict(state)
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything a checkpoint needs from this edge: its stage's part, and where it stands in
+        its own data."""
+        return {**self.stage.part(), "data": self.data.state()}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        self.data.load_state(state.get("data", {}))
+        self.stage.load_part(state)
+
+    def save_part(self, step: int, job: str) -> dict[str, Any]:
+        """Write this edge's checkpoint part for ``step`` to its own disk (atomically, as the central
+        writes its own); return its size and SHA-256, which the central's manifest records."""
+        path, _ = checkpoint.save(self.parts, step, {self.name: self.export_state()},
+                                  {"job": job, "edge": self.name}, self.keep)
+        return checkpoint.manifest_field(path, "files")[f"{self.name}.pt"]
+
+    def load_part(self, step: int, expected: dict[str, Any]) -> None:
+        """Continue from this edge's own part for ``step``, which must be the one the central's
+        checkpoint names."""
+        try:
+            loaded = checkpoint.load(self.parts / f"step_{step:08d}")
+        except ValueError as exc:
+            raise RuntimeError(f"{self.name} cannot resume step {step} from its own disk: {exc}") from None
+        if loaded.manifest["files"][f"{self.name}.pt"]["sha256"] != expected["sha256"]:
+            raise RuntimeError(f"{self.name}'s checkpoint part for step {step} in {self.parts} is not the one the "
+                               f"central's checkpoint names (another run's?): resume with --resume never")
+        self.import_state(loaded.parts[self.name])
+
+    # -- privacy.edge_weights: edges: the replicas never reach the central --------------------------
+    def peer_state(self) -> dict[str, torch.Tensor]:
+        """This edge's replica, for a peer's average: edge to edge."""
+        return self.stage.state_dict()
+
+    def gather_average(self, peers: list[str]) -> None:
+        """Fetch the replicas of ``peers`` (in that order; this edge's own among them or not) and keep
+        their average for ``apply_average``: every edge computes the same one."""
+        waits = [None if peer == self.name else self.peers(peer) for peer in peers]  # all asked at once
+        self.average = average_states([self.serve("peer_state", ()) if w is None else w() for w in waits])
+
+    def apply_average(self) -> None:
+        self.stage.load_state_dict(self.average)
+        self.average = None
+
+    # -- the rest -----------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Where this edge runs and, in edge placement, its shard's sizes and label counts: for the
+        central's banner, table and partition.json."""
+        return {"host": f"{socket.gethostname()} pid {os.getpid()}", "threads": torch.get_num_threads(),
+                "device": str(self.stage.device), "shard": self.data.describe()}
+
+    def rss(self) -> int:
+        """Resident memory of this edge's process, in bytes."""
+        return resident_bytes()
+
+    def finish(self) -> None:
+        self.finished.set()
+
+
+def _evaluating(work: list[tuple[Hop, Any]]) -> bool:
+    return any(hop.evaluating for hop, _ in work)
+
+
+CALLS: dict[str, Callable] = {name: getattr(Edge, name) for name in (
+    "run", "apply_step", "get_state", "set_state", "export_state", "import_state", "save_part", "load_part",
+    "peer_state", "gather_average", "apply_average", "describe", "rss", "finish")}
+"""What the central and the peers may call: nothing else on the object is reachable."""

@@ -1,0 +1,65 @@
+"""Failures on purpose, at exact points of a run, for testing what survives what.
+
+    SPLIT_TRAINER_FAULT="edge2:sync:1:kill, central:train:30:kill:1"
+
+Each comma-separated entry is ``who:point:n:action[:attempt]``: the rank named ``who`` (central,
+edge1, ...) does ``action`` the ``n``-th time it reaches ``point`` in torchrun attempt ``attempt``
+(default 0, the first). Points: ``train`` (an edge's training call, or the end of a batch's turn
+on the central), ``eval`` (an edge's evaluation call), ``sync`` (an edge handing its replica for
+averaging), ``export`` (an edge handing its checkpoint part), ``checkpoint`` (the central about
+to write a checkpoint file). Actions: ``kill`` (SIGKILL), ``stop`` (SIGSTOP: a hang), ``kill_soon``
+(SIGKILL 50 ms later, after the current call has replied), ``enospc`` (the write fails: no space),
+``slow`` (from then on, every time: SPLIT_TRAINER_SLOW_MS more, default 100 ms, about twice an
+edge's own work on a batch).
+Unset, every hook is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+from split_trainer.config import ConfigError
+
+POINTS = ("train", "eval", "sync", "export", "checkpoint")
+ACTIONS = ("kill", "stop", "kill_soon", "enospc", "slow")
+SLOW_S = float(os.environ.get("SPLIT_TRAINER_SLOW_MS", "100")) / 1000
+_armed: dict[str, tuple[int, str]] = {}  # point -> (n, action) for this rank and attempt
+_seen: Counter[str] = Counter()
+_lock = threading.Lock()
+
+
+def arm(name: str, attempt: int) -> None:
+    """Read SPLIT_TRAINER_FAULT and keep the entries meant for this rank in this attempt."""
+    for entry in filter(None, (e.strip() for e in os.environ.get("SPLIT_TRAINER_FAULT", "").split(","))):
+        parts = entry.split(":")
+        if len(parts) not in (4, 5) or parts[1] not in POINTS or parts[3] not in ACTIONS or not parts[2].isdigit():
+            raise ConfigError(f"SPLIT_TRAINER_FAULT entry {entry!r} must look like who:point:n:action[:attempt] "
+                              f"(points: {', '.join(POINTS)}; actions: {', '.join(ACTIONS)})")
+        if parts[0] == name and int(parts[4] if len(parts) == 5 else 0) == attempt:
+            _armed[parts[1]] = (int(parts[2]), parts[3])
+
+
+def hit(point: str) -> None:
+    """Called where ``point`` is reached; does the armed action when its count comes up."""
+    if point not in _armed:
+        return
+    with _lock:
+        _seen[point] += 1
+        count = _seen[point]
+    action = _armed[point][1]
+    if action == "slow" and count >= _armed[point][0]:
+        time.sleep(SLOW_S)  # a slower machine: the work itself, not a wait for anything
+        return
+    if count != _armed[point][0]:
+        return
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if action == "kill_soon":
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        return
+    os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)

@@ -1,0 +1,165 @@
+"""The central's fleet: one link per edge (transport.link) and the operations over all of them,
+each written once: the lanes (one central thread per edge), calls on every edge at once, the
+averaging of the edge replicas, checkpoint parts, memory probes.
+
+An RPC's time bound counts from the moment it is sent, waiting on the edge included, so no path
+queues a second call on an edge before the first returns: the bound then covers a call's own work.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, Optional
+
+import torch
+
+from split_trainer.config import Config
+from split_trainer.training.failures import JobError
+from split_trainer.training.stage import average_states
+from split_trainer.transport.base import Transport
+from split_trainer.transport.link import Link, LinkSnapshot
+from split_trainer.transport.wire import WireFormat
+
+Tensor = torch.Tensor
+
+
+class Fleet:
+    """Every edge of the job, each hosting one replica of the plan's edge segments."""
+
+    def __init__(self, cfg: Config, transport: Transport, names: list[str]):
+        self.names, self.transport = names, transport
+        self.own_weights = cfg.privacy.edge_weights == "edges"  # the edges keep their weights to themselves
+        self.timeout_s = cfg.rpc.timeout_s
+        wire = WireFormat(cfg.rpc.wire_types, graph=cfg.train.engine == "autograd")
+        self.links = [Link(name, remote, wire, cfg.rpc.timeout_s)
+                      for name, remote in zip(names, transport.connect(names, cfg))]
+        # The first calls also connect and build the segments: a loaded host may take a while.
+        self.described = self.on_all("describe", timeout=cfg.rpc.startup_timeout_s)
+        for link, described in zip(self.links, self.described):
+            link.host = described["host"]
+        self.pool = ThreadPoolExecutor(len(names), thread_name_prefix="edge-lane")
+        self.in_flight: list[Future] = []  # the lanes at work, one per edge
+
+    def __len__(self) -> int:
+        return len(self.links)
+
+    def snapshots(self) -> list[LinkSnapshot]:
+        return [link.snapshot() for link in self.links]
+
+    def lanes(self, work: Callable[[int, list], None], shares: list[list], on_failure: Callable[[], None] = None) -> None:
+        """``work(k, shares[k])`` for every edge k at once, one thread each; the first failure
+        ends them all and is raised (the report goes out now: torchrun stops the job about 0.1 s
+        after a rank dies). ``on_failure`` releases the other lanes' waits."""
+        futures = [self.pool.submit(self._guarded, work, k, share) for k, share in enumerate(shares) if share]
+        self.in_flight = futures
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f.exception() for f in done if f.exception() is not None]
+        if failed:
+            if on_failure is not None:
+                on_failure()
+            raise min(failed, key=lambda e: e.when)  # _guarded raises JobErrors only
+
+    def _guarded(self, work: Callable, k: int, share: list) -> None:
+        try:
+            work(k, share)
+        except JobError:
+            raise
+        except Exception as exc:
+            raise self.links[k].fail(exc) from exc
+
+    def on_all(self, method: str, per_edge_args: Optional[list[tuple]] = None, kind: str = "control",
+               names: Optional[list[str]] = None, timeout: Optional[float] = None) -> list[Any]:
+        """``method(*per_edge_args[k])`` on every edge k (of ``names``, when given; no arguments when
+        None) at once, one call each; wait for all."""
+        links = self.links if names is None else [self.links[self.names.index(name)] for name in names]
+        per_edge_args = per_edge_args or [()] * len(links)
+        waits = [link.send(method, args, kind, timeout) for link, args in zip(links, per_edge_args)]
+        return [wait_() for wait_ in waits]
+
+    def sync(self, trained: set[str]) -> None:
+        """Average the replicas that trained since the last sync (``trained``: edge names; an edge
+        that has served its whole shard sits out the rest of the epoch and would only pull the
+        average back) and push the average to every replica."""
+        n = len(self.links)
+        if n == 1:
+            return  # one replica is its own average
+        if self.own_weights:  # the edges fetch each other's replicas: the central only says when
+            peers = [name for name in self.names if name in trained] or self.names
+            self.on_all("gather_average", [(peers,)] * n)
+            self.on_all("apply_average")
+            return
+        states = self.on_all("get_state", kind="edge_state")
+        average = average_states([s for name, s in zip(self.names, states) if name in trained] or states)
+        self.on_all("set_state", [(average,)] * n, "edge_state")
+
+    def state(self) -> dict[str, Tensor]:
+        """The edge segments of the one synchronised model (after a sync any replica will do)."""
+        return self.links[0].call("get_state", kind="edge_state")
+
+    def export(self, step: int, job: str) -> dict[str, Any]:
+        """Every edge's checkpoint part by edge name; with edge-held weights, each edge writes its
+        part to its own disk and only its size and SHA-256 come back."""
+        if self.own_weights:
+            return dict(zip(self.names, self.on_all("save_part", [(step, job)] * len(self.links))))
+        return dict(zip(self.names, self.on_all("export_state", kind="edge_state")))
+
+    def restore(self, parts: dict[str, Any], names: list[str]) -> None:
+        """Put the edges ``names`` back from their checkpoint parts (by edge name)."""
+        self.on_all("import_state", [(parts[name],) for name in names], "edge_state", names)
+
+    def restore_own(self, step: int, written: dict[str, Any], names: list[str]) -> None:
+        """The edges ``names`` back from the parts they wrote to their own disks for ``step``
+        (``written``: each part's size and SHA-256, as the central's checkpoint records them)."""
+        self.on_all("load_part", [(step, written[name]) for name in names], "control", names)
+
+    def adopt(self, newcomers: list[str], known: list[str], states: Optional[list[dict[str, Tensor]]]) -> None:
+        """Edges a checkpoint does not know take the average of its edges' weights (``states``), or,
+        when those stay on the edges, the average the ``known`` edges hold; their optimizers start
+        fresh."""
+        if states is not None:
+            average = average_states(states)
+            self.on_all("set_state", [(average,)] * len(newcomers), "edge_state", newcomers)
+            return
+        self.on_all("gather_average", [(known,)] * len(newcomers), "control", newcomers)
+        self.on_all("apply_average", None, "control", newcomers)
+
+    def memory_bytes(self) -> list[int]:
+        return self.on_all("rss")
+
+    def finish(self) -> None:
+        self.transport.finish(self.timeout_s)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Membership:
+    """The edges present in this attempt against those of the attempt before (``before``: None in
+    a run's first): what the banner and metrics.jsonl record of every change."""
+
+    def __init__(self, before: Optional[list[str]], now: list[str], step: int, averaged: list[str]):
+        self.before, self.now, self.step, self.averaged = before, now, step, averaged  # averaged: see state.restore
+        self.left = [name for name in before or [] if name not in now]
+        self.joined = [name for name in now if before is not None and name not in before]
+
+    def record(self) -> dict[str, Any]:
+        return {"step": self.step, "edges": self.now, "left": self.left, "joined": self.joined}
+
+    def describe(self, cfg: Config) -> Optional[str]:
+        """The banner's line: None for a fixed fleet that did not change."""
+        most = cfg.topology.edges
+        elastic = cfg.topology.fewest < most
+        if not (elastic or self.left or self.joined or self.averaged):
+            return None
+        text = f"{len(self.now)} of {cfg.topology.fewest}..{most} edges present" if elastic else \
+            f"{len(self.now)} edges present"
+        changes = [f"{', '.join(names)} {what}" for names, what in ((self.left, "left"), (self.joined, "joined"))
+                   if names]
+        if changes:
+            text += f"; {' and '.join(changes)} at step {self.step} (was {', '.join(self.before)})"
+        if self.averaged:
+            text += f"; {', '.join(self.averaged)} from the average of the checkpoint's edge weights, optimizer fresh"
+        absent = [f"edge{k}" for k in range(1, most + 1) if f"edge{k}" not in self.now]
+        if absent and cfg.data.placement == "edge":
+            text += f"; {', '.join(absent)}'s data is not trained on while away"
+        return text

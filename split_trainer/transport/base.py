@@ -1,0 +1,71 @@
+"""The transport interface: how the central reaches the edge objects.
+
+Two implementations:
+
+    rpc       torch.distributed.rpc under torchrun (transport.rpc): each edge object lives in its
+              own process, created remotely and called through one trampoline; distributed
+              autograd spans the cuts.
+    loopback  the same edge objects in the central's process (transport.loopback), each served
+              by its own threads, with the same bounded calls, the same byte accounting and
+              ordinary autograd across the segments: a run on loopback is the same run.
+
+Another transport (torch.distributed point-to-point, say) is one more class with these methods.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Mapping, Optional, Protocol
+
+import torch
+
+
+class Pending(Protocol):
+    """A call on its way: its result, or its failure."""
+
+    def wait(self) -> Any:
+        """The result; raises the call's error (a timeout included)."""
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback(error)`` on the thread that completes the call, if it fails."""
+
+
+class Remote(Protocol):
+    """One edge object, as the central reaches it."""
+
+    def send(self, method: str, args: tuple, timeout_s: float, seq: Optional[int] = None) -> Pending:
+        """Call ``method(*args)`` on the edge object (``Edge.serve``); ``seq`` numbers training calls."""
+
+
+class Autograd(Protocol):
+    """How a batch's backward spans the cuts (the autograd engine)."""
+
+    def context(self) -> AbstractContextManager[int]: ...
+
+    def backward(self, context_id: int, losses: list[torch.Tensor]) -> None: ...
+
+    def gradients(self, context_id: int) -> Mapping[torch.Tensor, torch.Tensor]:
+        """This process's parameters' gradients in the context (only this side's are asked for)."""
+
+
+class Transport(Protocol):
+    name: str
+    autograd: Autograd
+
+    def members(self) -> list[str]:
+        """The edges present, by number (edge1, edge2, ...)."""
+
+    def connect(self, names: list[str], cfg: Any) -> list[Remote]:
+        """Build each edge object on its edge (from the central's config) and return a handle on each."""
+
+    def where(self, name: str) -> str:
+        """Where edge ``name`` runs, for the banner (its rank, or "in this process")."""
+
+    def guard(self) -> AbstractContextManager[None]:
+        """Held around the central's own compute: loopback's edges share the process's RNG and
+        take turns with the central (a no-op for RPC, whose ranks are processes of their own)."""
+
+    def finish(self, timeout_s: float) -> None:
+        """The job is done: release the edges."""
+
+    def shutdown(self, graceful: bool) -> None: ...

@@ -1,0 +1,139 @@
+"""The loopback transport: every edge object in the central's own process, each served by threads
+of its own, with the same bounded calls and the same byte accounting as RPC, and ordinary autograd
+across the segments. A run on loopback is the same run as on RPC (docs/how-it-works.md says where
+it cannot be bit for bit); it needs no torchrun:
+
+    python -m split_trainer --config configs/mnist.yaml --set topology.transport=loopback
+
+so a whole run fits in a debugger, a notebook or a test.
+
+Each edge keeps its own RNG stream, as its own process would: the process's RNG is swapped to the
+edge's while the edge computes, and the central's compute and the edges' take turns (``guard``),
+so dropout and the privacy defences draw what they would draw on RPC.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from split_trainer.config import Config
+from split_trainer.data.placement import PLACEMENTS
+from split_trainer.training.edge import Edge
+from split_trainer.transport.topology import device_for, edge_number
+
+
+class LocalAutograd:
+    """The autograd engine's contexts in one process: the forward graphs cross the cuts as they are,
+    one backward reaches every segment, and each side steps from its parameters' ``.grad`` (each
+    edge's parameters are its own, and the central's are stepped inside its turn)."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+
+    @contextmanager
+    def context(self) -> Iterator[int]:
+        yield next(self._ids)
+
+    def backward(self, context_id: int, losses: list[torch.Tensor]) -> None:
+        torch.autograd.backward(losses)
+
+    def gradients(self, context_id: int) -> "_Grads":
+        return _Grads()
+
+
+class _Grads:
+    """Each parameter's gradient, as ``optim.step_with`` asks for it."""
+
+    @staticmethod
+    def get(param: torch.Tensor) -> Optional[torch.Tensor]:
+        return param.grad
+
+
+class _Pending:
+    def __init__(self, fut: Future, timeout_s: float, name: str, method: str):
+        self.fut, self.deadline, self.name, self.method = fut, time.monotonic() + timeout_s, name, method
+        self.timeout_s = timeout_s
+
+    def wait(self) -> Any:
+        try:
+            return self.fut.result(timeout=max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            raise TimeoutError(f"call {self.method} to {self.name} ran for more than {self.timeout_s:g} s") from None
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        self.fut.add_done_callback(lambda done: done.exception() is not None and callback(done.exception()))
+
+
+class LoopbackRemote:
+    def __init__(self, edge: Edge, pool: ThreadPoolExecutor):
+        self.edge, self.pool = edge, pool
+
+    def send(self, method: str, args: tuple, timeout_s: float, seq: Optional[int] = None) -> _Pending:
+        return _Pending(self.pool.submit(self.edge.serve, method, args, seq), timeout_s, self.edge.name, method)
+
+
+class LoopbackTransport:
+    name = "loopback"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.autograd = LocalAutograd()
+        self._baton = threading.RLock()  # the central's compute and the edges' take turns
+        # Every edge of this process reads the same data.root: load it once, carve a shard each.
+        self._loaded = PLACEMENTS[cfg.data.placement].load_on_edge(cfg)
+        self._edges: dict[str, Edge] = {}
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+
+    def start(self) -> None:
+        pass
+
+    def members(self) -> list[str]:
+        return [f"edge{k}" for k in range(1, self.cfg.topology.edges + 1)]
+
+    def connect(self, names: list[str], cfg: Config) -> list[LoopbackRemote]:
+        for name in names:
+            # The stream an edge process would have seeded for itself (transport.rpc.serve_edge).
+            rng = [torch.Generator().manual_seed(cfg.train.seed + edge_number(name)).get_state()]
+            device = device_for(cfg.train.edge_device, "train.edge_device", 0)
+            data = PLACEMENTS[cfg.data.placement].edge_data(cfg, self._loaded, edge_number(name))
+            self._edges[name] = Edge(name, cfg, device, data, self._ask_peer, self.autograd, self._edge_guard(rng))
+            # As many threads as an RPC agent has: a call waiting on a peer must not block the peer's reply.
+            self._pools[name] = ThreadPoolExecutor(cfg.rpc.num_worker_threads, thread_name_prefix=name)
+        return [LoopbackRemote(self._edges[name], self._pools[name]) for name in names]
+
+    def _ask_peer(self, name: str) -> Callable[[], dict[str, torch.Tensor]]:
+        return LoopbackRemote(self._edges[name], self._pools[name]).send("peer_state", (), self.cfg.rpc.timeout_s).wait
+
+    def _edge_guard(self, rng: list[torch.Tensor]) -> Callable[[], AbstractContextManager[None]]:
+        @contextmanager
+        def guard() -> Iterator[None]:
+            with self._baton:
+                outer = torch.get_rng_state()
+                torch.set_rng_state(rng[0])
+                try:
+                    yield
+                finally:
+                    rng[0] = torch.get_rng_state()
+                    torch.set_rng_state(outer)
+        return guard
+
+    def where(self, name: str) -> str:
+        return "in this process"
+
+    def guard(self) -> AbstractContextManager[None]:
+        return self._baton
+
+    def finish(self, timeout_s: float) -> None:
+        for edge in self._edges.values():
+            edge.finish()
+
+    def shutdown(self, graceful: bool) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=graceful, cancel_futures=True)

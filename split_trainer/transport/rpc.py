@@ -1,0 +1,149 @@
+"""The RPC transport: torch.distributed.rpc under torchrun, one process per rank.
+
+The central creates each edge object on its edge with ``rpc.remote`` and calls it through one
+trampoline, ``_call_method`` (as pytorch/examples' RPC pipeline does): the edge object's ``serve``
+takes its lock in one place. Distributed autograd spans the cuts for the autograd engine; with
+edge-held weights the edges fetch each other's replicas edge to edge. Tensors travel on the CPU
+(RRefs and distributed autograd take no CUDA tensors).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed.autograd as dist_autograd
+from torch.distributed import rpc
+
+from split_trainer.config import Config
+from split_trainer.data.placement import PLACEMENTS
+from split_trainer.training.edge import Edge
+from split_trainer.transport.topology import Topology, device_for, edge_number, init_rpc, members
+
+# An edge process serves one edge object; RPC reaches module functions by name, so what they
+# need lives here: the object (for its peers), the data loaded before RPC came up, and the end.
+_served: list[Optional[Edge]] = [None]
+_loaded: list[Any] = [None]
+_local_rank = [0]
+_finished = threading.Event()
+
+
+class DistAutograd:
+    """Distributed autograd: a context per batch spans every cut; each side reads its own gradients."""
+
+    def context(self) -> AbstractContextManager[int]:
+        return dist_autograd.context()
+
+    def backward(self, context_id: int, losses: list[torch.Tensor]) -> None:
+        dist_autograd.backward(context_id, losses)
+
+    def gradients(self, context_id: int) -> dict[torch.Tensor, torch.Tensor]:
+        return dist_autograd.get_gradients(context_id)
+
+
+class _Pending:
+    def __init__(self, fut: torch.futures.Future):
+        self.fut = fut
+
+    def wait(self) -> Any:
+        return self.fut.wait()
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        def note(done: torch.futures.Future) -> None:
+            try:
+                done.value()
+            except Exception as exc:
+                callback(exc)
+        self.fut.add_done_callback(note)
+
+
+class RpcRemote:
+    def __init__(self, name: str, rref: rpc.RRef):
+        self.name, self.rref = name, rref
+
+    def send(self, method: str, args: tuple, timeout_s: float, seq: Optional[int] = None) -> _Pending:
+        return _Pending(rpc.rpc_async(self.name, _call_method, args=(self.rref, method, args, seq), timeout=timeout_s))
+
+
+def _call_method(rref: rpc.RRef, method: str, args: tuple, seq: Optional[int]) -> Any:
+    """The trampoline: every call the central makes of an edge object lands here, on the edge."""
+    return rref.local_value().serve(method, args, seq)
+
+
+def _build_edge(cfg: Config) -> Edge:
+    """On the edge, at the central's ``rpc.remote``: this edge's object from the central's config
+    and what this process knows (its name in the RPC group, its device, the data it loaded)."""
+    name = rpc.get_worker_info().name
+    device = device_for(cfg.train.edge_device, "train.edge_device", _local_rank[0])
+    data = PLACEMENTS[cfg.data.placement].edge_data(cfg, _loaded[0], edge_number(name))
+    _served[0] = Edge(name, cfg, device, data, partial(_ask_peer, timeout_s=cfg.rpc.timeout_s), DistAutograd())
+    return _served[0]
+
+
+def _peer_state() -> dict[str, torch.Tensor]:
+    return _served[0].serve("peer_state", ())
+
+
+def _ask_peer(name: str, timeout_s: float) -> Callable[[], dict[str, torch.Tensor]]:
+    return rpc.rpc_async(name, _peer_state, timeout=timeout_s).wait
+
+
+def _finish() -> None:
+    _finished.set()
+
+
+class RpcTransport:
+    """The central's side of the RPC transport."""
+    name = "rpc"
+
+    def __init__(self, topo: Topology, cfg: Config):
+        self.topo, self.cfg = topo, cfg
+        self.autograd = DistAutograd()
+
+    def start(self) -> None:
+        init_rpc(self.topo, self.cfg)
+
+    def members(self) -> list[str]:
+        return members()
+
+    def connect(self, names: list[str], cfg: Config) -> list[RpcRemote]:
+        # The first calls also connect and build the segments: a loaded host may take a while.
+        rrefs = [rpc.remote(name, _build_edge, args=(cfg,), timeout=cfg.rpc.startup_timeout_s) for name in names]
+        return [RpcRemote(name, rref) for name, rref in zip(names, rrefs)]
+
+    def where(self, name: str) -> str:
+        return f"rank {rpc.get_worker_info(name).id}"
+
+    def guard(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def finish(self, timeout_s: float) -> None:
+        for name in self.members():
+            rpc.rpc_sync(name, _finish, timeout=timeout_s)
+
+    def shutdown(self, graceful: bool) -> None:
+        rpc.shutdown(graceful=graceful)
+
+
+def serve_edge(topo: Topology, cfg: Config) -> None:
+    """An edge rank: serve the central's calls until it says the job is done; give up if it falls silent."""
+    torch.manual_seed(cfg.train.seed + edge_number(topo.name))
+    # An edge prints only warnings and errors, each on one line under its own name.
+    warnings.showwarning = lambda message, category, *_args, **_kw: print(
+        f"split_trainer: [{topo.name}] warning: {category.__name__}: {message}", file=sys.stderr, flush=True)
+    _loaded[0] = PLACEMENTS[cfg.data.placement].load_on_edge(cfg)  # a missing data folder fails here, before RPC
+    _local_rank[0] = topo.local_rank
+    init_rpc(topo, cfg)
+    started = time.monotonic()
+    poll = min(5.0, cfg.rpc.timeout_s)
+    while not _finished.wait(poll):
+        silent = time.monotonic() - (_served[0].last_seen if _served[0] else started)
+        if silent > cfg.rpc.timeout_s:
+            raise TimeoutError(f"no call from the central for {silent:.0f} s (rpc.timeout_s={cfg.rpc.timeout_s:g})")
+    rpc.shutdown(graceful=True)
