@@ -111,13 +111,13 @@ def test_a_run_stopped_at_a_checkpoint_resumes_to_the_untouched_run(mnist_root, 
     assert [r["step"] for r in records(tmp_path / "b") if "loss" in r] == [5, 10, 15, 20]  # each step once
 
 
-def test_the_edges_are_quiet_at_every_sync_checkpoint_and_epoch_end():
-    """Cadence: which steps end a chunk of batches (no batch in flight across them)."""
+def test_the_edges_are_flushed_at_every_sync_checkpoint_and_epoch_end():
+    """Cadence: the flushes, the steps that end a span of batches (no batch in flight across them)."""
     cfg = load_config(None, ["train.edge_sync_every=4", "checkpoint.every_steps=6"])
     cadence = Cadence(cfg, steps_per_epoch=10, total_steps=25)
     assert [s for s in range(1, 26) if cadence.sync(s)] == [4, 8, 10, 12, 16, 20, 24, 25]
     assert [s for s in range(1, 26) if cadence.checkpoint(s)] == [6, 10, 12, 18, 20, 24, 25]
-    assert [s for s in range(1, 26) if cadence.quiet(s)] == [4, 6, 8, 10, 12, 16, 18, 20, 24, 25]
+    assert [s for s in range(1, 26) if cadence.flush(s)] == [4, 6, 8, 10, 12, 16, 18, 20, 24, 25]
 
 
 def test_round_robin_gives_batch_i_to_edge_i_mod_n_and_free_first_to_whoever_asks():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from split_trainer.config import ConfigError, DataConfig
-from split_trainer.datasets import load
-from split_trainer.shards import Draw, Shard, partition, rotation
+from split_trainer.data.datasets import load
+from split_trainer.data.shards import ShardBatch, Shard, partition, rotation
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +48,11 @@ def test_an_edge_draws_the_same_batch_for_the_same_seed_epoch_and_index(mnist):
     train, test = mnist
     a = Shard.carve(train, test, 1, 2, DataConfig(), seed=1)
     b = Shard.carve(train, test, 1, 2, DataConfig(), seed=1)
-    x1, y1 = a.draw(Draw("train", 3, 7, True))
-    a.draw(Draw("train", 4, 0, True))  # another epoch in between changes nothing
-    x2, y2 = b.draw(Draw("train", 3, 7, True))
+    x1, y1 = a.batch(ShardBatch("train", 3, 7, True))
+    a.batch(ShardBatch("train", 4, 0, True))  # another epoch in between changes nothing
+    x2, y2 = b.batch(ShardBatch("train", 3, 7, True))
     assert torch.equal(x1, x2) and torch.equal(y1, y2) and len(y1) == 64
-    assert not torch.equal(a.draw(Draw("train", 0, 7, True))[1], y1)
+    assert not torch.equal(a.batch(ShardBatch("train", 0, 7, True))[1], y1)
 
 
 def test_tiny_alpha_that_starves_an_edge_is_a_config_error(mnist):

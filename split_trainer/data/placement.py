@@ -3,10 +3,11 @@
 On the central a placement knows its steps per epoch, yields an epoch's batches from a position,
 yields the evaluation shares, and describes itself for the banner and the run's files. On each
 edge its counterpart (``edge_data``) turns what the central sends into inputs: the inputs
-themselves (central-held data), or a draw of the edge's own batch (edge-held shards).
+themselves (central-held data), or a reference to one of the edge's own batches (edge-held
+shards).
 
     central  the central loads the data set and sends each batch's inputs; labels never leave it
-    edge     each edge loads its own shard on its own host; the central sends draws (epoch, batch)
+    edge     each edge loads its own shard on its own host; the central sends batch references (epoch, batch)
              and never receives an input (nor a label when the loss is on the edge)
 
 A third placement is one more class with the same methods, named in ``PLACEMENTS``.
@@ -22,7 +23,7 @@ import torch
 from split_trainer.config import Config
 from split_trainer.data.batches import batch_loader, crop_flip, epoch_order, index_batches
 from split_trainer.data.datasets import Source, Spec, load, spec_of
-from split_trainer.data.shards import Draw, Shard, rotation
+from split_trainer.data.shards import Shard, ShardBatch, rotation
 from split_trainer.training.route import Batch
 
 Tensor = torch.Tensor
@@ -40,8 +41,8 @@ class Placement(Protocol):
     def batches(self, epoch: int, position: int) -> Iterator[Batch]:
         """The epoch's batches in dispatch order, from batch ``position`` on."""
 
-    def take(self, batch: Batch) -> Batch:
-        """``batch`` as the edge ``batch.edge`` takes it (in that edge's lane, in order)."""
+    def assign(self, batch: Batch) -> Batch:
+        """``batch`` as the edge ``batch.edge`` runs it (on that edge's driver thread, in order)."""
 
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
         """Per edge, its (test batch number, key) pairs; ``test_batch(key)`` gives (source, labels)."""
@@ -61,7 +62,7 @@ class Placement(Protocol):
 class EdgeSide(Protocol):
     """An edge's side of a placement: what it makes of the first hop's input."""
 
-    def take(self, source: Any) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    def inputs(self, source: Any) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """(inputs, their labels when this edge holds them, the labels to send the central)."""
 
     def state(self) -> dict[str, Any]:
@@ -108,15 +109,15 @@ class CentralData:
                 x = crop_flip(x, self.cfg.train.seed, epoch, i)
             yield Batch(start + i, (start + i) % self.edges, x, y)
 
-    def take(self, batch: Batch) -> Batch:
-        return batch  # the inputs are the data set's next batch, whichever edge takes them
+    def assign(self, batch: Batch) -> Batch:
+        return batch  # the inputs are the data set's next batch, whichever edge runs them
 
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
         n = self.edges
         return [[(j, idx) for j, idx in enumerate(self.test_batches) if j % n == k] for k in range(n)]
 
     def test_batch(self, key: Tensor) -> tuple[Tensor, Tensor]:
-        return self.test.batch(key)  # gathered (or decoded) in the lane that sends it
+        return self.test.batch(key)  # gathered (or decoded) on the driver thread that sends it
 
     def eval_record(self, scores: dict[tuple[int, int], Score], names: list[str]) -> dict[str, Any]:
         return {}  # every edge evaluates the same kind of data: the total says it
@@ -138,7 +139,7 @@ class CentralData:
 
 
 class EdgeData:
-    """Each edge holds its own shard; the central sends draws. An epoch is as many steps as the
+    """Each edge holds its own shard; the central sends batch references. An epoch is as many steps as the
     shards of the fleet that started the run hold batches (with that fleet, every edge serves its
     shard once, its batches spread evenly over the epoch: shards.rotation). Each edge goes through
     its shard at its own pace, counted by name (``served``): an edge that is away is not trained on
@@ -163,17 +164,17 @@ class EdgeData:
         for i in range(position, self.steps_per_epoch):
             yield Batch(start + i, self.rotation[i % len(self.rotation)][0], None)
 
-    def take(self, batch: Batch) -> Batch:
+    def assign(self, batch: Batch) -> Batch:
         name, n = self.names[batch.edge], self.shards[batch.edge]["train_batches"]
         count = self.served.get(name, 0)
         self.served[name] = count + 1
-        return dataclasses.replace(batch, source=Draw("train", count // n, count % n, self.labels_here))
+        return dataclasses.replace(batch, source=ShardBatch("train", count // n, count % n, self.labels_here))
 
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
-        return [[(j, Draw("test", epoch, j, self.labels_here)) for j in range(s["test_batches"])] for s in self.shards]
+        return [[(j, ShardBatch("test", epoch, j, self.labels_here)) for j in range(s["test_batches"])] for s in self.shards]
 
-    def test_batch(self, key: Draw) -> tuple[Draw, None]:
-        return key, None  # the edge draws its own test batch
+    def test_batch(self, key: ShardBatch) -> tuple[ShardBatch, None]:
+        return key, None  # the edge reads its own test batch
 
     def eval_record(self, scores: dict[tuple[int, int], Score], names: list[str]) -> dict[str, Any]:
         """Each edge's own accuracy: with non-IID shards a weak edge must not hide behind a good average."""
@@ -213,7 +214,7 @@ class EdgeData:
 class CallInputs:
     """An edge's data under central placement: the inputs arrive with each call."""
 
-    def take(self, source: Tensor) -> tuple[Tensor, None, None]:
+    def inputs(self, source: Tensor) -> tuple[Tensor, None, None]:
         return source, None, None
 
     def state(self) -> dict[str, Any]:

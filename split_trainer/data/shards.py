@@ -1,5 +1,5 @@
 """Edge-held data (``data.placement: edge``): each edge's shard of the data set found at its own
-``data.root``, and the batches it draws from it when the central asks.
+``data.root``, and the batches it reads from it when the central asks.
 
 Shards are carved the same way on every edge, from the seed alone, so that on one machine (where
 every edge finds the same files) they are disjoint and cover the data set: ``iid`` deals a seeded
@@ -25,7 +25,7 @@ Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class Draw:
+class ShardBatch:
     """The central's request for an edge's own batch: which split, epoch and batch of its shard,
     and whether the labels come back with the activation (only when the loss is on the central)."""
     split: str
@@ -80,7 +80,7 @@ def partition(train_labels: Tensor, test_labels: Tensor, edges: int, cfg: DataCo
 
 
 class Shard:
-    """One edge's training and test samples, the batches it draws from them, and where it stands
+    """One edge's training and test samples, the batches it reads from them, and where it stands
     in its own training data (saved in the edge's checkpoint part)."""
 
     def __init__(self, train: Source, test: Source, edge: int, cfg: DataConfig, seed: int, classes: int = 0):
@@ -105,31 +105,31 @@ class Shard:
         size = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
         return -(-len(self.train if split == "train" else self.test) // size)
 
-    def draw(self, draw: Draw) -> tuple[Tensor, Tensor]:
-        if draw.split == "test":
-            return self.test.batch(index_batches(len(self.test), self.cfg.eval_batch_size)[draw.index])
-        if self._order is None or self._order[0] != draw.epoch:
-            self._order = (draw.epoch, epoch_order(len(self.train), self.cfg.batch_size, self.seed, draw.epoch))
+    def batch(self, ref: ShardBatch) -> tuple[Tensor, Tensor]:
+        if ref.split == "test":
+            return self.test.batch(index_batches(len(self.test), self.cfg.eval_batch_size)[ref.index])
+        if self._order is None or self._order[0] != ref.epoch:
+            self._order = (ref.epoch, epoch_order(len(self.train), self.cfg.batch_size, self.seed, ref.epoch))
         order = self._order[1]
         if self.cfg.num_workers == 0:
-            x, y = self.train.batch(order[draw.index])
-        else:  # the next draw is the next batch: workers decode ahead, a resume or a new epoch restarts them
-            if self._ahead is None or self._ahead[0] != (draw.epoch, draw.index):
-                self._ahead = ((draw.epoch, draw.index),
-                               iter(batch_loader(self.train, order[draw.index:], self.cfg.num_workers)))
+            x, y = self.train.batch(order[ref.index])
+        else:  # the next reference is the next batch: workers decode ahead, a resume or a new epoch restarts them
+            if self._ahead is None or self._ahead[0] != (ref.epoch, ref.index):
+                self._ahead = ((ref.epoch, ref.index),
+                               iter(batch_loader(self.train, order[ref.index:], self.cfg.num_workers)))
             x, y = next(self._ahead[1])
-            self._ahead = ((draw.epoch, draw.index + 1), self._ahead[1])
+            self._ahead = ((ref.epoch, ref.index + 1), self._ahead[1])
         if self.cfg.augment == "crop_flip":
-            x = crop_flip(x, self.seed, draw.epoch, draw.index)
+            x = crop_flip(x, self.seed, ref.epoch, ref.index)
         return x, y
 
-    def take(self, draw: Draw) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """The edge's side of a draw (placement.py): (inputs, labels, the labels to send the
+    def inputs(self, ref: ShardBatch) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The edge's side of a batch reference (placement.py): (inputs, labels, the labels to send the
         central: only when the loss is there)."""
-        x, y = self.draw(draw)
-        if draw.split == "train":
-            self.position = (draw.epoch, draw.index + 1)
-        return x, y, y if draw.labels else None
+        x, y = self.batch(ref)
+        if ref.split == "train":
+            self.position = (ref.epoch, ref.index + 1)
+        return x, y, y if ref.labels else None
 
     def describe(self) -> dict[str, Any]:
         """Sizes and per-label counts: what the central prints and writes to partition.json."""

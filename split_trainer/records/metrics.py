@@ -132,9 +132,9 @@ class TrainLog:
         """``batch`` (training.route.Batch) has had its turn, with ``loss``."""
         self.losses[batch.step] = (loss, time.perf_counter(), batch.samples)
 
-    def chunk(self, chunk: list) -> None:
-        """Account a chunk's batches in step order, writing the lines that fall in it."""
-        for batch in chunk:
+    def span(self, span: list) -> None:
+        """Account a span's batches (between two flushes) in step order, writing the lines that fall in it."""
+        for batch in span:
             loss, when, samples = self.losses.pop(batch.step)
             self.window.add(loss, when, samples)
             self.samples += samples

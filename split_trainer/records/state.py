@@ -35,7 +35,7 @@ class Progress:
 
 
 def save(cfg: Config, meta: dict[str, Any], central: Stage, fleet: Fleet, progress: Progress) -> tuple[Path, int]:
-    """Both sides' full state at a quiet point (no batch in flight), as checkpoint ``progress.step``;
+    """Both sides' full state at a flush (no batch in flight), as checkpoint ``progress.step``;
     ``meta`` (fingerprint, job, shape) goes into the manifest."""
     edges = fleet.export(progress.step, meta["job"])  # the edges' own parts first: the central's manifest lands last
     parts = {"central": {**central.part(), "progress": asdict(progress)}}

@@ -1,8 +1,8 @@
-"""The central rank's driver: it feeds the placement's batches to the edges' lanes and decides
-when to synchronise the replicas, evaluate and checkpoint.
+"""The central rank's driver: it feeds the placement's batches to the edges and decides when to
+synchronise the replicas, evaluate and checkpoint.
 
-One central thread per edge (a *lane*, fleet.Fleet.lanes) keeps one batch in flight on every
-edge, so the edges compute at once; what a batch does on its way through the plan is the
+One central thread per edge (its *driver thread*, fleet.Fleet.per_edge) keeps that edge's
+batches in flight, so the edges compute at once; what a batch does on its way through the plan is the
 engine's business (engines.py); which edge takes which batch, and the order of the central's
 turns, is dispatch.py's (round robin, by default: a run is a function of its seed and config).
 The edges are whoever the rendezvous brought (an elastic fleet's members may change between
@@ -42,7 +42,7 @@ from split_trainer.transport.topology import Topology, device_for
 
 
 class Cadence:
-    """When the edges must be quiet (no batch in flight): at every replica sync (every
+    """When the edges are flushed (no batch in flight): at every replica sync (every
     train.edge_sync_every steps), every checkpoint (every checkpoint.every_steps), every epoch end
     (both), and the run's end."""
 
@@ -59,7 +59,7 @@ class Cadence:
     def checkpoint(self, step: int) -> bool:
         return self.epoch_end(step) or step % self.checkpoint_every == 0
 
-    def quiet(self, step: int) -> bool:
+    def flush(self, step: int) -> bool:
         return self.sync(step) or self.checkpoint(step)
 
 
@@ -117,15 +117,15 @@ class Central:
         while self.step < self.total_steps:
             epoch = self.step // self.steps_per_epoch
             lr = lr_at(self.cfg.train, epoch)
-            for chunk in self._chunks(epoch):
+            for span in self._spans(epoch):
                 t0 = time.perf_counter()
-                trained = set(self.progress.trained) | self._train_chunk(chunk, lr)
+                trained = set(self.progress.trained) | self._train_span(span, lr)
                 self.progress.trained = sorted(trained)
                 if self.cadence.sync(self.step):
                     self.fleet.sync(trained)
                     self.progress.trained = []
                 self.train_time += time.perf_counter() - t0
-                self.log.chunk(chunk)
+                self.log.span(span)
                 with self.log.paused():
                     if self.cadence.epoch_end(self.step):
                         self._evaluate(epoch)
@@ -133,27 +133,27 @@ class Central:
                         self._checkpoint()
         return self._finish(time.perf_counter() - started)
 
-    def _chunks(self, epoch: int) -> Iterator[list[Batch]]:
-        """This epoch's batches from the current position, cut where the edges must be quiet."""
-        chunk = []
+    def _spans(self, epoch: int) -> Iterator[list[Batch]]:
+        """This epoch's batches from the current position, cut at every flush."""
+        span = []
         for batch in self.placement.batches(epoch, self.step - epoch * self.steps_per_epoch):
-            chunk.append(batch)
-            if self.cadence.quiet(batch.step + 1):
-                yield chunk
-                chunk = []
+            span.append(batch)
+            if self.cadence.flush(batch.step + 1):
+                yield span
+                span = []
             if batch.step + 1 >= self.total_steps:
                 return
-        if chunk:
-            yield chunk
+        if span:
+            yield span
 
-    def _train_chunk(self, chunk: list[Batch], lr: float) -> set[str]:
-        """Train ``chunk``'s batches; return the names of the edges that trained them."""
+    def _train_span(self, span: list[Batch], lr: float) -> set[str]:
+        """Train ``span``'s batches; return the names of the edges that trained them."""
         # A batch waits at most for the batch before it: its first call, then its turn, one call
         # per edge hop in the turn. One bound more lets a hung edge's own timeout be the report.
         mode, bound = self.cfg.train.dispatch, (2 + self.engine.route.edge_hops_in_turn) * self.cfg.rpc.timeout_s
-        turns, trained = dispatch.turns(mode, chunk[0].step, bound), set()
+        turns, trained = dispatch.turns(mode, span[0].step, bound), set()
 
-        def lane(k: int, batches: Iterable[Batch]) -> None:
+        def drive(k: int, batches: Iterable[Batch]) -> None:
             link = self.fleet.links[k]
 
             def finished(batch: Batch, loss: float) -> None:
@@ -162,10 +162,10 @@ class Central:
                 trained.add(link.name)
                 faults.hit("train")
 
-            self.engine.lane(link, batches, turns, lr, finished)
+            self.engine.drive(link, batches, turns, lr, finished)
 
-        self.fleet.lanes(lane, dispatch.shares(mode, chunk, len(self.fleet), self.placement.take), turns.fail)
-        self.progress.step = chunk[-1].step + 1
+        self.fleet.per_edge(drive, dispatch.shares(mode, span, len(self.fleet), self.placement.assign), turns.fail)
+        self.progress.step = span[-1].step + 1
         return trained
 
     def _evaluate(self, epoch: int) -> None:

@@ -1,5 +1,6 @@
-"""The schedule: which edge takes which batch of a chunk, and in which order batches take the
-central's turn (``train.dispatch``), with the classes that hand out turns.
+"""The schedule: which edge runs which batch of a span (the batches between two flushes), and in
+which order batches take the central's turn (``train.dispatch``), with the classes that hand out
+turns.
 
     round_robin  batch i to edge i mod N (edge placement: the shards' rotation); turns in step
                  order. A run is a function of its seed and config.
@@ -8,8 +9,8 @@ central's turn (``train.dispatch``), with the classes that hand out turns.
                  fewer batches and holds no one's turn; which edge trains which batch, and the turn
                  order, follow the timing, so runs are not bit-reproducible.
 
-Either way a batch is *taken* (``Placement.take``) in the lane of the edge that runs it, in that
-lane's order: an edge-held batch is drawn from that edge's own shard only then.
+Either way a batch is *assigned* (``Placement.assign``) on the driver thread of the edge that runs
+it, in that edge's order: an edge-held batch gets its place in that edge's own shard only then.
 """
 
 from __future__ import annotations
@@ -22,30 +23,30 @@ from typing import Callable, Iterable, Iterator
 from split_trainer.training.failures import JobError
 from split_trainer.training.route import Batch
 
-Take = Callable[[Batch], Batch]
+Assign = Callable[[Batch], Batch]
 
 
-def shares(mode: str, chunk: list[Batch], edges: int, take: Take) -> list[Iterable[Batch]]:
-    """Per edge, the batches its lane runs (an empty list: none)."""
+def shares(mode: str, span: list[Batch], edges: int, assign: Assign) -> list[Iterable[Batch]]:
+    """Per edge, the batches its driver thread runs (an empty list: none)."""
     if mode == "round_robin":
-        fixed = [[b for b in chunk if b.edge == k] for k in range(edges)]
-        return [map(take, share) if share else [] for share in fixed]
-    queue, lock = deque(chunk), threading.Lock()
+        fixed = [[b for b in span if b.edge == k] for k in range(edges)]
+        return [map(assign, share) if share else [] for share in fixed]
+    queue, lock = deque(span), threading.Lock()
 
-    def lane(k: int) -> Iterator[Batch]:
+    def asks(k: int) -> Iterator[Batch]:
         while True:
             with lock:
                 if not queue:
                     return
                 batch = queue.popleft()
-            yield take(dataclasses.replace(batch, edge=k))
+            yield assign(dataclasses.replace(batch, edge=k))
 
-    return [lane(k) for k in range(edges)]
+    return [asks(k) for k in range(edges)]
 
 
 class Turns:
     """Hands a turn to numbered comers strictly in order (the central's turn to batches in dispatch
-    order; an edge's to one lane's calls in the order they were sent); ``fail`` releases every waiter."""
+    order; an edge's to the training calls in the order they were sent); ``fail`` releases every waiter."""
 
     def __init__(self, first: int, timeout_s: float, what: str = "batch {} waited {:g} s for the central's turn"):
         self.next, self.timeout_s, self.failed, self.what = first, timeout_s, False, what

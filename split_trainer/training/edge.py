@@ -87,8 +87,8 @@ class Edge:
 
     # -- training and evaluation --------------------------------------------------------------------
     def run(self, work: list[tuple[Hop, Any]], labels: Optional[torch.Tensor], lr: float) -> Reply:
-        """Run the hops in ``work`` in order, each on its own input (a tensor, or a draw of this
-        edge's own batch); reply with the last one's result. With the autograd engine this runs
+        """Run the hops in ``work`` in order, each on its own input (a tensor, or a reference to
+        one of this edge's own batches); reply with the last one's result. With the autograd engine this runs
         inside the caller's autograd context."""
         evaluating = _evaluating(work)
         self.stage.train(not evaluating)
@@ -102,8 +102,8 @@ class Edge:
         for hop, payload in work:
             into = crossing(hop, "in")
             sent = None
-            if into.kind == "inputs":  # the inputs themselves, or a draw of this edge's own batch
-                x, own, sent = self.data.take(payload)
+            if into.kind == "inputs":  # the inputs themselves, or a reference to this edge's own batch
+                x, own, sent = self.data.inputs(payload)
                 self.labels = own if own is not None else self.labels
             else:
                 x = self.wire.decode(payload, into)

@@ -1,6 +1,6 @@
 """The engines: how a batch's gradients reach every segment. Two implementations of one interface,
 each with both ends: how a stage runs a training hop (``run``), and how the central drives one
-edge's batches through their route (``lane``).
+edge's batches through their route (``drive``).
 
 ``relay``: each stage backprops its segment from the gradient it receives, steps at once and hands
 the input gradient across the cut; the edge's first segment steps when its next call arrives.
@@ -45,11 +45,11 @@ class EdgeCalls(Protocol):
 
 
 Finished = Callable[[Batch, float], None]
-Batches = Iterable[Batch]  # one lane's batches, each taken when the lane gets to it (dispatch.py)
+Batches = Iterable[Batch]  # one edge's batches, each assigned when its driver thread gets to it (dispatch.py)
 
 
 class Engine:
-    """One stage's engine: the central's (which also drives the lanes) or an edge replica's."""
+    """One stage's engine: the central's (which also drives the edges' batches) or an edge replica's."""
     name = ""
 
     def __init__(self, places: list[str], stage: Stage, in_flight: int = 1, defences: Optional[Defences] = None,
@@ -83,8 +83,8 @@ class Engine:
     def outgoing(self, hop: Hop, inputs: Tensor, out: Tensor) -> Tensor:
         return out if self.defences is None else self.defences.outgoing(hop, inputs, out)
 
-    def lane(self, edge: EdgeCalls, batches: Batches, turns: Turns, lr: float, finished: Finished) -> None:
-        """One edge's share of a chunk, in order; ``finished(batch, loss)`` after each batch's turn."""
+    def drive(self, edge: EdgeCalls, batches: Batches, turns: Turns, lr: float, finished: Finished) -> None:
+        """One edge's share of a span, in order; ``finished(batch, loss)`` after each batch's turn."""
         raise NotImplementedError
 
     def step_from_context(self, context_id: int, lr: float) -> None:
@@ -115,7 +115,7 @@ class Engine:
 
     def evaluate(self, edge: EdgeCalls, source: Any, y: Optional[Tensor]) -> tuple[float, int, int]:
         """(summed loss, correct predictions, samples) of one test batch through the whole plan, no
-        grad. ``source``: the inputs, or a draw of the edge's own test batch (then ``y`` is None
+        grad. ``source``: the inputs, or a reference to the edge's own test batch (then ``y`` is None
         and the edge sends the labels only if the loss is on the central)."""
         tensor, score = source, None
         for hop in self.eval_hops:
@@ -160,7 +160,7 @@ class Relay(Engine):
         loss = self.stage.loss(out, labels)  # turnaround
         return Reply(output=self.stage.backprop(hop.segment, loss, None, x, lr), loss=loss.item())
 
-    def lane(self, edge: EdgeCalls, batches: Batches, turns: Turns, lr: float, finished: Finished) -> None:
+    def drive(self, edge: EdgeCalls, batches: Batches, turns: Turns, lr: float, finished: Finished) -> None:
         """Up to ``in_flight`` first forwards ahead of the batch in its turn; after each turn one
         call carries that batch's last backward and the first forward of the batch ``in_flight``
         later (so with one in flight: the next batch's)."""
@@ -175,12 +175,12 @@ class Relay(Engine):
             grad, loss = self.turn(edge, batch, act, lr)
             finished(batch, loss)
             turns.done(batch.step)
-            carry = [(self.route.last, grad)]
+            piggyback = [(self.route.last, grad)]
             later = next(batches, None)
             if later is not None:
-                ahead.append((later, edge.submit([*carry, (self.route.first, later.source)], None, lr)))
+                ahead.append((later, edge.submit([*piggyback, (self.route.first, later.source)], None, lr)))
             else:
-                tail.append(edge.submit(carry, None, lr))
+                tail.append(edge.submit(piggyback, None, lr))
         for wait in tail:
             wait()
 
@@ -194,7 +194,7 @@ class Autograd(Engine):
         out = self.outgoing(hop, x, self.stage.modules[hop.segment](self.incoming(hop, x)))
         return Reply(loss=self.stage.loss(out, labels)) if hop.kind == "loss" else Reply(output=out)
 
-    def lane(self, edge: EdgeCalls, batches: Batches, turns: Turns, lr: float, finished: Finished) -> None:
+    def drive(self, edge: EdgeCalls, batches: Batches, turns: Turns, lr: float, finished: Finished) -> None:
         for batch in batches:
             with self.autograd.context() as ctx:
                 batch, act = self.arrived(batch, edge.run([(self.route.first, batch.source)], None, lr))

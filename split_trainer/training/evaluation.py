@@ -18,14 +18,14 @@ def evaluate(engine: Engine, fleet: Fleet, placement: Any, epoch: int) -> tuple[
     """(test loss, test accuracy, the placement's extra record) of the model as it stands."""
     scores: dict[tuple[int, int], Score] = {}
 
-    def lane(k: int, share: list[tuple[int, Any]]) -> None:
+    def drive(k: int, share: list[tuple[int, Any]]) -> None:
         for j, key in share:
             source, y = placement.test_batch(key)
             scores[(k, j)] = engine.evaluate(fleet.links[k], source, y)
 
     engine.stage.train(False)
     try:
-        fleet.lanes(lane, placement.eval_shares(epoch))
+        fleet.per_edge(drive, placement.eval_shares(epoch))
     finally:
         engine.stage.train(True)
     ordered = [scores[kj] for kj in sorted(scores, key=lambda kj: (kj[1], kj[0]))]

@@ -51,7 +51,7 @@ def cause_of(stop: Terminated, snapshots: Callable[[], list], in_flight: list[Fu
     """The earliest edge failure before the signal (``snapshots``: the central's links as they stand,
     transport.link.LinkSnapshot), else ``stop`` itself. Edges that torchrun stopped together with the
     central fail after it: not causes."""
-    # An edge that died mid-call fails its lane within milliseconds; give the calls in flight that long.
+    # An edge that died mid-call fails its driver thread within milliseconds; give the calls in flight that long.
     wait(in_flight, timeout=grace_s, return_when=FIRST_EXCEPTION)
     causes = [s.failure for s in snapshots() if s.failure is not None and s.failure.when <= stop.when]
     return min(causes, key=lambda e: e.when, default=stop)

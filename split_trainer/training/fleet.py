@@ -1,5 +1,5 @@
 """The central's fleet: one link per edge (transport.link) and the operations over all of them,
-each written once: the lanes (one central thread per edge), calls on every edge at once, the
+each written once: work on every edge at once (one driver thread per edge), calls on every edge at once, the
 averaging of the edge replicas, checkpoint parts, memory probes.
 
 An RPC's time bound counts from the moment it is sent, waiting on the edge included, so no path
@@ -37,8 +37,8 @@ class Fleet:
         self.described = self.on_all("describe", timeout=cfg.rpc.startup_timeout_s)
         for link, described in zip(self.links, self.described):
             link.host = described["host"]
-        self.pool = ThreadPoolExecutor(len(names), thread_name_prefix="edge-lane")
-        self.in_flight: list[Future] = []  # the lanes at work, one per edge
+        self.pool = ThreadPoolExecutor(len(names), thread_name_prefix="edge-driver")
+        self.in_flight: list[Future] = []  # the driver threads at work, one per edge
 
     def __len__(self) -> int:
         return len(self.links)
@@ -46,10 +46,11 @@ class Fleet:
     def snapshots(self) -> list[LinkSnapshot]:
         return [link.snapshot() for link in self.links]
 
-    def lanes(self, work: Callable[[int, list], None], shares: list[list], on_failure: Callable[[], None] = None) -> None:
+    def per_edge(self, work: Callable[[int, list], None], shares: list[list],
+                 on_failure: Optional[Callable[[], None]] = None) -> None:
         """``work(k, shares[k])`` for every edge k at once, one thread each; the first failure
         ends them all and is raised (the report goes out now: torchrun stops the job about 0.1 s
-        after a rank dies). ``on_failure`` releases the other lanes' waits."""
+        after a rank dies). ``on_failure`` releases the other threads' waits."""
         futures = [self.pool.submit(self._guarded, work, k, share) for k, share in enumerate(shares) if share]
         self.in_flight = futures
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)

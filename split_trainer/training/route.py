@@ -25,13 +25,15 @@ import torch
 class Batch:
     """One training batch on its route. Each stage that learns something of it makes a new record
     (``dataclasses.replace``): the placement makes it (step, edge, and the inputs when the central
-    holds them), dispatch names the edge under free_first, the placement's ``take`` gives an
-    edge-held batch its draw, and the engine adds what the first activation's reply tells."""
+    holds them), dispatch names the edge under free_first, the placement's ``assign`` gives an
+    edge-held batch its place in that edge's shard, and the engine adds what the first
+    activation's reply tells."""
     step: int
     edge: int
-    """The index of the edge (in the fleet) whose lane runs it."""
+    """The index of the edge (in the fleet) that runs it."""
     source: Any
-    """The inputs, or a draw of the edge's own batch (data.shards.Draw, made when the edge takes it)."""
+    """The inputs, or a reference to one of the edge's own batches (data.shards.ShardBatch, made
+    when the batch is assigned)."""
     y: Optional[torch.Tensor] = None
     """The labels, once the central has them (never, when they stay on the edge)."""
     samples: int = 0
