@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         faults.arm(topo.name, topo.restart)
         role = "central" if topo.is_central else "edge"
         device_for(getattr(cfg.train, f"{role}_device"), f"train.{role}_device", topo.local_rank)  # one line, now
+        if loopback:  # the edges are in this process too
+            device_for(cfg.train.edge_device, "train.edge_device", 0)
         threads = set_threads(cfg.train.threads, topo)
         if topo.is_central:
             from split_trainer.training.central import run_central

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = Path(os.environ.get("SPLIT_TRAINER_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
@@ -37,9 +38,11 @@ def trained_run(mnist_root, tmp_path_factory) -> tuple[Path, subprocess.Complete
     return run_dir, result
 
 
+TORCHRUN_VARS = ("TORCHELASTIC", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
 def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MASTER_", "RANK", "WORLD_SIZE",
-                                                                      "LOCAL_RANK", "LOCAL_WORLD_SIZE"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(TORCHRUN_VARS)}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
     return env
 
@@ -172,3 +175,38 @@ class Lines:
         while (line := self.lines.get(timeout=30)) is not None:
             self.seen.append(line)
         return "".join(self.seen)
+
+
+def run_in_process(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """``python -m split_trainer ARGV`` as ``main(argv)`` in this process: (exit code, stdout,
+    stderr) of this call alone. main() sets the torch thread count and a SIGTERM handler: both are
+    put back after. argparse's refusals raise SystemExit, which the interpreter would turn into
+    the exit code: so is it here. Use it through the ``in_process`` fixture, which also gives the
+    call the environment and working directory a child process would have."""
+    from split_trainer.__main__ import main
+
+    capsys.readouterr()  # what came before is not this call's
+    threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, handler)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def in_process(capsys, monkeypatch) -> Callable[..., tuple[int, str, str]]:
+    """``in_process(*argv) -> (code, out, err)``: run_in_process, from the repository root, without
+    torchrun's variables or an armed fault, as ``run`` starts a child (``child_env``); whatever
+    main() sets in os.environ is undone after the test."""
+    monkeypatch.chdir(ROOT)
+    for key in list(os.environ):
+        if key.startswith(TORCHRUN_VARS) or key == "SPLIT_TRAINER_FAULT":
+            monkeypatch.delenv(key)
+    # main() setdefault()s it; setting it here first (to the same value) makes monkeypatch undo it
+    monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", os.environ.get("TORCH_CPP_LOG_LEVEL", "FATAL"))
+    return lambda *argv: run_in_process(capsys, *argv)

@@ -3,7 +3,11 @@
 import json
 import sys
 
+import pytest
+
 from conftest import run
+
+pytestmark = pytest.mark.slow
 
 
 def test_benchmark_smoke(mnist_root, tmp_path):

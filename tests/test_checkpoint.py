@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from split_trainer import checkpoint
+from split_trainer.records import checkpoint
 from split_trainer.config import ConfigError, load_config
 from conftest import ROOT, quick_overrides, run, torchrun_cmd
 
@@ -44,7 +44,7 @@ def test_a_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
     # A real SIGKILL of a process in the middle of writing its second checkpoint.
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from split_trainer import checkpoint
+        from split_trainer.records import checkpoint
         directory = {str(tmp_path)!r}
         from pathlib import Path
         checkpoint.save(Path(directory), 10, {{"central": torch.ones(3), "edge1": torch.ones(2)}}, {{}}, keep=3)
@@ -83,6 +83,7 @@ def test_the_edge_count_binds_a_checkpoint_only_when_the_edges_hold_the_data():
     assert fingerprint("topology.edges=2", edge_held) != fingerprint("topology.edges=4", edge_held)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_plan_is_refused(mnist_root, tmp_path):
     first = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **{"train.max_steps": 10,
                                                                                  "checkpoint.every_steps": 5})))

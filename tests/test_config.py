@@ -78,23 +78,20 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(path) == cfg
 
 
-def _cli(*args: str):
-    return run([sys.executable, "-m", "split_trainer", *args], timeout=120)
+def test_cli_bad_value_exits_2_with_one_line(in_process):
+    code, out, err = in_process("--config", "configs/mnist.yaml", "--set", "train.lr=fast")
+    assert code == 2
+    assert (out + err).strip() == "split_trainer: error: train.lr must be float, got str 'fast'"
 
 
-def test_cli_bad_value_exits_2_with_one_line():
-    result = _cli("--config", "configs/mnist.yaml", "--set", "train.lr=fast")
-    assert result.returncode == 2
-    assert result.stdout.strip() == "split_trainer: error: train.lr must be float, got str 'fast'"
+def test_cli_world_size_mismatch_exits_2(in_process):
+    code, out, err = in_process("--config", "configs/mnist.yaml")  # no torchrun: world size 1
+    assert code == 2
+    assert "world size 1 does not match topology.edges=3" in err
+    assert "Traceback" not in out + err
 
 
-def test_cli_world_size_mismatch_exits_2():
-    result = _cli("--config", "configs/mnist.yaml")  # no torchrun: world size 1
-    assert result.returncode == 2
-    assert "world size 1 does not match topology.edges=3" in result.stdout
-    assert "Traceback" not in result.stdout
-
-
+@pytest.mark.slow
 def test_torchrun_world_size_mismatch_exits_2_on_every_rank(tmp_path):
     result = run(torchrun_cmd(2, "--config", "configs/mnist.yaml", "--set", f"output.run_dir={tmp_path}"),
                  timeout=180)
@@ -104,11 +101,12 @@ def test_torchrun_world_size_mismatch_exits_2_on_every_rank(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_missing_data_exits_2_before_training(tmp_path):
-    result = run(torchrun_cmd(2, "--set", "topology.edges=1", f"data.root={tmp_path / 'nowhere'}",
-                              "data.download=false", f"output.run_dir={tmp_path / 'run'}"), timeout=180)
-    assert "lacks mnist file(s) train-images-idx3-ubyte" in result.stdout
-    assert "exitcode  : 2" in result.stdout
+def test_missing_data_exits_2_before_training(in_process, tmp_path):
+    code, _, err = in_process("--set", "topology.edges=1", "topology.transport=loopback",
+                              f"data.root={tmp_path / 'nowhere'}", "data.download=false",
+                              f"output.run_dir={tmp_path / 'run'}")
+    assert "lacks mnist file(s) train-images-idx3-ubyte" in err
+    assert code == 2
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -116,9 +114,10 @@ def test_missing_data_exits_2_before_training(tmp_path):
     (["--set", "topology.edges=1", "model.split=fc2"], "model.split 'fc2' is not a layer of mnist_cnn"),
     (["--resume", "/nonexistent/step_00000010", "--set", "topology.edges=1"], "not a complete checkpoint folder"),
 ])
-def test_bad_model_or_resume_path_exits_2_before_writing(mnist_root, tmp_path, args, words):
-    result = run(torchrun_cmd(2, *args, f"data.root={mnist_root}", f"output.run_dir={tmp_path}"), timeout=180)
-    assert words in result.stdout and "exitcode  : 2" in result.stdout, result.stdout[-3000:]
+def test_bad_model_or_resume_path_exits_2_before_writing(in_process, mnist_root, tmp_path, args, words):
+    code, out, err = in_process(*args, "topology.transport=loopback", f"data.root={mnist_root}",
+                                f"output.run_dir={tmp_path}")
+    assert words in err and code == 2, (out + err)[-3000:]
     assert list(tmp_path.iterdir()) == []  # nothing half-written, not even config.yaml
 
 
@@ -128,15 +127,16 @@ def test_bad_model_or_resume_path_exits_2_before_writing(mnist_root, tmp_path, a
     ("[{place: edge, until: pool1}, {place: central, until: pool0}, {place: edge}]", "does not come after"),
     ("[{place: edge, until: pool0}, {place: central, until: relu2}]", "leaves layers avgpool, flatten, fc"),
 ])
-def test_a_bad_plan_exits_2_with_one_line(tmp_path, plan, words):
-    result = _cli("--config", "configs/mnist_tutorial.yaml", "--set", f"model.plan={plan}",
-                  f"output.run_dir={tmp_path}")
-    assert result.returncode == 2
-    lines = result.stdout.strip().splitlines()
+def test_a_bad_plan_exits_2_with_one_line(in_process, tmp_path, plan, words):
+    code, out, err = in_process("--config", "configs/mnist_tutorial.yaml", "--set", f"model.plan={plan}",
+                                f"output.run_dir={tmp_path}")
+    assert code == 2
+    lines = (out + err).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("split_trainer: error: model.plan") and words in lines[0]
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_bad_plan_stops_every_rank_before_rpc(tmp_path):
     plan = "[{place: edge, until: pool0}, {place: edge, until: pool1}, {place: central}]"
     result = run(torchrun_cmd(3, "--config", "configs/mnist_tutorial.yaml", "--set", "topology.edges=2",
@@ -148,7 +148,7 @@ def test_a_bad_plan_stops_every_rank_before_rpc(tmp_path):
 
 
 def test_the_central_gets_as_many_cores_as_the_edges_on_its_host():
-    from split_trainer.topology import thread_split
+    from split_trainer.transport.topology import thread_split
     assert thread_split(16, 3, True) == [8, 3, 3, 2]
     assert thread_split(16, 7, True) == [8, 2, 1, 1, 1, 1, 1, 1]
     assert thread_split(16, 1, True) == [8, 8]
@@ -168,9 +168,8 @@ def test_the_configuration_reference_is_what_the_code_generates():
         in result.stdout
 
 
-def test_config_resolves_a_file_without_starting_anything():
-    ok = run([sys.executable, "-m", "split_trainer", "config", "--config", "configs/mnist.yaml", "--set", "train.lr=0.1"],
-             timeout=60)
-    assert ok.returncode == 0 and "lr: 0.1\n" in ok.stdout and "edges: 3\n" in ok.stdout
-    bad = run([sys.executable, "-m", "split_trainer", "config", "--set", "train.lr=-1"], timeout=60)
-    assert bad.returncode == 2 and bad.stdout.strip() == "split_trainer: error: train.lr must be positive, got -1.0"
+def test_config_resolves_a_file_without_starting_anything(in_process):
+    code, out, _ = in_process("config", "--config", "configs/mnist.yaml", "--set", "train.lr=0.1")
+    assert code == 0 and "lr: 0.1\n" in out and "edges: 3\n" in out
+    code, out, err = in_process("config", "--set", "train.lr=-1")
+    assert code == 2 and (out + err).strip() == "split_trainer: error: train.lr must be positive, got -1.0"

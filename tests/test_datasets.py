@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from split_trainer.config import ConfigError, DataConfig
-from split_trainer.data import crop_flip, epoch_order
-from split_trainer.datasets import MNIST_FILES, SPECS, load
-from conftest import child_env, quick_overrides, run, torchrun_cmd
+from split_trainer.data.batches import crop_flip, epoch_order
+from split_trainer.data.datasets import MNIST_FILES, SPECS, load
 
 
 def _write_idx(path: Path, array: torch.Tensor, compress: bool) -> None:
@@ -124,17 +123,19 @@ def test_missing_and_corrupt_files(tmp_path):
         load(DataConfig(name="image_folder", root=str(tmp_path)))
 
 
-def test_offline_download_is_one_line_and_exit_2(tmp_path):
+def test_offline_download_is_one_line_and_exit_2(in_process, monkeypatch, tmp_path):
     """A proxy that refuses every connection: an offline machine, as far as the download goes."""
-    offline = child_env(http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
-                        HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
-    result = run(torchrun_cmd(2, "--set", "topology.edges=1", "data.name=fashion_mnist", "data.download=true",
-                              f"data.root={tmp_path / 'data'}", f"output.run_dir={tmp_path / 'run'}"),
-                 timeout=240, env=offline)
-    lines = [l for l in result.stdout.splitlines() if l.startswith("split_trainer: [central] error:")]
-    assert len(lines) == 1 and "could not download fashion_mnist into" in lines[0], result.stdout[-3000:]
-    assert "put the four IDX files" in lines[0] and "exitcode  : 2" in result.stdout
-    assert "Traceback" not in result.stdout.split(lines[0])[0] and not (tmp_path / "run").exists()
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    code, out, err = in_process("--set", "topology.edges=1", "topology.transport=loopback", "data.name=fashion_mnist",
+                                "data.download=true", f"data.root={tmp_path / 'data'}",
+                                f"output.run_dir={tmp_path / 'run'}")
+    lines = [l for l in err.splitlines() if l.startswith("split_trainer: [central] error:")]
+    assert len(lines) == 1 and "could not download fashion_mnist into" in lines[0], (out + err)[-3000:]
+    assert "put the four IDX files" in lines[0] and code == 2
+    assert "Traceback" not in out + err and not (tmp_path / "run").exists()
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():

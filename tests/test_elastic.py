@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import Lines, child_env, end_tree, free_port, launch, quick_overrides, run, torchrun_cmd
 
+pytestmark = pytest.mark.slow
+
 
 def _records(run_dir, event=None):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

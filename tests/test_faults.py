@@ -1,5 +1,5 @@
 """What survives what. Each fault is a real SIGKILL or SIGSTOP at an exact point of a real
-torchrun job (split_trainer.faults), on the tutorial's alternating plan (three cuts), under
+torchrun job (split_trainer.training.faults), on the tutorial's alternating plan (three cuts), under
 --max-restarts; the job must finish by itself and end where an untouched run ends."""
 
 import json
@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from split_trainer import checkpoint
+from split_trainer.records import checkpoint
 from conftest import ROOT, TUTORIAL_PLAN, child_env, end_tree, quick_overrides, rank_pid, run, torchrun_cmd
+
+pytestmark = pytest.mark.slow
 
 # 4,096 samples, batch 64: 64 steps; checkpoints at 20, 40, 60, 64; syncs every 10 steps; augmented
 # batches (crop_flip), so that every case also checks that a resumed run augments the same way.

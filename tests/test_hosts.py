@@ -4,6 +4,8 @@ two-terminal workflow starts them: launch/central.sh on one "host", launch/edge.
 import json
 import subprocess
 
+import pytest
+
 from conftest import ROOT, child_env, end_tree, free_port, launch
 
 LAUNCH = ROOT / "launch"
@@ -20,6 +22,7 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
     return outputs
 
 
+@pytest.mark.slow
 def test_two_hosts_train_with_the_data_only_on_the_edges(mnist_root, tmp_path):
     """The central's data.root does not exist: in edge placement it never opens, receives or asks
     for an input. Two edges on the edge host, IID shards, the default single cut."""
@@ -52,6 +55,7 @@ def test_an_edge_host_that_runs_more_edges_than_the_topology_is_one_line():
                                      "configs/mnist.yaml: run at most 3 here")
 
 
+@pytest.mark.slow
 def test_hosts_whose_counts_disagree_with_the_topology_stop_with_one_line(tmp_path):
     """Each host's count is fine alone, but 1 + 2 ranks do not make 1 central + 3 edges."""
     port = free_port()

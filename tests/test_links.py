@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from split_trainer.config import ConfigError, load_config
-from split_trainer.wire import pack, unpack
+from split_trainer.transport.wire import pack, unpack
 from conftest import ROOT, TUTORIAL_PLAN, child_env, quick_overrides, run, torchrun_cmd
 
 # The tutorial's plan at batch 64: values per sample at its three cuts (16x7x7, 32x2x2, 64x1x1).
@@ -43,6 +43,7 @@ def test_settings_that_cannot_work_together_are_refused(keys, words):
         load_config(None, [f"{k}={v}" for k, v in keys.items()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine, dtype", [("relay", "int8"), ("autograd", "float8")])
 def test_eight_bits_on_every_cut_with_both_engines(mnist_root, tmp_path, engine, dtype):
     """The alternating plan's three cuts in 8 bits: each value a byte, plus one float32 scale per
@@ -66,6 +67,7 @@ IN_FLIGHT = {"train.in_flight": 2, "data.limit_train": 4096, "train.epochs": 1, 
              "train.edge_sync_every": 10, "train.seed": 3, "data.placement": "edge", "rpc.activation_dtype": "int8"}
 
 
+@pytest.mark.slow
 def test_two_batches_in_flight_learn_and_resume_exactly(mnist_root, tmp_path):
     """Edge placement, int8, two batches in flight per edge: an edge killed mid-chunk under
     --max-restarts; the job resumes from its checkpoint and ends where the untouched run ends."""
@@ -103,12 +105,14 @@ def _links(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         assert prefix not in left, f"namespaces left behind: {left}"
 
 
+@pytest.mark.slow
 @needs_netns
 def test_the_link_benchmark_leaves_no_namespace_behind_when_a_run_fails(tmp_path):
     result = _links(tmp_path, "--rate", "20mbit", "--set", "train.lr=-1")
     assert result.returncode == 1 and "benchmarks/links.py: error: the job failed" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 @needs_netns
 def test_with_the_basic_channel_the_tensors_cross_the_veth(tmp_path):
     """Unshaped, one edge host: the interface counters grow by at least the accounted tensor bytes,

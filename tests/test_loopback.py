@@ -3,13 +3,11 @@ engines, dispatch, checkpoints and accounting as under torchrun, checked in seco
 test at the end checks that a loopback run is the RPC run."""
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from split_trainer.__main__ import main
 from split_trainer.config import load_config
 from split_trainer.data.datasets import load
 from split_trainer.data.shards import Shard
@@ -28,16 +26,15 @@ EXACT = {"train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "mod
          "train.max_steps": 12, "train.seed": 5}
 
 
-def loopback(mnist: Path, run_dir: Path, edges: int, *argv: str, **keys) -> dict:
-    """One run in this process; its summary. Thread count and SIGTERM handler put back after."""
-    threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
-    try:
-        code = main([*argv, *quick_overrides(mnist, run_dir, edges, **{"topology.transport": "loopback", **keys})])
-    finally:
-        torch.set_num_threads(threads)
-        signal.signal(signal.SIGTERM, handler)
-    assert code == 0
-    return json.loads((run_dir / "summary.json").read_text())
+@pytest.fixture
+def loopback(in_process, mnist_root):
+    """``loopback(run_dir, edges, *argv, **keys)``: one run in this process; its summary."""
+    def train(run_dir: Path, edges: int, *argv: str, **keys) -> dict:
+        code, out, err = in_process(*argv, *quick_overrides(mnist_root, run_dir, edges,
+                                                            **{"topology.transport": "loopback", **keys}))
+        assert code == 0, (out + err)[-3000:]
+        return json.loads((run_dir / "summary.json").read_text())
+    return train
 
 
 def model_of(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -51,12 +48,12 @@ def records(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("placement", ["central", "edge"])
 @pytest.mark.parametrize("engine", ["relay", "autograd"])
 @pytest.mark.parametrize("shape", PLANS)
-def test_split_training_equals_local_training(mnist_root, tmp_path, shape, engine, placement):
+def test_split_training_equals_local_training(loopback, tmp_path, shape, engine, placement):
     """1 edge, no dropout, plain SGD: the parameters equal single-process training on the same
     batches, every plan, both engines, both placements (the edge's own shard in edge placement)."""
     if shape == "u-shaped" and placement == "central":
         pytest.skip("a U-shaped plan keeps the labels on the edge: edge placement")
-    summary = loopback(mnist_root, tmp_path, 1, **EXACT, **PLANS[shape], **{"train.engine": engine,
+    summary = loopback(tmp_path, 1, **EXACT, **PLANS[shape], **{"train.engine": engine,
                                                                             "data.placement": placement})
     cfg = load_config(tmp_path / "config.yaml")
     train, test, _ = load(cfg.data)
@@ -78,12 +75,12 @@ def test_split_training_equals_local_training(mnist_root, tmp_path, shape, engin
 
 @pytest.mark.parametrize("engine, dtype, in_flight", [("relay", "int8", 2), ("relay", "float16", 3),
                                                        ("autograd", "float8", 1), ("autograd", "bfloat16", 1)])
-def test_wire_types_and_batches_in_flight_count_their_bytes_and_learn(mnist_root, tmp_path, engine, dtype, in_flight):
+def test_wire_types_and_batches_in_flight_count_their_bytes_and_learn(loopback, tmp_path, engine, dtype, in_flight):
     """The alternating plan's three cuts in each wire type: what each cut carries is exactly the
     values' size (plus, in 8 bits, a float32 scale per sample, and under autograd the carrier of
     the returning gradient's scales), and the loss falls."""
     steps = 40
-    loopback(mnist_root, tmp_path, 2, **PLANS["alternating"], **{
+    loopback(tmp_path, 2, **PLANS["alternating"], **{
         "train.max_steps": steps, "train.engine": engine, "rpc.activation_dtype": dtype, "train.in_flight": in_flight})
     summary = json.loads((tmp_path / "summary.json").read_text())
     size = {"int8": 1, "float8": 1, "float16": 2, "bfloat16": 2}[dtype]
@@ -96,19 +93,31 @@ def test_wire_types_and_batches_in_flight_count_their_bytes_and_learn(mnist_root
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_a_run_stopped_at_a_checkpoint_resumes_to_the_untouched_run(mnist_root, tmp_path):
+def test_a_run_stopped_at_a_checkpoint_resumes_to_the_untouched_run(loopback, tmp_path):
     """2 edges, dropout on, edge-held data: 10 steps, then the same command again to 20 steps,
     ends with the parameters and the final test loss of one run of 20 steps."""
     keys = {"data.placement": "edge", "train.edge_sync_every": 5, "checkpoint.every_steps": 5, "train.seed": 3}
-    untouched = loopback(mnist_root, tmp_path / "a", 2, "--resume", "never", **keys, **{"train.max_steps": 20})
-    loopback(mnist_root, tmp_path / "b", 2, **keys, **{"train.max_steps": 10})
-    resumed = loopback(mnist_root, tmp_path / "b", 2, **keys, **{"train.max_steps": 20})
+    untouched = loopback(tmp_path / "a", 2, "--resume", "never", **keys, **{"train.max_steps": 20})
+    loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 10})
+    resumed = loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 20})
     assert resumed["resumed_from_step"] == 10 and resumed["steps"] == 20
     assert resumed["test_loss"] == pytest.approx(untouched["test_loss"], abs=1e-6)
     a, b = model_of(tmp_path / "a"), model_of(tmp_path / "b")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
     assert [r["step"] for r in records(tmp_path / "b") if "loss" in r] == [5, 10, 15, 20]  # each step once
+
+
+def test_a_checkpoint_of_another_plan_is_refused_before_anything_runs(loopback, in_process, mnist_root, tmp_path):
+    """The in-process twin of test_checkpoint's torchrun test: one line, exit 2, the run folder as it was."""
+    loopback(tmp_path, 1, **{"train.max_steps": 5})
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, out, err = in_process(*quick_overrides(mnist_root, tmp_path, 1, **{
+        "topology.transport": "loopback", "train.max_steps": 10, "model.split": "relu1"}))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("was written for plan=edge conv1..pool | central dropout1..fc2, but the config gives "
+            "plan=edge conv1..relu1 | central conv2..fc2") in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
 def test_the_edges_are_flushed_at_every_sync_checkpoint_and_epoch_end():
@@ -152,7 +161,7 @@ def test_turns_go_in_order_and_a_failure_releases_every_waiter():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["relay", "autograd"])
-def test_a_loopback_run_is_the_rpc_run(mnist_root, tmp_path, engine):
+def test_a_loopback_run_is_the_rpc_run(loopback, mnist_root, tmp_path, engine):
     """The default config (1 central + 3 edges), on torchrun and in one process: the same parameters
     (1e-6; one thread per rank, since reduction order follows the thread count), loss and bytes."""
     keys = {"train.engine": engine, "train.threads": 1, "train.epochs": 1}
@@ -160,7 +169,7 @@ def test_a_loopback_run_is_the_rpc_run(mnist_root, tmp_path, engine):
                               *quick_overrides(mnist_root, tmp_path / "rpc", edges=3, **keys)))
     assert result.returncode == 0, result.stdout[-3000:]
     on_rpc = json.loads((tmp_path / "rpc" / "summary.json").read_text())
-    on_loopback = loopback(mnist_root, tmp_path / "loopback", 3, "--config", "configs/mnist.yaml", **keys)
+    on_loopback = loopback(tmp_path / "loopback", 3, "--config", "configs/mnist.yaml", **keys)
     assert on_loopback["test_loss"] == pytest.approx(on_rpc["test_loss"], abs=1e-6)
     assert on_loopback["bytes"]["per_cut"] == on_rpc["bytes"]["per_cut"]
     assert on_loopback["bytes"]["train_total"] == on_rpc["bytes"]["train_total"]

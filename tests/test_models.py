@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from split_trainer.config import ConfigError, ModelConfig, load_config
-from split_trainer.plan import build_plan, describe
+from split_trainer.model.plan import build_plan, describe
 
 from conftest import TUTORIAL_PLAN
 

@@ -6,17 +6,19 @@ import pty
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from split_trainer.config import DataConfig, ModelConfig
-from split_trainer.datasets import load
-from split_trainer.models import build_full
+from split_trainer.data.datasets import load
+from split_trainer.model.models import build_full
 from conftest import ROOT, child_env, quick_overrides, run, torchrun_cmd
 
 ACTIVATION_BYTES = 64 * 12 * 12 * 4  # per sample, each way, for the default split
 INPUT_BYTES = 28 * 28 * 4
 
 
+@pytest.mark.slow
 def test_plain_log_without_a_terminal(trained_run):
     _, result = trained_run
     assert "\x1b[" not in result.stdout  # no control codes in a file or pipe
@@ -24,6 +26,7 @@ def test_plain_log_without_a_terminal(trained_run):
     assert lines[0].startswith("step 5/32 epoch 1 loss ") and "samples/s" in lines[0] and "edges ok 2/2" in lines[0]
 
 
+@pytest.mark.slow
 def test_live_display_on_a_terminal(mnist_root, tmp_path):
     main, child = pty.openpty()
     cmd = torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path, edges=2, **{"train.max_steps": 12}))
@@ -47,6 +50,7 @@ def test_live_display_on_a_terminal(mnist_root, tmp_path):
     assert "\nstep 5/12" not in screen  # not the plain lines
 
 
+@pytest.mark.slow
 def test_quiet_prints_only_the_summary(mnist_root, tmp_path):
     result = run(torchrun_cmd(2, "--quiet", *quick_overrides(mnist_root, tmp_path, edges=1, **{"train.max_steps": 6})))
     assert result.returncode == 0
@@ -54,6 +58,7 @@ def test_quiet_prints_only_the_summary(mnist_root, tmp_path):
     assert len(ours) == 1 and ours[0].startswith("done: steps 6")
 
 
+@pytest.mark.slow
 def test_wire_bytes_match_the_model(trained_run):
     run_dir, _ = trained_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -75,6 +80,7 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_runs_last_accuracy(trained_run, mnist_root):
     run_dir, _ = trained_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -85,6 +91,7 @@ def test_evaluate_reports_the_runs_last_accuracy(trained_run, mnist_root):
     assert abs(float(words[words.index("test_loss") + 1]) - summary["test_loss"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_export_runs_without_the_topology(trained_run, mnist_root, tmp_path):
     run_dir, _ = trained_run
     out = tmp_path / "model.pt"
@@ -104,12 +111,13 @@ def test_export_runs_without_the_topology(trained_run, mnist_root, tmp_path):
         torch.testing.assert_close(saved["state_dict"][key], value, rtol=0, atol=1e-6)
 
 
-def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
+def test_evaluate_bad_checkpoint_is_one_line(in_process, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"nope")
-    result = _cli("evaluate", "--checkpoint", str(tmp_path / "junk.pt"))
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not a split_trainer model file" in result.stderr
+    code, _, err = in_process("evaluate", "--checkpoint", str(tmp_path / "junk.pt"))
+    assert code == 2 and err.count("\n") == 1 and "not a split_trainer model file" in err
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_or_a_one_line_refusal(mnist_root, tmp_path):
     result = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **{"logging.tensorboard": "true",
                                                                                    "train.max_steps": 10})))

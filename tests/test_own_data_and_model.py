@@ -11,6 +11,7 @@ from conftest import ROOT, child_env, quick_overrides, run, torchrun_cmd
 from test_datasets import _png_folder
 
 
+@pytest.mark.slow
 def test_an_image_folder_trains_like_the_same_images_in_idx_files(mnist_root, tmp_path):
     """Real MNIST written as PNG files: the same samples, the same order, the same accuracy."""
     _png_folder(tmp_path / "pngs", mnist_root, 2048, 500)
@@ -32,6 +33,7 @@ def _readme_example() -> str:
     return re.search(r"```python\n# my_models\.py\n(.*?)```", text, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_a_model_from_your_own_file_trains_and_exports(mnist_root, tmp_path):
     (tmp_path / "my_models.py").write_text(_readme_example())
     env = child_env(PYTHONPATH=str(tmp_path))
@@ -53,11 +55,15 @@ def test_a_model_from_your_own_file_trains_and_exports(mnist_root, tmp_path):
     ("my_models:missing", "module my_models has no function 'missing'"),
     ("my_models:not_a_sequence", "returned a Net, not an nn.Sequential: return nn.Sequential(OrderedDict("),
 ])
-def test_a_bad_model_path_is_one_line_and_exit_2(tmp_path, name, words):
+def test_a_bad_model_path_is_one_line_and_exit_2(in_process, monkeypatch, tmp_path, name, words):
     (tmp_path / "my_models.py").write_text(_readme_example() + "\n\nclass Net(nn.Module):\n    pass\n\n\n"
                                            "def not_a_sequence():\n    return Net()\n")
-    result = run([sys.executable, "-m", "split_trainer", "--set", f"model.name={name}", f"output.run_dir={tmp_path}"],
-                 env=child_env(PYTHONPATH=str(tmp_path)))
-    assert result.returncode == 2
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0], result.stdout
+    monkeypatch.syspath_prepend(str(tmp_path))  # as PYTHONPATH=tmp_path would
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)  # this test's file, not another's
+    try:
+        code, out, err = in_process("--set", f"model.name={name}", f"output.run_dir={tmp_path}")
+    finally:
+        sys.modules.pop("my_models", None)
+    assert code == 2
+    lines = (out + err).strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], out + err

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from split_trainer.config import PrivacyConfig, TrainConfig, load_config
-from split_trainer.engines import engine_for
-from split_trainer.plan import build_plan
-from split_trainer.privacy import Defences, distance_correlation, epsilon
-from split_trainer.route import Hop
-from split_trainer.stage import Stage
+from split_trainer.training.engines import engine_for
+from split_trainer.model.plan import build_plan
+from split_trainer.privacy.defences import Defences, distance_correlation, epsilon
+from split_trainer.training.route import Hop
+from split_trainer.training.stage import Stage
 from conftest import child_env, quick_overrides, run, torchrun_cmd
 
 MNIST = {"in_channels": 1, "image_size": 28, "num_classes": 10}
@@ -88,7 +88,7 @@ def test_epsilon_is_opacus_rdp_accountant():
 def test_the_label_attack_on_a_model_that_learned_nothing_scores_the_largest_class():
     """A diverged edge (say, too strong a NoPeek) sends back identical or non-finite gradients: the
     audit says the attacker learns nothing from them rather than failing."""
-    from split_trainer.attacks import kmeans, matched_accuracy
+    from split_trainer.privacy.attacks import kmeans, matched_accuracy
 
     labels = torch.tensor([0] * 6 + [1] * 3 + [2])
     for points in (torch.ones(10, 4), torch.full((10, 4), float("nan"))):
@@ -103,12 +103,13 @@ AUDIT = ["--public", "1000", "--private", "400", "--reidentify", "60", "--candid
 
 @pytest.mark.parametrize("bad, says", [(["--public", "0"], "--public: must be a whole number of at least 1"),
                                        (["--private", "10"], "--reidentify 200 is more than the --private 10")])
-def test_the_audit_refuses_counts_that_would_report_nan(tmp_path, bad, says):
-    result = run([sys.executable, "-m", "split_trainer", "audit", "--checkpoint", str(tmp_path), *bad], timeout=60)
-    assert result.returncode == 2 and says in result.stdout.splitlines()[-1]
+def test_the_audit_refuses_counts_that_would_report_nan(in_process, tmp_path, bad, says):
+    code, out, err = in_process("audit", "--checkpoint", str(tmp_path), *bad)
+    assert code == 2 and says in (out + err).splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_audit_finds_the_leak_of_an_undefended_cut(trained_run, mnist_root, tmp_path):
     run_dir, _ = trained_run
     result = run([sys.executable, "-m", "split_trainer", "audit", "--checkpoint", str(run_dir / "checkpoints"), "--set",
@@ -125,6 +126,7 @@ EDGES = {"privacy.edge_weights": "edges", "data.placement": "edge", "model.plan"
          "train.epochs": 1, "checkpoint.every_steps": 20, "train.edge_sync_every": 10, "train.seed": 3}
 
 
+@pytest.mark.slow
 def test_edge_held_weights_stay_on_the_edges_and_resume_exactly(mnist_root, tmp_path):
     """U-shaped, edge data, edge-held weights: nothing of an edge's data or weights reaches the
     central; each edge's parts are on its own disk; a killed edge resumes to the same end; the parts

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
 import torch
 
 from conftest import quick_overrides, run, run_and_kill, torchrun_cmd
+
+pytestmark = pytest.mark.slow
 
 KEYS = {"data.limit_train": 4096, "train.epochs": 1, "checkpoint.every_steps": 20, "train.edge_sync_every": 10,
         "train.seed": 3}

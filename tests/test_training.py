@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from split_trainer.config import load_config
-from split_trainer.datasets import load
-from split_trainer.local import train_local
-from split_trainer.shards import Shard
+from split_trainer.data.datasets import load
+from split_trainer.training.local import train_local
+from split_trainer.data.shards import Shard
 from conftest import TUTORIAL_PLAN, quick_overrides, run, run_and_kill, torchrun_cmd
 
 
@@ -18,6 +18,7 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_one_central_two_edges_trains_and_reports(trained_run):
     tmp_path, result = trained_run
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -36,6 +37,7 @@ PLANS = {"single cut": {"model.name": "mnist_cnn", "model.split": "pool"},
          "alternating": {"model.name": "tutorial_cnn", "model.plan": TUTORIAL_PLAN}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["autograd", "relay"])
 @pytest.mark.parametrize("shape", PLANS)
 def test_split_training_equals_local_training(mnist_root, tmp_path, engine, shape):
@@ -56,6 +58,7 @@ def test_split_training_equals_local_training(mnist_root, tmp_path, engine, shap
         torch.testing.assert_close(split[key], local[key], rtol=0, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_a_killed_edge_ends_the_job_with_one_line(mnist_root, tmp_path):
     cmd = torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path, edges=2, **{"train.epochs": 50}))
     code, output = run_and_kill(cmd, after_line="step 10/", rank=2)
@@ -66,6 +69,7 @@ def test_a_killed_edge_ends_the_job_with_one_line(mnist_root, tmp_path):
     assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_a_terminated_central_says_so_in_one_line(mnist_root, tmp_path):
     """SIGTERM is how torchrun and schedulers stop a job: one line, no traceback, no summary."""
     cmd = torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path, edges=2, **{"train.epochs": 50}))
@@ -77,6 +81,7 @@ def test_a_terminated_central_says_so_in_one_line(mnist_root, tmp_path):
     assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["autograd", "relay"])
 def test_u_shaped_plan_keeps_inputs_and_labels_on_the_edge_and_equals_local_training(mnist_root, tmp_path, engine):
     """Edge placement, the loss on the edge: the central never receives an input or a label, and the
@@ -101,6 +106,7 @@ def test_u_shaped_plan_keeps_inputs_and_labels_on_the_edge_and_equals_local_trai
         torch.testing.assert_close(split[key], local[key], rtol=0, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_activations_halve_the_bytes_and_still_learn(mnist_root, tmp_path, dtype):
     result = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **{
@@ -113,6 +119,7 @@ def test_half_precision_activations_halve_the_bytes_and_still_learn(mnist_root, 
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 @pytest.mark.parametrize("engine", ["autograd", "relay"])
 def test_segments_on_the_gpu_equal_local_training_on_the_gpu(mnist_root, tmp_path, engine):
@@ -131,8 +138,8 @@ def test_segments_on_the_gpu_equal_local_training_on_the_gpu(mnist_root, tmp_pat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_asking_for_a_gpu_where_there_is_none_is_one_line(mnist_root, tmp_path):
-    result = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **{"train.edge_device": "cuda"})),
-                 timeout=180)
-    assert "train.edge_device=cuda, but this host has no CUDA device torch can use" in result.stdout
-    assert "exitcode  : 2" in result.stdout and list(tmp_path.iterdir()) == []
+def test_asking_for_a_gpu_where_there_is_none_is_one_line(in_process, mnist_root, tmp_path):
+    code, _, err = in_process(*quick_overrides(mnist_root, tmp_path, edges=1, **{"train.edge_device": "cuda",
+                                                                                 "topology.transport": "loopback"}))
+    assert "train.edge_device=cuda, but this host has no CUDA device torch can use" in err
+    assert code == 2 and list(tmp_path.iterdir()) == []
