@@ -8,8 +8,8 @@ import importlib
 import os
 import sys
 
-from split_trainer.training import faults
 from split_trainer.config import ConfigError, load_config
+from split_trainer.training import faults
 from split_trainer.training.failures import Terminated, short
 
 

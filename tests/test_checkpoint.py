@@ -9,8 +9,9 @@ import textwrap
 import pytest
 import torch
 
-from split_trainer.records import checkpoint
 from split_trainer.config import ConfigError, load_config
+from split_trainer.records import checkpoint
+
 from conftest import ROOT, quick_overrides, run, torchrun_cmd
 
 

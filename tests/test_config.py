@@ -3,6 +3,7 @@ import sys
 import pytest
 
 from split_trainer.config import ConfigError, load_config, parse_override
+
 from conftest import ROOT, run, torchrun_cmd
 
 

@@ -5,7 +5,6 @@ normalisation and class count; missing or broken data is one line."""
 import gzip
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from conftest import Lines, child_env, end_tree, free_port, launch, quick_overrides, run, torchrun_cmd
 
 pytestmark = pytest.mark.slow

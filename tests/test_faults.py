@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from split_trainer.records import checkpoint
+
 from conftest import ROOT, TUTORIAL_PLAN, child_env, end_tree, quick_overrides, rank_pid, run, torchrun_cmd
 
 pytestmark = pytest.mark.slow

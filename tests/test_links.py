@@ -13,6 +13,7 @@ import torch
 
 from split_trainer.config import ConfigError, load_config
 from split_trainer.transport.wire import pack, unpack
+
 from conftest import ROOT, TUTORIAL_PLAN, child_env, quick_overrides, run, torchrun_cmd
 
 # The tutorial's plan at batch 64: values per sample at its three cuts (16x7x7, 32x2x2, 64x1x1).

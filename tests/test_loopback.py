@@ -16,6 +16,7 @@ from split_trainer.training.dispatch import FirstCome, Turns, shares
 from split_trainer.training.failures import JobError
 from split_trainer.training.local import train_local
 from split_trainer.training.route import Batch
+
 from conftest import TUTORIAL_PLAN, quick_overrides, run, torchrun_cmd
 
 PLANS = {"single cut": {"model.name": "mnist_cnn", "model.split": "pool"},
@@ -63,6 +64,8 @@ def test_split_training_equals_local_training(loopback, tmp_path, shape, engine,
         for kind in ("inputs",) + (("labels",) if shape == "u-shaped" else ()):  # never reach the central
             traffic = summary["bytes"]["per_edge"]["edge1"]
             assert traffic["sent"][kind] == traffic["received"][kind] == 0, kind
+        if shape == "u-shaped":  # what does cross the last cut: fc1's output, float32
+            assert summary["bytes"]["per_cut"]["after dropout2"]["forward"] == 12 * 64 * 128 * 4
     else:
         local = train_local(cfg, train, steps=12).state_dict()
     initial = train_local(cfg, train, steps=0).state_dict()

@@ -12,6 +12,7 @@ import torch
 from split_trainer.config import DataConfig, ModelConfig
 from split_trainer.data.datasets import load
 from split_trainer.model.models import build_full
+
 from conftest import ROOT, child_env, quick_overrides, run, torchrun_cmd
 
 ACTIVATION_BYTES = 64 * 12 * 12 * 4  # per sample, each way, for the default split

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from test_datasets import _png_folder
 
 from conftest import ROOT, child_env, quick_overrides, run, torchrun_cmd
-from test_datasets import _png_folder
 
 
 @pytest.mark.slow

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from split_trainer.config import PrivacyConfig, TrainConfig, load_config
-from split_trainer.training.engines import engine_for
 from split_trainer.model.plan import build_plan
 from split_trainer.privacy.defences import Defences, distance_correlation, epsilon
+from split_trainer.training.engines import engine_for
 from split_trainer.training.route import Hop
 from split_trainer.training.stage import Stage
+
 from conftest import child_env, quick_overrides, run, torchrun_cmd
 
 MNIST = {"in_channels": 1, "image_size": 28, "num_classes": 10}

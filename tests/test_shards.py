@@ -5,7 +5,7 @@ import torch
 
 from split_trainer.config import ConfigError, DataConfig
 from split_trainer.data.datasets import load
-from split_trainer.data.shards import ShardBatch, Shard, partition, rotation
+from split_trainer.data.shards import Shard, ShardBatch, partition, rotation
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
-"""Real torchrun launches of the trainer on loopback, on real MNIST."""
+"""Real torchrun launches of the trainer on loopback, on real MNIST. Split training's equality
+with single-process training, the U-shaped plan's traffic and the half-precision wire are
+tested on the loopback transport (test_loopback.py), which test_loopback checks to be the RPC run."""
 
 import json
 import signal
@@ -10,8 +12,8 @@ import torch
 from split_trainer.config import load_config
 from split_trainer.data.datasets import load
 from split_trainer.training.local import train_local
-from split_trainer.data.shards import Shard
-from conftest import TUTORIAL_PLAN, quick_overrides, run, run_and_kill, torchrun_cmd
+
+from conftest import quick_overrides, run, run_and_kill, torchrun_cmd
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -31,31 +33,6 @@ def test_one_central_two_edges_trains_and_reports(trained_run):
     assert len(evals) == 1 and evals[0]["test_accuracy"] == summary["test_accuracy"] > 0.5
     assert load_config(tmp_path / "config.yaml").topology.edges == 2
     assert "Traceback" not in result.stdout
-
-
-PLANS = {"single cut": {"model.name": "mnist_cnn", "model.split": "pool"},
-         "alternating": {"model.name": "tutorial_cnn", "model.plan": TUTORIAL_PLAN}}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["autograd", "relay"])
-@pytest.mark.parametrize("shape", PLANS)
-def test_split_training_equals_local_training(mnist_root, tmp_path, engine, shape):
-    """1 edge, no dropout, plain SGD: after 20 steps the parameters equal single-process training."""
-    keys = {"train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
-            "train.max_steps": 20, "train.seed": 5, "train.engine": engine, **PLANS[shape]}
-    result = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **keys)))
-    assert result.returncode == 0, result.stdout[-3000:]
-    split = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
-
-    cfg = load_config(tmp_path / "config.yaml")
-    train, _, _ = load(cfg.data)
-    local = train_local(cfg, train, steps=20).state_dict()
-    initial = train_local(cfg, train, steps=0).state_dict()
-    assert split.keys() == local.keys()
-    for key in local:
-        assert not torch.equal(local[key], initial[key])  # training moved every tensor
-        torch.testing.assert_close(split[key], local[key], rtol=0, atol=1e-5, msg=key)
 
 
 @pytest.mark.slow
@@ -79,44 +56,6 @@ def test_a_terminated_central_says_so_in_one_line(mnist_root, tmp_path):
     assert len(central_lines) == 1 and "stopped by SIGTERM" in central_lines[0], output[-3000:]
     assert "exitcode  : 143" in output and "Traceback" not in output.split(central_lines[0])[0]
     assert not (tmp_path / "summary.json").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["autograd", "relay"])
-def test_u_shaped_plan_keeps_inputs_and_labels_on_the_edge_and_equals_local_training(mnist_root, tmp_path, engine):
-    """Edge placement, the loss on the edge: the central never receives an input or a label, and the
-    parameters equal single-process training on the edge's own batches (1 edge, no dropout, SGD)."""
-    keys = {"train.optimizer": "sgd", "train.momentum": 0.0, "model.dropout": "false", "train.max_steps": 20,
-            "train.seed": 5, "train.engine": engine, "data.placement": "edge",
-            "model.plan": "[{place: edge, until: pool}, {place: central, until: dropout2}, {place: edge}]"}
-    result = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **keys)))
-    assert result.returncode == 0, result.stdout[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    traffic = summary["bytes"]["per_edge"]["edge1"]
-    for kind in ("inputs", "labels"):
-        assert traffic["sent"].get(kind, 0) == 0 and traffic["received"].get(kind, 0) == 0, kind
-    assert summary["bytes"]["per_cut"]["after dropout2"]["forward"] == 20 * 64 * 128 * 4  # fc1's output, float32
-
-    cfg = load_config(tmp_path / "config.yaml")
-    train, test, _ = load(cfg.data)
-    shard = Shard.carve(train, test, 1, 1, cfg.data, cfg.train.seed)
-    local = train_local(cfg, shard.train, steps=20, order_seed=shard.seed).state_dict()
-    split = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
-    for key in local:
-        torch.testing.assert_close(split[key], local[key], rtol=0, atol=1e-5, msg=key)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_activations_halve_the_bytes_and_still_learn(mnist_root, tmp_path, dtype):
-    result = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **{
-        "rpc.activation_dtype": dtype, "train.max_steps": 30, "logging.every_steps": 10})))
-    assert result.returncode == 0, result.stdout[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    cut = summary["bytes"]["per_cut"]["after pool"]
-    assert cut["forward"] == cut["backward"] == 30 * 64 * 64 * 12 * 12 * 2  # 2 bytes a value, not 4
-    losses = [r["loss"] for r in _records(tmp_path) if "loss" in r]
-    assert losses[-1] < 0.7 * losses[0], losses
 
 
 @pytest.mark.slow

@@ -16,13 +16,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from split_trainer.records import checkpoint
 from split_trainer.config import Config, ConfigError, config_from_dict
 from split_trainer.data.batches import index_batches
 from split_trainer.data.datasets import load
 from split_trainer.model.losses import loss_fn
 from split_trainer.model.model_file import build_model, read_model, save_model
 from split_trainer.model.models import Shape
+from split_trainer.records import checkpoint
 from split_trainer.training.stage import average_states
 from split_trainer.transport.topology import device_for
 

@@ -1,5 +1,5 @@
 """Batches: the seeded order of an epoch, the loader that gathers (or decodes) them, and the
-seeded augmentation. Which data set the samples come from is split_trainer.datasets' business."""
+seeded augmentation. Which data set the samples come from is split_trainer.data.datasets' business."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from split_trainer.config import ConfigError, config_from_dict
-from split_trainer.records.files import atomic_write
 from split_trainer.model.models import Shape, build_full
+from split_trainer.records.files import atomic_write
 
 
 def save_model(path: Path, model_cfg: dict[str, Any], shape: Shape, state: dict[str, torch.Tensor]) -> None:

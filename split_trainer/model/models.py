@@ -1,7 +1,7 @@
 """Architectures: registered builders, or a function of the user's own named by import path.
 
 Every architecture is an ``nn.Sequential`` whose layers have names, so that a plan
-(split_trainer.plan) can cut it between any two of them. A builder gets the model config and the
+(split_trainer.model.plan) can cut it between any two of them. A builder gets the model config and the
 data set's shape (``in_channels``, ``image_size``, ``num_classes``), so one architecture serves
 every data set of that kind.
 """

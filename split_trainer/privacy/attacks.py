@@ -1,5 +1,5 @@
 """An honest-but-curious central's attacks on what it receives, and how their results are scored
-(used by ``python -m split_trainer audit``, split_trainer.audit).
+(used by ``python -m split_trainer audit``, split_trainer.privacy.audit).
 
 Inputs, from the activation at a cut:
 - ``decoder``: a network trained on public images' activations to give the images back (the central

@@ -4,7 +4,7 @@ run's config (its defences included). One process, no cluster.
 
     python -m split_trainer audit --checkpoint runs/mnist/checkpoints [--set data.root=DIR]
 
-At every cut whose activation reaches the central it attacks the inputs (split_trainer.attacks):
+At every cut whose activation reaches the central it attacks the inputs (split_trainer.privacy.attacks):
 a decoder and an optimisation that know the edge weights (what the central has when it holds
 them, and an upper bound when the edges keep them), and UnSplit, which knows only the
 architecture. Private images come from the training split, public ones (the decoder's training
@@ -22,16 +22,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from split_trainer.privacy import attacks
-from split_trainer.records import checkpoint
+from split_trainer.cli.standalone import load_merged
 from split_trainer.config import Config, ConfigError, PrivacyConfig, config_from_dict
 from split_trainer.data.datasets import Source, load
-from split_trainer.records.files import atomic_write, write_json
 from split_trainer.model.losses import Loss, loss_fn
 from split_trainer.model.plan import Plan, plan_for
+from split_trainer.privacy import attacks
 from split_trainer.privacy.defences import Defences, epsilon
+from split_trainer.records import checkpoint
+from split_trainer.records.files import atomic_write, write_json
 from split_trainer.training.route import Hop
-from split_trainer.cli.standalone import load_merged
 
 Tensor = torch.Tensor
 

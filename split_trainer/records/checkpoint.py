@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from split_trainer.training import faults
 from split_trainer.config import Config, ConfigError
-from split_trainer.training.failures import JobError
 from split_trainer.records.files import atomic_write
+from split_trainer.training import faults
+from split_trainer.training.failures import JobError
 
 PATTERN = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from split_trainer.records import checkpoint
 from split_trainer.config import Config
+from split_trainer.records import checkpoint
 from split_trainer.training.fleet import Fleet
 from split_trainer.training.stage import Stage
 

@@ -17,23 +17,20 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from split_trainer.records import checkpoint
-from split_trainer.training import dispatch
-from split_trainer.training import evaluation
-from split_trainer.training import faults
-from split_trainer.privacy import defences as privacy
-from split_trainer.records import state
-from split_trainer.config import Config
 from split_trainer.cli.console import Console
+from split_trainer.config import Config
+from split_trainer.data.placement import Placement, placement_for
+from split_trainer.model.model_file import save_model
+from split_trainer.model.plan import Plan, describe
+from split_trainer.privacy import defences
+from split_trainer.records import checkpoint, state
+from split_trainer.records.files import write_json, write_text
+from split_trainer.records.metrics import MetricsLog, TrainLog
+from split_trainer.training import dispatch, evaluation, faults
 from split_trainer.training.engines import engine_for
 from split_trainer.training.failures import Terminated, cause_of, raise_on_sigterm
-from split_trainer.records.files import write_json, write_text
 from split_trainer.training.fleet import Fleet, Membership
-from split_trainer.records.metrics import MetricsLog, TrainLog
-from split_trainer.model.model_file import save_model
 from split_trainer.training.optim import lr_at
-from split_trainer.data.placement import Placement, placement_for
-from split_trainer.model.plan import Plan, describe
 from split_trainer.training.route import Batch
 from split_trainer.training.stage import Stage
 from split_trainer.transport.base import Transport
@@ -201,7 +198,7 @@ class Central:
                 "checkpoint_time_s": round(self.checkpoint_time, 3),
                 "edges": len(self.fleet), "restarts": self.topo.restart, "resumed_from_step": self.resumed_from,
                 "privacy": {"edge_weights": self.cfg.privacy.edge_weights, "delta": self.cfg.privacy.delta,
-                            "epsilon": privacy.epsilon(self.cfg.privacy, -(-self.step // self.steps_per_epoch))},
+                            "epsilon": defences.epsilon(self.cfg.privacy, -(-self.step // self.steps_per_epoch))},
                 "bytes": wire_summary(self.fleet.snapshots(), self.log.samples, self.plan.cuts)}
 
     def close(self) -> None:
@@ -222,7 +219,7 @@ def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
                         f"epochs ({central.total_steps} steps), sync every {cfg.train.edge_sync_every} steps",
             "threads": f"central {threads} on {central.stage.device}; " + ", ".join(
                 f"{link.name} {d['threads']} on {d['device']}" for link, d in zip(links, central.fleet.described)),
-            "privacy": privacy.describe(cfg.privacy, cfg.train.epochs),
+            "privacy": defences.describe(cfg.privacy, cfg.train.epochs),
             "outputs": f"{central.run_dir} (checkpoints in {checkpoint.directory(cfg)})"}
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from split_trainer.data.placement import Score
 from split_trainer.training.engines import Engine
 from split_trainer.training.fleet import Fleet
-from split_trainer.data.placement import Score
 
 
 def evaluate(engine: Engine, fleet: Fleet, placement: Any, epoch: int) -> tuple[float, float, dict[str, Any]]:

@@ -2,7 +2,7 @@
 one optimizer per segment, and the state a checkpoint keeps of them.
 
 How a training hop runs (graph kept for distributed autograd, or detached and relayed) is the
-engine's business (split_trainer.engines); a stage runs segments and steps their optimizers.
+engine's business (split_trainer.training.engines); a stage runs segments and steps their optimizers.
 """
 
 from __future__ import annotations
