@@ -3,6 +3,7 @@
 #
 #   launch/edge.sh --central HOST[:PORT] --hosts H --node N --edges E [--max-restarts K] [--config FILE] [args...]
 #   launch/edge.sh --central HOST[:PORT] --hosts MIN:MAX --node N --edges E [--first F] [--addr A] [--job ID] ...
+#   (either form) [--secret-file F]
 #
 # --hosts: as given to launch/central.sh (H: a fixed fleet; MIN:MAX: an elastic one, docs/elastic.md);
 # --node: this host's number, 1..H (or 1..MAX), each edge host its own; --edges: how many edges
@@ -12,8 +13,14 @@
 # sets F. --addr: this host's address as the others reach it (elastic; default: its name).
 # Use the same config, --job and --max-restarts as the central; --set data.root=DIR names this
 # host's own data folder (edge placement). Set IFNAME as for the central.
+# --secret-file F: this host's copy of the job's secret (launch/central.sh says where the central's
+# is), or SPLIT_TRAINER_SECRET / SPLIT_TRAINER_SECRET_FILE in the environment. Without any, the edges
+# use the run folder's job.secret if there is one (on the central's machine: the central's own). The
+# script cannot know whether the central requires one: a central that does refuses an edge without
+# it, before sending it anything, with one line on both sides that says how to give it.
 set -euo pipefail
 central="" hosts="" node="" count="" restarts=0 config=configs/mnist.yaml args=() first="" addr="" job=split_trainer
+secret_file=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --central) central="$2"; shift 2 ;;
@@ -25,6 +32,7 @@ while [ $# -gt 0 ]; do
     --config) config="$2"; shift 2 ;;
     --addr) addr="$2"; shift 2 ;;
     --job) job="$2"; shift 2 ;;
+    --secret-file) secret_file="$2"; shift 2 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -37,6 +45,13 @@ most="${hosts#*:}"
 here="$(dirname "$0")"
 edges=$(python "$here/edges_of.py" "$config" "${args[@]+"${args[@]}"}") || exit 2
 [ "$count" -le "$edges" ] || die "--edges $count is more than topology.edges=$edges in $config: run at most $edges here"
+if [ -n "$secret_file" ]; then  # to the workers by the environment, never a command line (ps shows those)
+  [ -z "${SPLIT_TRAINER_SECRET+set}" ] || \
+    die "--secret-file and SPLIT_TRAINER_SECRET both give the job's secret: give one"
+  [ -f "$secret_file" ] && [ -r "$secret_file" ] || \
+    die "--secret-file $secret_file: no such readable file (a copy of the central's job secret)"
+  export SPLIT_TRAINER_SECRET_FILE="$secret_file"
+fi
 host="${central%:*}" port=29500
 if [ "$host" != "$central" ]; then port="${central##*:}"; fi
 if [ -n "${IFNAME:-}" ]; then export TP_SOCKET_IFNAME="$IFNAME" GLOO_SOCKET_IFNAME="$IFNAME"; fi

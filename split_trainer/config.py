@@ -143,6 +143,11 @@ class DataConfig:
     """Concentration of the per-class Dirichlet draw (smaller: more skewed shards)."""
     test_on_every_edge: bool = False
     """Edge placement: every edge evaluates the whole test split instead of its own shard of it."""
+    share_label_counts: Optional[bool] = None
+    """Edge placement: each edge tells the central its shard's per-class label counts (train and
+    test), for the banner and partition.json. null: only where the central learns the labels anyway
+    (the loss on the central and privacy.edge_weights: central); true: always; false: never (the
+    central learns the shard's sizes only; docs/privacy.md)."""
 
     def __post_init__(self) -> None:
         _require(self.dirichlet_alpha > 0, f"data.dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
@@ -232,7 +237,8 @@ class RpcConfig:
     """torch RPC: time bounds, threads, and what travels how."""
     timeout_s: float = 120.0
     """Longest wait for any RPC, rendezvous or peer; a silent peer past it ends the job. It bounds
-    one call's own work (no call waits behind another on its edge)."""
+    one call, counted from when it is sent; with train.in_flight 2 or 3 a training call may also wait
+    on the edge behind the ones sent before it."""
     startup_timeout_s: float = 120.0
     """Longest wait for each edge's first calls: connecting and building its segments."""
     num_worker_threads: int = 8

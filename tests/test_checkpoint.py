@@ -5,12 +5,16 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from split_trainer.config import ConfigError, load_config
+from split_trainer.model.plan import plan_for
 from split_trainer.records import checkpoint
+from split_trainer.records.state import Progress
+from split_trainer.training.stage import Stage
 
 from conftest import ROOT, quick_overrides, run, torchrun_cmd
 
@@ -60,18 +64,33 @@ def test_a_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120)
     assert result.returncode == -9
-    assert any(p.name.startswith(".step_00000020.tmp") for p in tmp_path.iterdir())
+    half = [p for p in tmp_path.iterdir() if p.name.startswith(".step_00000020.tmp")]
+    assert len(half) == 1 and sorted(p.name for p in half[0].iterdir()) == ["central.pt"]  # the kill landed mid-write
     loaded = checkpoint.find_resumable(tmp_path, warn=pytest.fail)
     assert loaded.step == 10 and torch.equal(loaded.parts["central"], torch.ones(3))
     checkpoint.remove_stale_temporaries(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000010"]
 
 
-def test_checkpoint_files_load_with_weights_only(tmp_path):
-    checkpoint.save(tmp_path, 5, _parts(1.0), {}, keep=1)
-    torch.load(tmp_path / "step_00000005" / "central.pt", weights_only=True)
-    manifest = json.loads((tmp_path / "step_00000005" / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"central.pt", "edge1.pt"}
+def test_what_a_run_checkpoints_loads_with_weights_only(tmp_path):
+    """The parts as a run writes them (state.save): segments, optimizer state after a step, RNG,
+    the progress record, an edge's place in its shard. weights_only refuses any object it does not
+    know, so a part that grew one (a Path, a dataclass, a numpy array) could never resume."""
+    cfg = load_config(ROOT / "configs" / "mnist.yaml")
+    plan = plan_for(cfg, cfg.train.seed)
+    central, edge = Stage(plan.on("central"), cfg.train), Stage(plan.on("edge"), cfg.train)
+    loss = central.loss(central.modules[1](torch.randn(4, 64, 12, 12)), torch.tensor([0, 1, 2, 3]))
+    central.backprop(1, loss, None, torch.zeros(1), 0.05)  # one SGD step: momentum buffers in the state
+    progress = Progress(step=5, seed=1, last_eval=[0.5, 0.9], edges=["edge1"], served={"edge1": 5},
+                        trained=["edge1"], steps_per_epoch=9)
+    parts = {"central": {**central.part(), "progress": asdict(progress)},
+             "edge1": {**edge.part(), "data": {"epoch": 0, "next_batch": 5, "train_samples": 600, "test_samples": 100}}}
+    checkpoint.save(tmp_path, 5, parts, {"fingerprint": checkpoint.fingerprint(cfg, "plan")}, keep=1)
+    for name in ("central", "edge1"):
+        torch.load(tmp_path / "step_00000005" / f"{name}.pt", weights_only=True)
+    loaded = checkpoint.load(tmp_path / "step_00000005")
+    assert loaded.parts["central"]["progress"] == asdict(progress)
+    assert any("momentum_buffer" in s for s in loaded.parts["central"]["optimizers"]["1"]["state"].values())
 
 
 def test_the_edge_count_binds_a_checkpoint_only_when_the_edges_hold_the_data():

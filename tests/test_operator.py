@@ -44,6 +44,7 @@ def test_live_display_on_a_terminal(mnist_root, tmp_path):
             break
         chunks.append(data)
     assert proc.wait(timeout=120) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 12
     screen = b"".join(chunks).decode(errors="replace")
     assert "\x1b[" in screen  # a live, redrawn display
     for header in ("edge1", "edge2", "batches", "call ms (p95)", "sent", "received", "status", "eta"):
@@ -54,9 +55,11 @@ def test_live_display_on_a_terminal(mnist_root, tmp_path):
 @pytest.mark.slow
 def test_quiet_prints_only_the_summary(mnist_root, tmp_path):
     result = run(torchrun_cmd(2, "--quiet", *quick_overrides(mnist_root, tmp_path, edges=1, **{"train.max_steps": 6})))
-    assert result.returncode == 0
+    assert result.returncode == 0, result.stdout[-3000:]
     ours = [l for l in result.stdout.splitlines() if l.startswith(("step", "epoch", "checkpoint", "topology", "done"))]
     assert len(ours) == 1 and ours[0].startswith("done: steps 6")
+    summary = json.loads((tmp_path / "summary.json").read_text())  # quiet, not idle: the run's files are all there
+    assert summary["steps"] == 6 and (tmp_path / "model.pt").is_file() and (tmp_path / "metrics.jsonl").is_file()
 
 
 @pytest.mark.slow

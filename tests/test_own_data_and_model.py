@@ -42,9 +42,11 @@ def test_a_model_from_your_own_file_trains_and_exports(mnist_root, tmp_path):
         env=env)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "my_models:small_cnn: edge conv..pool | central flatten..fc" in result.stdout
-    out = tmp_path / "exported.pt"
-    export = run([sys.executable, "-m", "split_trainer", "export", "--checkpoint", str(tmp_path / "run" / "checkpoints"),
-                  "--out", str(out)], env=env)
+    out, checkpoints = tmp_path / "exported.pt", str(tmp_path / "run" / "checkpoints")
+    export = [sys.executable, "-m", "split_trainer", "export", "--checkpoint", checkpoints, "--out", str(out)]
+    refused = run(export, env=env)  # the checkpoint's import path runs only when you name it (tests/test_trust.py)
+    assert refused.returncode == 2 and "pass --set model.name=my_models:small_cnn" in refused.stdout, refused.stdout
+    export = run([*export, "--set", "model.name=my_models:small_cnn"], env=env)
     assert export.returncode == 0, export.stdout
     saved = torch.load(out, weights_only=True)
     assert saved["model"]["args"] == {"width": 8} and saved["state_dict"]["conv.weight"].shape == (8, 1, 3, 3)

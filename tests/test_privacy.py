@@ -2,6 +2,7 @@
 never reach the central, and the audit finds the leaks it is there to find."""
 
 import json
+import pickle
 import sys
 
 import pytest
@@ -161,3 +162,151 @@ def test_edge_held_weights_stay_on_the_edges_and_resume_exactly(mnist_root, tmp_
     assert audit.returncode == 0, audit.stdout[-3000:]
     labels = json.loads((tmp_path / "audit" / "audit.json").read_text())["labels"]
     assert labels["from the returned gradients"]["accuracy"] > labels["chance"] + 0.3, labels
+
+
+PRIVATE_REPLIES = {
+    # Every call the central may make of an edge under configs/mnist_private.yaml, and what its reply
+    # may carry back; a call not named here fails the test below.
+    "describe": "where the edge runs, its threads and device, its shard's sizes",
+    "run": "the activation at the first cut, the gradient at the second, the batch's loss; evaluation's scores",
+    "gather_average": "nothing (the edges fetch each other's replicas)",
+    "apply_average": "nothing",
+    "save_part": "the size and SHA-256 of the part the edge wrote to its own disk",
+    "load_part": "nothing",
+    "rss": "the edge process's resident bytes",
+}
+SHARD_SIZES = {"train", "test", "train_batches", "test_batches"}
+
+
+def _leaves(obj):
+    """Every leaf of a reply: tensors, numbers, strings, None."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield key
+            yield from _leaves(value)
+    elif isinstance(obj, (list, tuple)):
+        yield obj  # a list of numbers may be a label count
+        for value in obj:
+            yield from _leaves(value)
+    else:
+        yield obj
+
+
+def _check_reply(method: str, reply, params: dict[str, torch.Tensor], label_counts: list[list[int]]) -> None:
+    """No input, label, label count or edge parameter in ``reply``, whatever the call."""
+    from split_trainer.transport.wire import Reply
+
+    if method == "run":
+        assert isinstance(reply, Reply) and reply.labels is None, reply
+    elif method == "describe":
+        assert set(reply) == {"host", "threads", "device", "shard"} and set(reply["shard"]) == SHARD_SIZES, reply
+    elif method == "save_part":
+        assert set(reply) == {"bytes", "sha256"}, reply
+    elif method == "rss":
+        assert isinstance(reply, int)
+    else:
+        assert reply is None, (method, reply)
+    shapes = {tuple(p.shape) for p in params.values()}
+    for leaf in _leaves(reply):
+        if isinstance(leaf, torch.Tensor):
+            assert leaf.is_floating_point(), (method, leaf.dtype)  # labels are integers
+            assert tuple(leaf.shape[1:]) != (1, 28, 28), (method, leaf.shape)  # an input batch
+            assert tuple(leaf.shape) not in shapes, (method, leaf.shape)  # an edge parameter
+        assert not (isinstance(leaf, (list, tuple)) and list(leaf) in label_counts), (method, leaf)
+
+
+def test_the_private_config_sends_the_central_no_input_label_count_or_edge_parameter(in_process, mnist_root,
+                                                                                    tmp_path, monkeypatch):
+    """configs/mnist_private.yaml on loopback, trained, synchronised, checkpointed, evaluated and
+    resumed: every reply an edge sends the central, whatever the call, is classified and checked."""
+    from split_trainer.data.datasets import load
+    from split_trainer.data.shards import Shard, _counts
+    from split_trainer.transport import loopback
+
+    calls = []
+
+    class Recorded:
+        """The central's handle on one edge: the real one, with every reply recorded as it arrives."""
+
+        def __init__(self, remote):
+            self.remote = remote
+
+        def send(self, method, args, timeout_s, seq=None):
+            pending, edge = self.remote.send(method, args, timeout_s, seq), self.remote.edge
+
+            class Seen:
+                def wait(self):
+                    reply = pending.wait()
+                    calls.append((edge.name, method, reply, edge.stage.state_dict()))
+                    return reply
+
+                def on_failure(self, callback):
+                    pending.on_failure(callback)
+            return Seen()
+
+    class RecordingLoopback(loopback.LoopbackTransport):
+        def connect(self, names, cfg):
+            return [Recorded(remote) for remote in super().connect(names, cfg)]
+
+    monkeypatch.setattr(loopback, "LoopbackTransport", RecordingLoopback)
+    keys = {"topology.transport": "loopback", "train.edge_sync_every": 4, "checkpoint.every_steps": 6}
+    received = 0
+    for steps in (12, 18):  # the second run resumes from the first's checkpoint: load_part
+        code, out, err = in_process("--config", "configs/mnist_private.yaml", *quick_overrides(
+            mnist_root, tmp_path, 2, **keys, **{"train.max_steps": steps}))
+        assert code == 0, (out + err)[-3000:]
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        for traffic in summary["bytes"]["per_edge"].values():
+            received += traffic["received_total"]
+            for kind in ("inputs", "labels", "edge_state"):
+                assert traffic["sent"][kind] == traffic["received"][kind] == 0, kind
+
+    cfg = load_config(tmp_path / "config.yaml")
+    train, test, spec = load(cfg.data)
+    label_counts = []
+    for k in (1, 2):
+        shard = Shard.carve(train, test, k, 2, cfg.data, cfg.train.seed, spec.classes)
+        label_counts += [_counts(shard.train.labels, spec.classes), _counts(shard.test.labels, spec.classes)]
+    methods = {method for _, method, _, _ in calls}
+    assert methods <= set(PRIVATE_REPLIES), f"calls the test does not classify: {methods - set(PRIVATE_REPLIES)}"
+    assert {"describe", "run", "gather_average", "save_part", "load_part"} <= methods, methods
+    for _, method, reply, params in calls:
+        _check_reply(method, reply, params, label_counts)
+    from split_trainer.transport.wire import nbytes
+    assert sum(nbytes(reply) for _, _, reply, _ in calls) == received  # the link counted what was recorded
+    for _, method, reply, _ in calls:  # a control reply is a few numbers and names: no data rides on it
+        assert method == "run" or len(pickle.dumps(reply)) < 1000, (method, reply)
+    partition = json.loads((tmp_path / "partition.json").read_text())
+    assert set(partition["edge1"]) == SHARD_SIZES
+
+
+def test_the_banner_says_its_epsilon_is_a_plan():
+    from split_trainer.privacy.defences import describe
+
+    line = describe(PrivacyConfig(clip=1.0, noise=1.5), 6)
+    assert f"planned: epsilon {epsilon(PrivacyConfig(clip=1.0, noise=1.5), 6):.3g} at delta 1e-05 if each " \
+           "training sample is released once an epoch for 6 epochs; the summary's epsilon counts the releases" in line
+
+
+@pytest.mark.parametrize("served, reached, counted, after", [
+    (5, 7, 2, 3),  # resumed inside pass 2, which the failed attempt had gone on in: batches 5, 6 go out twice in it
+    (4, 7, 1, 2),  # resumed at pass 2's start: the failed attempt had begun it; redoing batch 4 counts it again
+    (4, 4, 1, 1),  # the attempt before sent nothing past the checkpoint
+    (9, 12, 3, 4)])  # ... inside pass 3, whose end the failed attempt reached
+def test_a_resumed_run_counts_the_releases_the_attempt_before_made_past_its_checkpoint(tmp_path, served, reached,
+                                                                                      counted, after):
+    """One edge of 4 batches a pass, checkpoint at step 10 with ``served`` batches and ``counted``
+    releases; the failed attempt's ledger: it may have reached ``reached`` batches by step 20."""
+    from split_trainer.privacy.defences import LEDGER, Releases
+
+    ledger = Releases({"edge1": counted}, tmp_path / LEDGER)
+    ledger.before_span(20, {"edge1": (served, 4)}, {"edge1": reached - served})
+    counts = {"edge1": counted}
+    Releases(counts, tmp_path / LEDGER).start(10, {"edge1": (served, 4)}, {"edge1": served}, resumed=True)
+    assert counts == {"edge1": after}
+    fresh = {}
+    Releases(fresh, tmp_path / LEDGER).start(0, {"edge1": (0, 4)}, {}, resumed=False)  # a new run ignores it
+    assert fresh == {"edge1": 0}
+    old = {}  # a checkpoint from before the count was kept, and no ledger: the passes its served batches began
+    Releases(old, tmp_path / "absent.json").start(10, {"edge1": (served, 4)}, {"edge1": served}, resumed=True)
+    assert old == {"edge1": -(-served // 4)}

@@ -70,3 +70,26 @@ def test_the_dispatch_order_spreads_each_edges_batches_over_the_epoch():
     big = rotation([100, 10])  # the small edge's batches are spread out, not bunched at the start
     positions = [i for i, (k, _) in enumerate(big) if k == 1]
     assert positions[0] < 10 and positions[-1] > 95
+
+
+def test_an_edge_tells_the_central_its_label_counts_only_when_asked(mnist):
+    train, test = mnist
+    cfg = DataConfig(partition="dirichlet", dirichlet_alpha=0.5)
+    kept = Shard.carve(train, test, 1, 2, cfg, seed=1, classes=10).describe()
+    assert kept == {"train": kept["train"], "test": kept["test"], "train_batches": -(-kept["train"] // 64),
+                    "test_batches": -(-kept["test"] // 1000)}  # sizes: what an epoch's length needs
+    shared = Shard.carve(train, test, 1, 2, cfg, seed=1, classes=10, label_counts=True)
+    assert shared.describe()["train_labels"] == torch.bincount(shared.train.labels, minlength=10).tolist()
+
+
+@pytest.mark.parametrize("keys, shared", [
+    ([], True),  # the loss is on the central, which holds the edge weights: it sees the labels anyway
+    (["model.plan=[{place: edge, until: pool}, {place: central, until: dropout2}, {place: edge}]"], False),
+    (["privacy.edge_weights=edges"], False),
+    (["privacy.edge_weights=edges", "data.share_label_counts=true"], True),
+    (["data.share_label_counts=false"], False)])
+def test_label_counts_stay_home_with_a_u_shaped_plan_or_edge_held_weights_unless_asked(keys, shared):
+    from split_trainer.config import load_config
+    from split_trainer.data.placement import shares_label_counts
+
+    assert shares_label_counts(load_config(None, ["data.placement=edge", *keys])) is shared

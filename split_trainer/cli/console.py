@@ -109,7 +109,24 @@ class Console:
             self.out.print(self.edge_table())  # the final state, or who was lost
         if summary is None:
             return
-        keys = ("steps", "epochs", "test_loss", "test_accuracy", "wall_time_s", "samples_per_s")
-        text = " ".join(f"{k} {summary[k]:.4f}" if isinstance(summary[k], float) else f"{k} {summary[k]}"
-                        for k in keys)
-        self.out.print(f"done: {text} bytes/sample {summary['bytes']['per_train_sample']:,.0f}")
+        self.out.print(f"done: {figures(summary)}")
+
+    def finished(self, step: int, path: Any, summary: dict[str, Any], source: str) -> None:
+        """The same command again on a finished run: one line that says so, then its figures."""
+        self.out.print(f"already finished: the checkpoint at step {step} ({path}) ends this run; nothing was trained, "
+                       f"evaluated or written (--resume never, or another output.run_dir, starts a new run)")
+        self.out.print(f"done: {figures(summary)} (from {source})")
+
+
+def figures(summary: dict[str, Any]) -> str:
+    """A run's figures in one line, those its summary has (a progress record has no timings or bytes)."""
+    keys = [k for k in ("steps", "epochs", "test_loss", "test_accuracy", "wall_time_s", "samples_per_s")
+            if k in summary]
+    text = " ".join(f"{k} {summary[k]:.4f}" if isinstance(summary[k], float) else f"{k} {summary[k]}" for k in keys)
+    if "bytes" in summary:
+        text += f" bytes/sample {summary['bytes']['per_train_sample']:,.0f}"
+    privacy = summary.get("privacy") or {}
+    if privacy.get("epsilon") is not None:  # the releases counted, not the epochs planned
+        text += f" epsilon {privacy['epsilon']:.4g} delta {privacy['delta']:g}"
+        text += f" releases {privacy['releases']}" if "releases" in privacy else ""
+    return text

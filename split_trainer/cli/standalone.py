@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -21,35 +21,51 @@ from split_trainer.data.batches import index_batches
 from split_trainer.data.datasets import load
 from split_trainer.model.losses import loss_fn
 from split_trainer.model.model_file import build_model, read_model, save_model
-from split_trainer.model.models import Shape
+from split_trainer.model.models import Shape, check_named, given_name
 from split_trainer.records import checkpoint
 from split_trainer.training.stage import average_states
 from split_trainer.transport.topology import device_for
 
 
-def load_merged(path: Path, edge_parts: Optional[Path] = None
+def load_merged(path: Path, edge_parts: Optional[Path] = None, overrides: Sequence[str] = ()
                 ) -> tuple[dict[str, Any], dict[str, Any], Shape, dict[str, torch.Tensor]]:
     """(config dict or {}, model config dict, data shape, merged state_dict) from a checkpoint or a
     model file. A checkpoint whose edges kept their own parts is merged with those found under
-    ``edge_parts`` (default: the checkpoint directory), in ``edges/<name>/``."""
+    ``edge_parts`` (default: the checkpoint directory), in ``edges/<name>/``.
+
+    Every file-borne model config enters here, so here is where an import path as model.name is
+    refused unless ``overrides`` (the user's ``--set``; none by default) name it (models.check_named)."""
     if path.is_file():
-        return {}, *read_model(path)
-    if path.is_dir() and not (path / checkpoint.MANIFEST).is_file():
-        loaded = checkpoint.find_resumable(path, warn=lambda text: print(f"split_trainer: warning: {text}"))
-        if loaded is None:
-            raise ConfigError(f"{path} holds no complete checkpoint: pass a step_NNNNNNNN folder or a model.pt")
-    else:
-        loaded = checkpoint.resolve(str(path), path.parent, warn=print)
+        model_cfg, shape, state = read_model(path)
+        check_named(model_cfg.get("name"), given_name(overrides), str(path))
+        return {}, model_cfg, shape, state
+    loaded = _checkpoint_at(path)
+    config, shape = loaded.manifest.get("config"), loaded.manifest.get("shape")
+    if not (isinstance(config, dict) and isinstance(config.get("model"), dict) and isinstance(shape, dict)
+            and "central" in loaded.parts):
+        raise ConfigError(f"{loaded.path} is not a central's checkpoint (no config, shape or central part): pass a "
+                          f"run's checkpoints folder, a step_NNNNNNNN folder in it or a model.pt")
+    check_named(config["model"].get("name"), given_name(overrides), str(loaded.path))
     parts = loaded.parts
     if "edge_parts" in loaded.manifest:
         parts = {**parts, **_edge_parts(loaded, edge_parts or loaded.path.parent)}
     edges = [parts[name]["module"] for name in sorted(parts) if name != "central"]
-    config = loaded.manifest["config"]
-    return config, config["model"], loaded.manifest["shape"], {**average_states(edges), **parts["central"]["module"]}
+    return config, config["model"], shape, {**average_states(edges), **parts["central"]["module"]}
+
+
+def _checkpoint_at(path: Path) -> checkpoint.Loaded:
+    """The checkpoint folder ``path``, or the newest complete one in the checkpoint directory ``path``."""
+    if path.is_dir() and not (path / checkpoint.MANIFEST).is_file():
+        loaded = checkpoint.find_resumable(path, warn=lambda text: print(f"split_trainer: warning: {text}"))
+        if loaded is None:
+            raise ConfigError(f"{path} holds no complete checkpoint: pass a step_NNNNNNNN folder or a model.pt")
+        return loaded
+    return checkpoint.resolve(str(path), path.parent, warn=print)
 
 
 def _edge_parts(loaded: checkpoint.Loaded, root: Path) -> dict[str, Any]:
-    """Each edge's own part of ``loaded``'s step, verified against the central's manifest."""
+    """Each edge's own part of ``loaded``'s step, verified against the central's manifest. The edge
+    names are edgeK (checkpoint.load refuses others), so ``edges/<name>/`` stays under ``root``."""
     parts = {}
     for name, written in loaded.manifest["edge_parts"].items():
         folder = root / "edges" / name / loaded.path.name
@@ -58,7 +74,7 @@ def _edge_parts(loaded: checkpoint.Loaded, root: Path) -> dict[str, Any]:
         except ValueError as exc:
             raise ConfigError(f"{name}'s part of {loaded.path}: {exc}; pass --edge-parts DIR, the folder that holds "
                               f"edges/{name}/ as that edge wrote it") from None
-        if part.manifest["files"][f"{name}.pt"]["sha256"] != written["sha256"]:
+        if part.manifest["files"].get(f"{name}.pt", {}).get("sha256") != written["sha256"]:
             raise ConfigError(f"{folder} is not the part {loaded.path} names (another run's?): pass the right "
                               f"--edge-parts DIR")
         parts[name] = part.parts[name]
@@ -94,7 +110,7 @@ def main(argv: list[str]) -> int:
     device = device_for(args.device, "--device", 0)
     if not args.checkpoint.exists():
         raise ConfigError(f"--checkpoint {args.checkpoint} does not exist")
-    config, model_cfg, shape, state = load_merged(args.checkpoint, args.edge_parts)
+    config, model_cfg, shape, state = load_merged(args.checkpoint, args.edge_parts, args.overrides)
     model = build_model(model_cfg, shape, state)
     if argv[0] == "export":
         save_model(args.out, model_cfg, shape, model.state_dict())

@@ -6,9 +6,16 @@ edge its counterpart (``edge_data``) turns what the central sends into inputs: t
 themselves (central-held data), or a reference to one of the edge's own batches (edge-held
 shards).
 
-    central  the central loads the data set and sends each batch's inputs; labels never leave it
+    central  the central loads the data set and sends each batch's inputs; labels leave it only
+             for a plan whose last segment is on the edge
     edge     each edge loads its own shard on its own host; the central sends batch references (epoch, batch)
              and never receives an input (nor a label when the loss is on the edge)
+
+Both count, as batches are assigned, how often each training sample's activation has gone to the
+central (``releases``, the progress record's; docs/privacy.md): a pass over a set of samples (the
+data set, or one edge's shard) releases each of them once, so the most any sample of a set has been
+released is the number of passes over it started (plus, after a failure, the passes redone: the
+central's ledger, privacy.defences.Releases).
 
 A third placement is one more class with the same methods, named in ``PLACEMENTS``.
 """
@@ -28,21 +35,33 @@ from split_trainer.training.route import Batch
 
 Tensor = torch.Tensor
 Score = tuple[float, int, int]  # summed loss, correct predictions, samples
+DATA = "data"
+"""Central placement's one set of training samples, in the release counts: the whole data set."""
 
 
 class Placement(Protocol):
     """The central's side of a placement."""
     steps_per_epoch: int
 
-    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int]) -> None:
+    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int],
+             releases: dict[str, int]) -> None:
         """The fleet is up: ``described`` holds every present edge's ``edge.describe``; ``served``
-        counts each edge's training batches so far, by name (the progress record's, updated here)."""
+        counts each edge's training batches so far, by name, and ``releases`` the passes started
+        over each set of training samples (both the progress record's, updated here)."""
 
     def batches(self, epoch: int, position: int) -> Iterator[Batch]:
         """The epoch's batches in dispatch order, from batch ``position`` on."""
 
     def assign(self, batch: Batch) -> Batch:
-        """``batch`` as the edge ``batch.edge`` runs it (on that edge's driver thread, in order)."""
+        """``batch`` as the edge ``batch.edge`` runs it (on that edge's driver thread, in order);
+        counts a release where it starts a pass."""
+
+    def passes(self, step: int) -> dict[str, tuple[int, int]]:
+        """Per set of training samples this fleet trains on (each present edge's shard; central
+        placement: ``DATA``), (batches served so far, batches in one pass over it), at ``step``."""
+
+    def reach(self, span: list[Batch], free_first: bool) -> dict[str, int]:
+        """Per set of ``passes``, the most batches of ``span`` it can serve."""
 
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
         """Per edge, its (test batch number, key) pairs; ``test_batch(key)`` gives (source, labels)."""
@@ -96,9 +115,11 @@ class CentralData:
         self.steps_per_epoch = -(-len(self.train) // cfg.data.batch_size)
         self.test_batches = index_batches(len(self.test), cfg.data.eval_batch_size)
         self.edges = 0
+        self.releases: dict[str, int] = {}
 
-    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int]) -> None:
-        self.edges = len(described)
+    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int],
+             releases: dict[str, int]) -> None:
+        self.edges, self.releases = len(described), releases
 
     def batches(self, epoch: int, position: int) -> Iterator[Batch]:
         start = epoch * self.steps_per_epoch
@@ -110,7 +131,15 @@ class CentralData:
             yield Batch(start + i, (start + i) % self.edges, x, y)
 
     def assign(self, batch: Batch) -> Batch:
+        if batch.step % self.steps_per_epoch == 0:  # an epoch is one pass over the data set
+            self.releases[DATA] = self.releases.get(DATA, 0) + 1
         return batch  # the inputs are the data set's next batch, whichever edge runs them
+
+    def passes(self, step: int) -> dict[str, tuple[int, int]]:
+        return {DATA: (step, self.steps_per_epoch)}
+
+    def reach(self, span: list[Batch], free_first: bool) -> dict[str, int]:
+        return {DATA: len(span)}
 
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
         n = self.edges
@@ -153,9 +182,11 @@ class EdgeData:
         self.steps_per_epoch = 0
         self.names: list[str] = []
         self.served: dict[str, int] = {}
+        self.releases: dict[str, int] = {}
 
-    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int]) -> None:
-        self.shards, self.names, self.served = [d["shard"] for d in described], names, served
+    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int],
+             releases: dict[str, int]) -> None:
+        self.shards, self.names, self.served, self.releases = [d["shard"] for d in described], names, served, releases
         self.rotation = rotation([s["train_batches"] for s in self.shards])
         self.steps_per_epoch = len(self.rotation)
 
@@ -168,7 +199,17 @@ class EdgeData:
         name, n = self.names[batch.edge], self.shards[batch.edge]["train_batches"]
         count = self.served.get(name, 0)
         self.served[name] = count + 1
+        if count % n == 0:  # the edge's next pass over its shard (under free_first, or with edges away,
+            # not in step with the epochs): each of its samples is released once more
+            self.releases[name] = self.releases.get(name, 0) + 1
         return dataclasses.replace(batch, source=ShardBatch("train", count // n, count % n, self.labels_here))
+
+    def passes(self, step: int) -> dict[str, tuple[int, int]]:
+        return {name: (self.served.get(name, 0), s["train_batches"]) for name, s in zip(self.names, self.shards)}
+
+    def reach(self, span: list[Batch], free_first: bool) -> dict[str, int]:
+        """Round robin gives each edge its rotation's batches; under free_first any edge may take them all."""
+        return {name: len(span) if free_first else sum(b.edge == k for b in span) for k, name in enumerate(self.names)}
 
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
         return [[(j, ShardBatch("test", epoch, j, self.labels_here)) for j in range(s["test_batches"])] for s in self.shards]
@@ -184,8 +225,11 @@ class EdgeData:
 
     def describe(self, names: list[str]) -> str:
         cfg = self.cfg.data
-        shards = "; ".join(f"{name} {s['train']} train / {s['test']} test, labels {s['train_labels']}"
+        shards = "; ".join(f"{name} {s['train']} train / {s['test']} test"
+                           + (f", labels {s['train_labels']}" if "train_labels" in s else "")
                            for name, s in zip(names, self.shards))
+        if not all("train_labels" in s for s in self.shards):
+            shards += " (label counts kept on the edges: data.share_label_counts)"
         how = cfg.partition + (f" alpha {cfg.dirichlet_alpha:g}" if cfg.partition == "dirichlet" else "")
         note = " (each edge computes its own statistics)" if computes_statistics(self.cfg) else ""
         return f"{_spec_text(self.cfg, self.spec)}{note} on the edges ({how} shards of each edge's {cfg.root}): {shards}"
@@ -208,7 +252,8 @@ class EdgeData:
             raise RuntimeError("this edge loaded no data: start it with data.placement=edge, as the central")
         train, test = (s if limit is None else s.subset(torch.arange(min(limit, len(s)))) for s, limit in
                        zip(loaded[:2], (cfg.data.limit_train, cfg.data.limit_test)))
-        return Shard.carve(train, test, edge, cfg.topology.edges, cfg.data, cfg.train.seed, loaded[2].classes)
+        return Shard.carve(train, test, edge, cfg.topology.edges, cfg.data, cfg.train.seed, loaded[2].classes,
+                           shares_label_counts(cfg))
 
 
 class CallInputs:
@@ -227,6 +272,16 @@ class CallInputs:
 
     def describe(self) -> None:
         return None
+
+
+def shares_label_counts(cfg: Config) -> bool:
+    """data.share_label_counts, null resolved: an edge tells the central its per-class counts only
+    where the central learns the labels anyway (the loss on the central, and it holds the edge
+    weights): a U-shaped plan or edge-held weights were chosen to keep label information home."""
+    if cfg.data.share_label_counts is not None:
+        return cfg.data.share_label_counts
+    loss_on_central = cfg.model.plan is None or cfg.model.plan[-1]["place"] == "central"
+    return loss_on_central and cfg.privacy.edge_weights == "central"
 
 
 PLACEMENTS = {"central": CentralData, "edge": EdgeData}

@@ -83,8 +83,10 @@ class Shard:
     """One edge's training and test samples, the batches it reads from them, and where it stands
     in its own training data (saved in the edge's checkpoint part)."""
 
-    def __init__(self, train: Source, test: Source, edge: int, cfg: DataConfig, seed: int, classes: int = 0):
+    def __init__(self, train: Source, test: Source, edge: int, cfg: DataConfig, seed: int, classes: int = 0,
+                 label_counts: bool = False):
         self.train, self.test, self.cfg, self.classes = train, test, cfg, classes
+        self.label_counts = label_counts  # describe tells the central the per-class counts (data.share_label_counts)
         self.seed = seed * 1_009 + edge  # each edge its own batch order
         self.position = (0, 0)  # (epoch, next batch) of the training data
         self._order: tuple[int, list[Tensor]] | None = None
@@ -92,14 +94,15 @@ class Shard:
 
     @classmethod
     def carve(cls, train: Source, test: Source, edge: int, edges: int, cfg: DataConfig, seed: int,
-              classes: int = 0) -> "Shard":
-        """Edge ``edge`` (1..N) of ``edges``: its part of (train, test) under ``cfg.partition``."""
+              classes: int = 0, label_counts: bool = False) -> "Shard":
+        """Edge ``edge`` (1..N) of ``edges``: its part of (train, test) under ``cfg.partition``;
+        ``label_counts``: whether ``describe`` gives the central its per-class counts."""
         if cfg.partition != "local":
             train_idx, test_idx = partition(train.labels, test.labels, edges, cfg, seed, cfg.batch_size)[edge - 1]
             train = train.subset(train_idx)
             if not cfg.test_on_every_edge:
                 test = test.subset(test_idx)
-        return cls(train, test, edge, cfg, seed, classes)
+        return cls(train, test, edge, cfg, seed, classes, label_counts)
 
     def batches(self, split: str) -> int:
         size = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
@@ -132,9 +135,14 @@ class Shard:
         return x, y, y if ref.labels else None
 
     def describe(self) -> dict[str, Any]:
-        """Sizes and per-label counts: what the central prints and writes to partition.json."""
-        return {"train": len(self.train), "test": len(self.test), "train_batches": self.batches("train"),
-                "test_batches": self.batches("test"), "train_labels": _counts(self.train.labels, self.classes),
+        """What the central prints and writes to partition.json: the sizes, which it needs (an
+        epoch's length), and the per-class counts only when this edge shares them: with the labels
+        kept on the edges they would tell the central each edge's class mix."""
+        sizes = {"train": len(self.train), "test": len(self.test), "train_batches": self.batches("train"),
+                 "test_batches": self.batches("test")}
+        if not self.label_counts:
+            return sizes
+        return {**sizes, "train_labels": _counts(self.train.labels, self.classes),
                 "test_labels": _counts(self.test.labels, self.classes)}
 
     def state(self) -> dict[str, Any]:

@@ -21,12 +21,16 @@ def save_model(path: Path, model_cfg: dict[str, Any], shape: Shape, state: dict[
 
 
 def read_model(path: Path) -> tuple[dict[str, Any], Shape, dict[str, torch.Tensor]]:
-    """(model config dict, data shape, state_dict) of a model file; a ConfigError if it is not one."""
+    """(model config dict, data shape, state_dict) of a model file; a ConfigError if it is not one.
+    Its model.name is the file's word, not the user's: see models.check_named before building it."""
     try:
         saved = torch.load(path, weights_only=True, map_location="cpu")
-        return saved["model"], saved["shape"], saved["state_dict"]
+        found = saved["model"], saved["shape"], saved["state_dict"]
     except Exception as exc:
         raise ConfigError(f"{path} is not a split_trainer model file ({str(exc).splitlines()[0][:200]})") from None
+    if not all(isinstance(part, dict) for part in found):  # the model config is read as a mapping from here on
+        raise ConfigError(f"{path} is not a split_trainer model file (its model, shape or state_dict is no mapping)")
+    return found
 
 
 def build_model(model_cfg: dict[str, Any], shape: Shape, state: dict[str, torch.Tensor]) -> nn.Sequential:

@@ -1,5 +1,10 @@
 """Architectures: registered builders, or a function of the user's own named by import path.
 
+An import path runs code, so it is taken only from the person running the command (a config file
+or ``--set``), never from a file the trainer reads: a checkpoint or a ``model.pt`` may come from
+anyone, and one naming an import path is refused unless the user names the same path
+(``check_named``, applied where such a file's model config is read: cli.standalone.load_merged).
+
 Every architecture is an ``nn.Sequential`` whose layers have names, so that a plan
 (split_trainer.model.plan) can cut it between any two of them. A builder gets the model config and the
 data set's shape (``in_channels``, ``image_size``, ``num_classes``), so one architecture serves
@@ -11,12 +16,12 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from split_trainer.config import ConfigError, ModelConfig
+from split_trainer.config import ConfigError, ModelConfig, parse_override
 
 Shape = dict[str, int]
 Builder = Callable[[ModelConfig, Shape], nn.Sequential]
@@ -151,3 +156,23 @@ def build_full(cfg: ModelConfig, shape: Shape) -> nn.Sequential:
         raise ConfigError(f"model.name {cfg.name!r} is not registered (known: {', '.join(sorted(_REGISTRY))}; "
                           f"or package.module:function for your own)")
     return _REGISTRY[cfg.name](cfg, shape)
+
+
+def given_name(overrides: Sequence[str]) -> Optional[str]:
+    """The model.name that the person running the command gave with ``--set`` (the last one wins), if any."""
+    given = None
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys == ["model", "name"]:
+            given = value
+    return given
+
+
+def check_named(found: Any, given: Optional[str], source: str) -> None:
+    """Refuse an import path that ``source`` (a checkpoint or a model file: it may come from anyone)
+    names as model.name, unless the user named the same path (``given``): building it would import
+    and call it, so the file would decide what code runs. Registered architectures run no code of
+    the file's choosing and pass."""
+    if isinstance(found, str) and ":" in found and found != given:
+        raise ConfigError(f"{source} names model.name={found}, an import path: building it would run that code, so "
+                          f"it runs only if you name it; if you trust this file, pass --set model.name={found}")

@@ -218,7 +218,8 @@ def main(argv: list[str]) -> int:
     if not args.checkpoint.is_dir():
         raise ConfigError(f"--checkpoint {args.checkpoint}: not a checkpoint folder or directory (the audit needs "
                           f"the run's config, which a checkpoint holds)")
-    config, _, _, state = load_merged(args.checkpoint, args.edge_parts)
+    # an import path as model.name runs only if args.overrides name it (load_merged refuses it otherwise)
+    config, _, _, state = load_merged(args.checkpoint, args.edge_parts, args.overrides)
     cfg = config_from_dict(config, args.overrides)
     plan = plan_for(cfg, cfg.train.seed)
     plan.full.load_state_dict(state)

@@ -12,15 +12,22 @@ privacy accounting of the one that is a Gaussian mechanism (docs/privacy.md).
 
 Every defence is part of the edge's graph: clipping is differentiated through, and the noise draws
 from the edge's own RNG stream, which checkpoints keep (a resumed run draws the same noise).
+
+The activation noise's epsilon is reported for the releases counted as they happen (``Releases``),
+not for the epochs: under free_first, with edges away, or after a failure, a sample can be released
+more often than once an epoch.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from split_trainer.config import PrivacyConfig
+from split_trainer.records.files import write_json
 from split_trainer.training.route import Hop, crossing
 
 Tensor = torch.Tensor
@@ -109,18 +116,19 @@ class Defences:
 
 
 def describe(cfg: PrivacyConfig, epochs: int) -> str:
-    """The banner's privacy line."""
+    """The banner's privacy line: the epsilon it gives is the plan's (one release an epoch), not a count."""
     weights = "the edges keep their weights" if cfg.edge_weights == "edges" else "the central holds the edge weights"
     defences = [f"activations clipped to {cfg.clip:g}" if cfg.clip else "",
-                f"noise {cfg.noise:g} x clip (epsilon {epsilon(cfg, epochs):.3g} at delta {cfg.delta:g} over "
-                f"{epochs} epochs)" if cfg.noise else "",
+                f"noise {cfg.noise:g} x clip (planned: epsilon {epsilon(cfg, epochs):.3g} at delta {cfg.delta:g} if "
+                f"each training sample is released once an epoch for {epochs} epochs; the summary's epsilon counts "
+                f"the releases)" if cfg.noise else "",
                 f"NoPeek {cfg.nopeek:g}" if cfg.nopeek else "", f"label noise {cfg.label_noise:g}" if cfg.label_noise else ""]
     return "; ".join([weights, *filter(None, defences)] if any(defences) else [weights, "no defence at the cut"])
 
 
 def epsilon(cfg: PrivacyConfig, releases: int) -> Optional[float]:
-    """ε of the activation noise over ``releases`` releases of each sample's activation (one per
-    epoch), at δ = ``cfg.delta``, from Opacus's RDP accountant; None without noise.
+    """ε of the activation noise for a sample whose activation was released ``releases`` times, at
+    δ = ``cfg.delta``, from Opacus's RDP accountant; None without noise (or without a release).
 
     Each release is a Gaussian mechanism on one sample's clipped activation: two inputs' clipped
     activations differ by at most 2 x clip in L2, and the noise's standard deviation is noise x
@@ -133,3 +141,64 @@ def epsilon(cfg: PrivacyConfig, releases: int) -> Optional[float]:
     rdp = compute_rdp(q=1.0, noise_multiplier=cfg.noise / 2, steps=releases, orders=orders)
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=cfg.delta)
     return float(eps)
+
+
+LEDGER = "releases.json"
+
+
+class Releases:
+    """How often each training sample's activation has gone to the central: per set of samples
+    (each edge's shard; central placement: the data set), the most times any one of its samples
+    has been released. The placement counts a release where a pass over a set starts (``counts``
+    is the progress record's, so checkpoints keep it, an edge away included).
+
+    A checkpoint keeps the count as of its step, but an attempt that fails after it has already sent
+    the central batches past that step, which the next attempt sends again. So before each span the
+    central writes a ledger (``<run_dir>/releases.json``): the step the span ends at and, per set,
+    the most batches it may have served by then and the releases that makes. A run resumed behind
+    the ledger starts each set from the releases the attempt before may have reached, plus one where
+    it re-enters a pass partway: the redone batches then release their samples twice in that pass,
+    which no pass boundary counts (one at a boundary is counted when it is redone)."""
+
+    def __init__(self, counts: dict[str, int], path: Path):
+        self.counts, self.path = counts, path
+
+    def start(self, step: int, passes: dict[str, tuple[int, int]], served: dict[str, int], resumed: bool) -> None:
+        """Before training: ``passes`` per present set (batches served, batches a pass); ``served``
+        every edge's batches served (the progress record's)."""
+        for name, (count, batches) in passes.items():
+            self.counts.setdefault(name, -(-count // batches))  # a checkpoint from before the count was kept
+        ledger = self._ledger() if resumed else None
+        if ledger is None or ledger["step"] <= step:
+            return  # a new run, or nothing was sent past this checkpoint
+        at = {**served, **{name: count for name, (count, _) in passes.items()}}
+        for name, entry in ledger["sets"].items():
+            here = at.get(name, 0)
+            partway = entry["reached"] > here and here % entry["batches"] != 0
+            self.counts[name] = max(self.counts.get(name, 0), entry["releases"] + partway)
+
+    def before_span(self, end: int, passes: dict[str, tuple[int, int]], reach: dict[str, int]) -> None:
+        """Write the ledger for a span ending at step ``end``: ``reach`` per set, the most batches
+        of it that set can serve."""
+        sets = {}
+        for name, (count, batches) in passes.items():
+            reached = count + reach.get(name, 0)
+            sets[name] = {"reached": reached, "batches": batches,
+                          "releases": self.counts.get(name, 0) + -(-reached // batches) - -(-count // batches)}
+        write_json(self.path, {"step": end, "sets": sets})
+
+    def _ledger(self) -> Optional[dict[str, Any]]:
+        try:
+            ledger = json.loads(self.path.read_text())
+            return ledger if isinstance(ledger.get("step"), int) and isinstance(ledger.get("sets"), dict) else None
+        except (OSError, ValueError, AttributeError):
+            return None  # no ledger (a run from before it was kept): the checkpoint's count stands
+
+    def report(self, cfg: PrivacyConfig, per_edge: bool) -> dict[str, Any]:
+        """The run's releases and epsilon (its most-released sample's), and with edge-held data each edge's."""
+        most = max(self.counts.values(), default=0)
+        report: dict[str, Any] = {"releases": most, "epsilon": epsilon(cfg, most)}
+        if per_edge:
+            report["per_edge"] = {name: {"releases": count, "epsilon": epsilon(cfg, count)}
+                                  for name, count in sorted(self.counts.items(), key=lambda kv: (len(kv[0]), kv[0]))}
+        return report

@@ -5,6 +5,12 @@ and SHA-256 of every file) written last, and the folder renamed to ``step_<N>``:
 that name and a manifest that matches its files is complete, and nothing else counts. A kill
 at any moment therefore leaves the newest complete checkpoint loadable. Files are read back with
 ``torch.load(weights_only=True)``, so a checkpoint can never run code.
+
+A checkpoint may come from anyone, so every name in a manifest that becomes a path is checked
+before anything is read: its files are plain names in its folder (``PART``), the edge parts it
+names are edges (``EDGE``: they become ``edges/<name>/``), and a file that is a link (or no
+regular file) is refused. The manifest carries no hash of its own: whoever can rewrite it can
+rewrite such a hash too, and what it names is checked here instead; the parts' hashes catch damage.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,6 +37,10 @@ from split_trainer.training import faults
 from split_trainer.training.failures import JobError
 
 PATTERN = re.compile(r"^step_(\d{8})$")
+PART = re.compile(r"[A-Za-z0-9_-]+\.pt")
+"""A file a manifest may name (fullmatch): a plain name inside its folder, no separator, no ``..``."""
+EDGE = re.compile(r"edge[1-9][0-9]*")
+"""An edge part a manifest may name (fullmatch): an edge's name, edgeK, as topology gives it."""
 MANIFEST = "manifest.json"
 JOB = "job.json"
 
@@ -126,27 +137,49 @@ def complete_candidates(directory: Path) -> list[Path]:
 
 def load(path: Path) -> Loaded:
     """Load and verify one checkpoint folder; raise ValueError saying what is wrong."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path}: no readable {MANIFEST} ({exc})") from None
+    manifest = _manifest(path)
     parts = {}
-    for name, info in files.items():
+    for name, info in manifest["files"].items():
+        file = path / name
         try:
-            data = (path / name).read_bytes()
+            found = file.lstat()  # the name itself: a link is not followed
+            if not stat.S_ISREG(found.st_mode):  # a link would read outside the folder; a FIFO would block
+                raise ValueError(f"{file}: not a regular file (a link out of the folder?): refused, nothing read")
+            if found.st_size != info["bytes"]:  # known before reading: a part of another size is not read
+                raise ValueError(f"{file}: {found.st_size} bytes, expected {info['bytes']} (truncated)")
+            data = file.read_bytes()
         except OSError as exc:
-            raise ValueError(f"{path / name}: {exc.strerror}") from None
-        if len(data) != info["bytes"]:
-            raise ValueError(f"{path / name}: {len(data)} bytes, expected {info['bytes']} (truncated)")
+            raise ValueError(f"{file}: {exc.strerror}") from None
         if _sha256(data) != info["sha256"]:
-            raise ValueError(f"{path / name}: altered (its SHA-256 does not match the manifest)")
+            raise ValueError(f"{file}: altered (its SHA-256 does not match the manifest)")
         try:  # weights_only: tensors and plain containers; a pickled object that would run code is refused
             parts[name.removesuffix(".pt")] = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         except Exception as exc:
-            raise ValueError(f"{path / name}: refused by torch.load(weights_only=True) "
+            raise ValueError(f"{file}: refused by torch.load(weights_only=True) "
                              f"({str(exc).strip().splitlines()[0][:160]})") from None
     return Loaded(path, manifest, parts)
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    """``path``'s manifest, refused (ValueError) unless its step is a number, and every file and
+    edge part it names is a plain name (``PART``, ``EDGE``) with a size and a SHA-256: checked
+    before any of them is read, so that no name in it reaches outside the folder."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: no readable {MANIFEST} ({exc})") from None
+    step, edge_parts = manifest.get("step"), manifest.get("edge_parts", {})
+    if not (isinstance(files, dict) and isinstance(edge_parts, dict) and type(step) is int):
+        raise ValueError(f"{path}: {MANIFEST} is not a checkpoint's (its files, edge_parts or step are malformed)")
+    for kind, names, pattern, form in (("file", files, PART, "NAME.pt"), ("edge part", edge_parts, EDGE, "edgeK")):
+        for name, info in names.items():
+            if not pattern.fullmatch(name):
+                raise ValueError(f"{path}: {MANIFEST} names the {kind} {name!r}, which is no plain {form} name inside "
+                                 f"the checkpoint (a path out of it?): refused, nothing read")
+            if not (isinstance(info, dict) and type(info.get("bytes")) is int and isinstance(info.get("sha256"), str)):
+                raise ValueError(f"{path}: {MANIFEST} gives {kind} {name} no size and SHA-256")
+    return manifest
 
 
 def manifest_field(path: Path, key: str) -> Any:

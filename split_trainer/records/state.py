@@ -32,6 +32,10 @@ class Progress:
     """Training batches each edge has taken (edge placement: its place in its own shard)."""
     steps_per_epoch: int = 0
     """The run's epoch length, fixed when it started (edge placement: the first fleet's shards)."""
+    releases: dict[str, int] = field(default_factory=dict)
+    """Per set of training samples (each edge's shard by name; central placement: "data"), the most
+    times any one of its samples has had its activation sent to the central: the passes over it
+    started, and after a failure those redone (privacy.defences.Releases). Kept for an edge that is away."""
 
 
 def save(cfg: Config, meta: dict[str, Any], central: Stage, fleet: Fleet, progress: Progress) -> tuple[Path, int]:

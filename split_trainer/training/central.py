@@ -11,6 +11,7 @@ attempts: the membership record and state.restore say what that does).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -75,7 +76,8 @@ class Central:
         self.progress, averaged = state.Progress(seed=cfg.train.seed), []
         if loaded:
             self.progress, averaged = state.restore(loaded, self.stage, self.fleet)
-        self.placement.bind(self.fleet.described, self.fleet.names, self.progress.served)
+        self.placement.bind(self.fleet.described, self.fleet.names, self.progress.served, self.progress.releases)
+        self.releases = defences.Releases(self.progress.releases, Path(cfg.output.run_dir) / defences.LEDGER)
         console.attach(self.fleet.snapshots)
         # An epoch's length is fixed when the run starts: a fleet that shrinks or grows later does not change it.
         self.steps_per_epoch = self.progress.steps_per_epoch or self.placement.steps_per_epoch
@@ -110,11 +112,17 @@ class Central:
 
     def _train(self) -> dict[str, Any]:
         started = time.perf_counter()
+        self.releases.start(self.step, self.placement.passes(self.step), self.progress.served,
+                            resumed=self.resumed_from is not None)
         self.log.start()
         while self.step < self.total_steps:
             epoch = self.step // self.steps_per_epoch
             lr = lr_at(self.cfg.train, epoch)
             for span in self._spans(epoch):
+                # On disk before any of the span's batches leaves an edge: a failure past the next
+                # checkpoint must not take the count of what the central has seen back with it.
+                self.releases.before_span(span[-1].step + 1, self.placement.passes(self.step),
+                                          self.placement.reach(span, self.cfg.train.dispatch == "free_first"))
                 t0 = time.perf_counter()
                 trained = set(self.progress.trained) | self._train_span(span, lr)
                 self.progress.trained = sorted(trained)
@@ -126,6 +134,7 @@ class Central:
                 with self.log.paused():
                     if self.cadence.epoch_end(self.step):
                         self._evaluate(epoch)
+                        self.log.metrics.write(event="privacy", step=self.step, epoch=epoch + 1, **self._privacy())
                     if self.cadence.checkpoint(self.step):
                         self._checkpoint()
         return self._finish(time.perf_counter() - started)
@@ -198,8 +207,12 @@ class Central:
                 "checkpoint_time_s": round(self.checkpoint_time, 3),
                 "edges": len(self.fleet), "restarts": self.topo.restart, "resumed_from_step": self.resumed_from,
                 "privacy": {"edge_weights": self.cfg.privacy.edge_weights, "delta": self.cfg.privacy.delta,
-                            "epsilon": defences.epsilon(self.cfg.privacy, -(-self.step // self.steps_per_epoch))},
+                            **self._privacy()},
                 "bytes": wire_summary(self.fleet.snapshots(), self.log.samples, self.plan.cuts)}
+
+    def _privacy(self) -> dict[str, Any]:
+        """The releases counted so far and their epsilon (per edge with edge-held data)."""
+        return self.releases.report(self.cfg.privacy, per_edge=self.cfg.data.placement == "edge")
 
     def close(self) -> None:
         self.fleet.close()
@@ -223,6 +236,46 @@ def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
             "outputs": f"{central.run_dir} (checkpoints in {checkpoint.directory(cfg)})"}
 
 
+def _ends_run(cfg: Config, loaded: checkpoint.Loaded, placement: Placement) -> int:
+    """The run's steps per epoch if ``loaded`` is the last step of the run ``cfg`` asks for (the
+    same command run again on a finished run; more train.epochs or train.max_steps train on), else 0."""
+    per_epoch = loaded.parts["central"]["progress"].get("steps_per_epoch") or placement.steps_per_epoch
+    total = per_epoch * cfg.train.epochs
+    return per_epoch if per_epoch > 0 and loaded.step >= min(total, cfg.train.max_steps or total) else 0
+
+
+def _already_finished(cfg: Config, loaded: checkpoint.Loaded, per_epoch: int, console: Console,
+                      transport_for: Callable[[], Transport]) -> dict[str, Any]:
+    """Say that the run had finished, with its figures, and release the edges (under torchrun they
+    wait for the group to form); nothing is trained, evaluated or written."""
+    summary, source = _recorded_summary(cfg, loaded, per_epoch)
+    transport = transport_for()
+    transport.start()
+    console.finished(loaded.step, loaded.path, summary, source)
+    transport.finish(cfg.rpc.timeout_s)
+    transport.shutdown(graceful=True)
+    return summary
+
+
+def _recorded_summary(cfg: Config, loaded: checkpoint.Loaded, per_epoch: int) -> tuple[dict[str, Any], str]:
+    """The finished run's figures: its summary.json, if that is the checkpoint's run, else what the
+    checkpoint's progress record holds; and where they come from."""
+    path = Path(cfg.output.run_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+        if isinstance(summary, dict) and summary.get("steps") == loaded.step:
+            return summary, str(path)
+    except (OSError, ValueError):
+        pass  # killed after its last checkpoint, before the summary: the checkpoint says enough
+    progress = state.Progress(**loaded.parts["central"]["progress"])
+    releases = defences.Releases(progress.releases, Path(cfg.output.run_dir) / defences.LEDGER)
+    return ({"steps": progress.step, "epochs": round(progress.step / per_epoch, 4),
+             "test_loss": progress.last_eval[0], "test_accuracy": progress.last_eval[1],
+             "privacy": {"edge_weights": cfg.privacy.edge_weights, "delta": cfg.privacy.delta,
+                         **releases.report(cfg.privacy, per_edge=cfg.data.placement == "edge")}},
+            f"the progress record of {loaded.path}")
+
+
 def run_central(cfg: Config, topo: Topology, plan: Plan, threads: int, transport_for: Callable[[], Transport],
                 resume: str = "auto", quiet: bool = False) -> dict[str, Any]:
     """Load data, bring the transport up, train, write the outputs, and release the edges.
@@ -243,6 +296,9 @@ def run_central(cfg: Config, topo: Topology, plan: Plan, threads: int, transport
     fingerprint = checkpoint.fingerprint(cfg, describe(plan.layout))
     if loaded:
         checkpoint.check_fingerprint(loaded, fingerprint)
+        per_epoch = _ends_run(cfg, loaded, placement)
+        if per_epoch:
+            return _already_finished(cfg, loaded, per_epoch, console, transport_for)
     transport = transport_for()
     transport.start()  # every rank got this far: an edge's own start-up checks passed
     job = job or checkpoint.start_job(run_dir, agent)

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -40,11 +41,20 @@ replica; rss and finish touch no segment."""
 FAULT_POINTS = {"get_state": "sync", "peer_state": "sync", "export_state": "export", "save_part": "export"}
 
 
+def parts_folder(cfg: Config, name: str) -> Path:
+    """Where edge ``name`` keeps its own checkpoint parts (privacy.edge_weights: edges):
+    ``edges/<name>/`` in the checkpoint directory of ``cfg``, which must be the config of the
+    process that hosts the edge (on RPC the edge's own command line), never one sent to it: the
+    central would otherwise decide where an edge writes and deletes on the edge's own disk."""
+    return checkpoint.directory(cfg) / "edges" / name
+
+
 class Edge:
     """This edge's replica of the plan's edge segments and its data (data.placement). ``cfg`` is
-    the central's config: it decides everything but where this edge's data lies."""
+    the central's config: it decides everything but where this edge's data lies and where its own
+    checkpoint parts go (``parts``, from ``parts_folder`` of the hosting process's config)."""
 
-    def __init__(self, name: str, cfg: Config, device: torch.device, data: EdgeSide, peers: Peers,
+    def __init__(self, name: str, cfg: Config, device: torch.device, data: EdgeSide, parts: Path, peers: Peers,
                  autograd: Any, guard: Callable[[], AbstractContextManager] = nullcontext):
         plan = plan_for(cfg, cfg.train.seed)  # the weights the central's seed draws: one model, N copies
         self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("edge"), cfg.train, device),
@@ -53,7 +63,7 @@ class Edge:
         self.name, self.data, self.peers, self.guard = name, data, peers, guard
         # privacy.edge_weights: edges: this edge's checkpoint parts, on its own disk; one more kept
         # than the central keeps, so that a part outlives a central checkpoint that failed to land.
-        self.parts, self.keep = checkpoint.directory(cfg) / "edges" / name, cfg.checkpoint.keep + 1
+        self.parts, self.keep = parts, cfg.checkpoint.keep + 1
         checkpoint.remove_stale_temporaries(self.parts)
         self.average: Optional[dict[str, torch.Tensor]] = None
         self.wire = WireFormat(cfg.rpc.wire_types, graph=cfg.train.engine == "autograd")
@@ -149,7 +159,7 @@ class Edge:
             loaded = checkpoint.load(self.parts / f"step_{step:08d}")
         except ValueError as exc:
             raise RuntimeError(f"{self.name} cannot resume step {step} from its own disk: {exc}") from None
-        if loaded.manifest["files"][f"{self.name}.pt"]["sha256"] != expected["sha256"]:
+        if loaded.manifest["files"].get(f"{self.name}.pt", {}).get("sha256") != expected["sha256"]:
             raise RuntimeError(f"{self.name}'s checkpoint part for step {step} in {self.parts} is not the one the "
                                f"central's checkpoint names (another run's?): resume with --resume never")
         self.import_state(loaded.parts[self.name])

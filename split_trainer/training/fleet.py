@@ -27,6 +27,7 @@ class Fleet:
     """Every edge of the job, each hosting one replica of the plan's edge segments."""
 
     def __init__(self, cfg: Config, transport: Transport, names: list[str]):
+        names = transport.admit(names)  # nothing of the job reaches an edge before it proves the job's secret
         self.names, self.transport = names, transport
         self.own_weights = cfg.privacy.edge_weights == "edges"  # the edges keep their weights to themselves
         self.timeout_s = cfg.rpc.timeout_s

@@ -1,5 +1,5 @@
 """The wire and the transports: what crosses a cut and how it is counted (wire), the central's
-link to one edge (link), the transport interface with its two implementations (rpc: torch RPC
+link to one edge (link), which hosts a job admits (admission: the job's secret), the transport interface with its two implementations (rpc: torch RPC
 under torchrun; loopback: the edges in this process, one thread each), and who is who in a
 torchrun job (topology).
 

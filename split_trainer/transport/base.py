@@ -55,6 +55,11 @@ class Transport(Protocol):
     def members(self) -> list[str]:
         """The edges present, by number (edge1, edge2, ...)."""
 
+    def admit(self, names: list[str]) -> list[str]:
+        """Before anything of the job reaches them: the edges ``names`` that prove the job's secret
+        (transport.admission; the same code for every transport), or raise when the job cannot go on
+        without the others."""
+
     def connect(self, names: list[str], cfg: Any) -> list[Remote]:
         """Build each edge object on its edge (from the central's config) and return a handle on each."""
 

@@ -15,17 +15,19 @@ so dropout and the privacy defences draw what they would draw on RPC.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
 from split_trainer.config import Config
 from split_trainer.data.placement import PLACEMENTS
-from split_trainer.training.edge import Edge
+from split_trainer.training.edge import Edge, parts_folder
+from split_trainer.transport import admission
 from split_trainer.transport.topology import device_for, edge_number
 
 
@@ -71,6 +73,21 @@ class _Pending:
         self.fut.add_done_callback(lambda done: done.exception() is not None and callback(done.exception()))
 
 
+class _Now:
+    """A call made at once, on this thread (admission comes before an edge has threads of its own)."""
+
+    def __init__(self, call: Callable[..., Any], *args: Any):
+        try:
+            self.value, self.error = call(*args), None
+        except Exception as exc:
+            self.value, self.error = None, exc
+
+    def wait(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class LoopbackRemote:
     def __init__(self, edge: Edge, pool: ThreadPoolExecutor):
         self.edge, self.pool = edge, pool
@@ -82,9 +99,14 @@ class LoopbackRemote:
 class LoopbackTransport:
     name = "loopback"
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, edge_secrets: Optional[Mapping[str, Optional[str]]] = None):
         self.cfg = cfg
         self.autograd = LocalAutograd()
+        self.key = admission.job_key(cfg.output.run_dir)
+        # The edges here share this process's secret; ``edge_secrets`` gives an edge another (or
+        # none, as None), so that one process can hold a host that does not belong (the tests).
+        self._keys = {name: None if secret is None else secret.encode()
+                      for name, secret in (edge_secrets or {}).items()}
         self._baton = threading.RLock()  # the central's compute and the edges' take turns
         # Every edge of this process reads the same data.root: load it once, carve a shard each.
         self._loaded = PLACEMENTS[cfg.data.placement].load_on_edge(cfg)
@@ -97,13 +119,29 @@ class LoopbackTransport:
     def members(self) -> list[str]:
         return [f"edge{k}" for k in range(1, self.cfg.topology.edges + 1)]
 
+    def admit(self, names: list[str]) -> list[str]:
+        sides = {name: admission.EdgeSide(name, self._keys.get(name, self.key)) for name in names}
+        door = admission.Door(ask=lambda name, nonce: _Now(sides[name].prove, nonce),
+                              tell=lambda name, verdict: _Now(self._hear, sides[name], verdict),
+                              where=self.where, sheds=True)
+        return admission.admit(names, door, self.key, self.cfg.topology)
+
+    @staticmethod
+    def _hear(side: admission.EdgeSide, verdict: admission.Verdict) -> Optional[str]:
+        answer = side.hear(verdict)
+        if side.out is not None:  # the line the edge's own process would print as it leaves
+            print(f"split_trainer: [{side.name}] error: {side.out}", file=sys.stderr, flush=True)
+        return answer
+
     def connect(self, names: list[str], cfg: Config) -> list[LoopbackRemote]:
         for name in names:
             # The stream an edge process would have seeded for itself (transport.rpc.serve_edge).
             rng = [torch.Generator().manual_seed(cfg.train.seed + edge_number(name)).get_state()]
             device = device_for(cfg.train.edge_device, "train.edge_device", 0)
             data = PLACEMENTS[cfg.data.placement].edge_data(cfg, self._loaded, edge_number(name))
-            self._edges[name] = Edge(name, cfg, device, data, self._ask_peer, self.autograd, self._edge_guard(rng))
+            # One process, one disk: the config this process was started with is also every edge's own.
+            self._edges[name] = Edge(name, cfg, device, data, parts_folder(self.cfg, name), self._ask_peer,
+                                     self.autograd, self._edge_guard(rng))
             # As many threads as an RPC agent has: a call waiting on a peer must not block the peer's reply.
             self._pools[name] = ThreadPoolExecutor(cfg.rpc.num_worker_threads, thread_name_prefix=name)
         return [LoopbackRemote(self._edges[name], self._pools[name]) for name in names]

@@ -4,11 +4,13 @@ The central creates each edge object on its edge with ``rpc.remote`` and calls i
 trampoline, ``_call_method`` (as pytorch/examples' RPC pipeline does): the edge object's ``serve``
 takes its lock in one place. Distributed autograd spans the cuts for the autograd engine; with
 edge-held weights the edges fetch each other's replicas edge to edge. Tensors travel on the CPU
-(RRefs and distributed autograd take no CUDA tensors).
+(RRefs and distributed autograd take no CUDA tensors). Before any of that, an edge proves that
+it holds the job's secret (transport.admission: ``_prove`` and ``_hear`` are its half here).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -23,15 +25,18 @@ from torch.distributed import rpc
 
 from split_trainer.config import Config
 from split_trainer.data.placement import PLACEMENTS
-from split_trainer.training.edge import Edge
-from split_trainer.transport.topology import Topology, device_for, edge_number, init_rpc, members
+from split_trainer.training.edge import Edge, parts_folder
+from split_trainer.transport import admission
+from split_trainer.transport.topology import ROLE, Topology, device_for, edge_number, init_rpc, members
 
 # An edge process serves one edge object; RPC reaches module functions by name, so what they
 # need lives here: the object (for its peers), the data loaded before RPC came up, and the end.
 _served: list[Optional[Edge]] = [None]
 _loaded: list[Any] = [None]
+_own: list[Optional[Config]] = [None]  # this process's own config (its command line): where its parts go
 _local_rank = [0]
 _finished = threading.Event()
+_edge_side: list[Optional[admission.EdgeSide]] = [None]  # this edge's half of admission
 
 
 class DistAutograd:
@@ -78,12 +83,18 @@ def _call_method(rref: rpc.RRef, method: str, args: tuple, seq: Optional[int]) -
 
 def _build_edge(cfg: Config) -> Edge:
     """On the edge, at the central's ``rpc.remote``: this edge's object from the central's config
-    and what this process knows (its name in the RPC group, its device, the data it loaded)."""
-    name = rpc.get_worker_info().name
+    and what this process knows (its name in the RPC group, its own config, the data it loaded)."""
+    _served[0] = edge_for(rpc.get_worker_info().name, cfg, _own[0])
+    return _served[0]
+
+
+def edge_for(name: str, cfg: Config, own: Config) -> Edge:
+    """Edge ``name`` of an edge process: the central's ``cfg`` decides the training; this process's
+    ``own`` config (its command line) where on this disk its checkpoint parts are written and pruned."""
     device = device_for(cfg.train.edge_device, "train.edge_device", _local_rank[0])
     data = PLACEMENTS[cfg.data.placement].edge_data(cfg, _loaded[0], edge_number(name))
-    _served[0] = Edge(name, cfg, device, data, partial(_ask_peer, timeout_s=cfg.rpc.timeout_s), DistAutograd())
-    return _served[0]
+    return Edge(name, cfg, device, data, parts_folder(own, name), partial(_ask_peer, timeout_s=cfg.rpc.timeout_s),
+                DistAutograd())
 
 
 def _peer_state() -> dict[str, torch.Tensor]:
@@ -98,6 +109,23 @@ def _finish() -> None:
     _finished.set()
 
 
+def _prove(nonce: bytes) -> admission.Proof:
+    """On the edge: the central's challenge, its first call here (transport.admission)."""
+    return _edge_side[0].prove(nonce)
+
+
+def _hear(verdict: admission.Verdict, timeout_s: float) -> Optional[str]:
+    """On the edge: the central's verdict. An edge that must leave wakes its main thread and
+    answers once that thread has stopped its host (EdgeSide.leave): the central may end the round
+    as soon as it has the answer, and this host must not be restarted into the next one."""
+    side = _edge_side[0]
+    answer = side.hear(verdict)
+    if side.out is not None:
+        _finished.set()
+        side.left.wait(timeout_s)
+    return answer
+
+
 class RpcTransport:
     """The central's side of the RPC transport."""
     name = "rpc"
@@ -105,12 +133,22 @@ class RpcTransport:
     def __init__(self, topo: Topology, cfg: Config):
         self.topo, self.cfg = topo, cfg
         self.autograd = DistAutograd()
+        self.key = admission.job_key(cfg.output.run_dir)  # a bad secret stops the central here, before RPC
 
     def start(self) -> None:
         init_rpc(self.topo, self.cfg)
 
     def members(self) -> list[str]:
         return members()
+
+    def admit(self, names: list[str]) -> list[str]:
+        # These are the first calls to each edge: they also connect, as connect's do.
+        timeout, wait_s = self.cfg.rpc.startup_timeout_s, self.cfg.rpc.timeout_s
+        door = admission.Door(
+            ask=lambda name, nonce: rpc.rpc_async(name, _prove, args=(nonce,), timeout=timeout),
+            tell=lambda name, verdict: rpc.rpc_async(name, _hear, args=(verdict, wait_s), timeout=timeout),
+            where=self.where, sheds=False)
+        return admission.admit(names, door, self.key, self.cfg.topology)
 
     def connect(self, names: list[str], cfg: Config) -> list[RpcRemote]:
         # The first calls also connect and build the segments: a loaded host may take a while.
@@ -138,7 +176,10 @@ def serve_edge(topo: Topology, cfg: Config) -> None:
     warnings.showwarning = lambda message, category, *_args, **_kw: print(
         f"split_trainer: [{topo.name}] warning: {category.__name__}: {message}", file=sys.stderr, flush=True)
     _loaded[0] = PLACEMENTS[cfg.data.placement].load_on_edge(cfg)  # a missing data folder fails here, before RPC
-    _local_rank[0] = topo.local_rank
+    _local_rank[0], _own[0] = topo.local_rank, cfg
+    # The secret is read before RPC comes up (a bad one is one line, exit 2); an edge host of an
+    # elastic fleet (launch/edge.sh) runs only edges, so a refused one stops its own agent.
+    _edge_side[0] = admission.EdgeSide(topo.name, admission.job_key(cfg.output.run_dir), os.environ.get(ROLE) == "edge")
     init_rpc(topo, cfg)
     started = time.monotonic()
     poll = min(5.0, cfg.rpc.timeout_s)
@@ -146,4 +187,5 @@ def serve_edge(topo: Topology, cfg: Config) -> None:
         silent = time.monotonic() - (_served[0].last_seen if _served[0] else started)
         if silent > cfg.rpc.timeout_s:
             raise TimeoutError(f"no call from the central for {silent:.0f} s (rpc.timeout_s={cfg.rpc.timeout_s:g})")
+    _edge_side[0].leave()  # refused (or the job stopped): one line, exit 2
     rpc.shutdown(graceful=True)
