@@ -10,7 +10,8 @@
 # restart together). --hosts MIN:MAX: an elastic fleet (docs/elastic.md): torchrun's c10d rendezvous,
 # hosted here, admits 1 to MAX edge hosts; the job goes on while at least MIN are up, and a host
 # that leaves or joins makes the others meet again and resume from the newest checkpoint. Give
-# --max-restarts enough for every edge host lost (each loss costs one).
+# --max-restarts one for every edge host lost and one for every host that joins (a join can cost
+# one: docs/elastic.md).
 # --port: the rendezvous port on this host (edge hosts must reach it, and TensorPipe's own ports,
 # on the interface they connect through). --addr: this host's address as the edge hosts reach it
 # (elastic; default: its name). --job: the rendezvous id, the same on every host. --wait: seconds

@@ -1,9 +1,11 @@
 """The central's fleet: one link per edge (transport.link) and the operations over all of them,
-each written once: work on every edge at once (one driver thread per edge), calls on every edge at once, the
-averaging of the edge replicas, checkpoint parts, memory probes.
+each written once: work on every edge at once (one driver thread per edge), calls on every edge
+at once, the averaging of the edge replicas, checkpoint parts, memory probes.
 
 An RPC's time bound counts from the moment it is sent, waiting on the edge included, so no path
-queues a second call on an edge before the first returns: the bound then covers a call's own work.
+queues a second call on an edge before the first returns (except training with train.in_flight
+above 1, whose calls the edge runs in the order they were sent): the bound then covers a call's
+own work.
 """
 
 from __future__ import annotations
