@@ -127,7 +127,7 @@ def _files(run_dir: Path) -> dict[str, tuple]:
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-def test_the_same_command_on_a_finished_run_says_so_and_changes_nothing(train, tmp_path):
+def test_the_same_command_on_a_finished_run_says_so_and_changes_nothing_but_completes_a_killed_one(train, tmp_path):
     keys = {**NOISE, "train.max_steps": 6, "checkpoint.every_steps": 3}
     code, out = train(tmp_path, 1, **keys)
     assert code == 0, out[-3000:]
@@ -145,15 +145,18 @@ def test_the_same_command_on_a_finished_run_says_so_and_changes_nothing(train, t
     assert lines[1].endswith(f"(from {tmp_path / 'summary.json'})")
     assert len(lines) == 2 and _files(tmp_path) == before
 
-    (tmp_path / "summary.json").unlink()  # killed after its last checkpoint, before the summary
-    before = _files(tmp_path)
+    # Killed after its last checkpoint, before its outputs: not finished, so the same command
+    # writes them (the model as the checkpoint holds it, the summary with the run's last evaluation).
+    model = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    (tmp_path / "summary.json").unlink()
+    (tmp_path / "model.pt").unlink()
     code, out = train(tmp_path, 1, **keys)
-    assert code == 0, out[-3000:]
-    figures = out.strip().splitlines()[1]
-    assert figures.startswith(f"done: steps 6 epochs {summary['epochs']:.4f} test_loss {summary['test_loss']:.4f} "
-                              f"test_accuracy {summary['test_accuracy']:.4f} epsilon ")
-    assert f"releases 1 (from the progress record of {tmp_path / 'checkpoints' / 'step_00000006'})" in figures
-    assert _files(tmp_path) == before
+    assert code == 0 and "already finished" not in out and "resumed from" in out, out[-3000:]
+    again = _summary(tmp_path)
+    assert (again["steps"], again["test_loss"], again["test_accuracy"]) == (6, summary["test_loss"],
+                                                                          summary["test_accuracy"])
+    rewritten = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(rewritten[k], model[k]) for k in model)
 
     code, out = train(tmp_path, 1, **{**keys, "train.max_steps": 9})  # asked for more: it trains on
     assert code == 0 and "resumed from" in out and _summary(tmp_path)["steps"] == 9, out[-3000:]

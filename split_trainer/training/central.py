@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -244,36 +244,27 @@ def _ends_run(cfg: Config, loaded: checkpoint.Loaded, placement: Placement) -> i
     return per_epoch if per_epoch > 0 and loaded.step >= min(total, cfg.train.max_steps or total) else 0
 
 
-def _already_finished(cfg: Config, loaded: checkpoint.Loaded, per_epoch: int, console: Console,
+def _already_finished(cfg: Config, loaded: checkpoint.Loaded, summary: dict[str, Any], console: Console,
                       transport_for: Callable[[], Transport]) -> dict[str, Any]:
     """Say that the run had finished, with its figures, and release the edges (under torchrun they
     wait for the group to form); nothing is trained, evaluated or written."""
-    summary, source = _recorded_summary(cfg, loaded, per_epoch)
     transport = transport_for()
     transport.start()
-    console.finished(loaded.step, loaded.path, summary, source)
+    console.finished(loaded.step, loaded.path, summary, str(Path(cfg.output.run_dir) / "summary.json"))
     transport.finish(cfg.rpc.timeout_s)
     transport.shutdown(graceful=True)
     return summary
 
 
-def _recorded_summary(cfg: Config, loaded: checkpoint.Loaded, per_epoch: int) -> tuple[dict[str, Any], str]:
-    """The finished run's figures: its summary.json, if that is the checkpoint's run, else what the
-    checkpoint's progress record holds; and where they come from."""
-    path = Path(cfg.output.run_dir) / "summary.json"
+def _recorded_summary(cfg: Config, loaded: checkpoint.Loaded) -> Optional[dict[str, Any]]:
+    """The finished run's summary.json, if it is the checkpoint's run. Without one (a run killed
+    after its last checkpoint, before its outputs were written) the run is not finished: resuming
+    writes model.pt and summary.json."""
     try:
-        summary = json.loads(path.read_text())
-        if isinstance(summary, dict) and summary.get("steps") == loaded.step:
-            return summary, str(path)
+        summary = json.loads((Path(cfg.output.run_dir) / "summary.json").read_text())
     except (OSError, ValueError):
-        pass  # killed after its last checkpoint, before the summary: the checkpoint says enough
-    progress = state.Progress(**loaded.parts["central"]["progress"])
-    releases = defences.Releases(progress.releases, Path(cfg.output.run_dir) / defences.LEDGER)
-    return ({"steps": progress.step, "epochs": round(progress.step / per_epoch, 4),
-             "test_loss": progress.last_eval[0], "test_accuracy": progress.last_eval[1],
-             "privacy": {"edge_weights": cfg.privacy.edge_weights, "delta": cfg.privacy.delta,
-                         **releases.report(cfg.privacy, per_edge=cfg.data.placement == "edge")}},
-            f"the progress record of {loaded.path}")
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == loaded.step else None
 
 
 def run_central(cfg: Config, topo: Topology, plan: Plan, threads: int, transport_for: Callable[[], Transport],
@@ -296,9 +287,9 @@ def run_central(cfg: Config, topo: Topology, plan: Plan, threads: int, transport
     fingerprint = checkpoint.fingerprint(cfg, describe(plan.layout))
     if loaded:
         checkpoint.check_fingerprint(loaded, fingerprint)
-        per_epoch = _ends_run(cfg, loaded, placement)
-        if per_epoch:
-            return _already_finished(cfg, loaded, per_epoch, console, transport_for)
+        summary = _recorded_summary(cfg, loaded) if _ends_run(cfg, loaded, placement) else None
+        if summary is not None:
+            return _already_finished(cfg, loaded, summary, console, transport_for)
     transport = transport_for()
     transport.start()  # every rank got this far: an edge's own start-up checks passed
     job = job or checkpoint.start_job(run_dir, agent)
