@@ -70,8 +70,15 @@ class ModelConfig:
     the edge; the last one runs to the end. Overrides split."""
     dropout: bool = True
     """False replaces the dropout layers by identities (used by the equivalence test)."""
+    bottleneck: Optional[int] = None
+    """A learned bottleneck at every cut where an edge sends its activation to the central: a 1x1
+    convolution down to this many channels at the end of the edge segment and one back up at the
+    start of the central's (a linear layer each way after a linear layer). What crosses shrinks by
+    the ratio. null: none."""
 
     def __post_init__(self) -> None:
+        _require(self.bottleneck is None or (isinstance(self.bottleneck, int) and self.bottleneck >= 1),
+                 f"model.bottleneck must be null or a whole number of channels (1 or more), got {self.bottleneck!r}")
         if self.plan is None:
             _require(self.split is not None, "model.split and model.plan are both null: set one of them")
             return
@@ -294,6 +301,14 @@ class PrivacyConfig:
     """Label protection (U-shaped plans): Gaussian noise on the gradients the edge sends back, of
     standard deviation label_noise x the batch's largest per-sample gradient norm / sqrt(values per
     sample)."""
+    adversary: float = 0.0
+    """Attacker-aware training: each edge trains its own decoder from its first cut activation back
+    to its inputs, and adds adversary x (that decoder's SSIM - adversary_ssim, when above 0) to its
+    loss, so that its segment learns activations its decoder cannot invert. The decoder never leaves
+    the edge (needs edge_weights: edges). 0: off."""
+    adversary_ssim: float = 0.3
+    """The SSIM of the edge's own decoder below which the adversary term stops pushing (and
+    training stays stable): about the SSIM that the class-mean image reaches on MNIST."""
     delta: float = 1e-5
     """The delta of the (epsilon, delta) reported for the activation noise."""
 
@@ -305,6 +320,11 @@ class PrivacyConfig:
         _require(self.nopeek >= 0, f"privacy.nopeek must be 0 or more, got {self.nopeek}")
         _require(self.label_noise >= 0, f"privacy.label_noise must be 0 or more, got {self.label_noise}")
         _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
+        _require(self.adversary >= 0, f"privacy.adversary must be 0 or more, got {self.adversary}")
+        _require(-1 < self.adversary_ssim < 1, f"privacy.adversary_ssim must be in (-1, 1), got {self.adversary_ssim}")
+        _require(self.adversary == 0 or self.edge_weights == "edges",
+                 "privacy.adversary needs privacy.edge_weights: edges: with central-held weights the central writes "
+                 "the edges' checkpoint parts, and the adversary's decoder would reach it (set both)")
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 from split_trainer.config import PrivacyConfig, TrainConfig, load_config
 from split_trainer.model.plan import build_plan
 from split_trainer.privacy.defences import Defences, distance_correlation, epsilon
+from split_trainer.records import checkpoint
 from split_trainer.training.engines import engine_for
 from split_trainer.training.route import Hop
 from split_trainer.training.stage import Stage
@@ -124,15 +125,73 @@ def test_the_audit_finds_the_leak_of_an_undefended_cut(trained_run, mnist_root, 
     assert (tmp_path / "audit.png").stat().st_size > 1000 and "re-id" in result.stdout
 
 
+def test_the_worst_case_decoder_is_the_one_that_reidentifies_most_then_the_sharpest():
+    from split_trainer.privacy.attacks import worst_case
+
+    rows = {"small": {"reidentified": 0.40, "ssim": 0.70}, "residual": {"reidentified": 0.55, "ssim": 0.50},
+            "third": {"reidentified": 0.55, "ssim": 0.60}}
+    assert worst_case(rows) == "third"  # a tie in re-identification: the higher SSIM
+    assert worst_case({k: rows[k] for k in ("small", "residual")}) == "residual"  # SSIM alone does not decide
+    assert worst_case({"a": rows["residual"], "b": dict(rows["residual"])}) == "a"  # a full tie: the first named
+
+
+def test_the_audit_refuses_a_decoder_it_does_not_know(in_process, tmp_path):
+    code, out, err = in_process("audit", "--checkpoint", str(tmp_path), "--decoders", "small,huge")
+    assert code == 2 and "--decoders: huge: not a decoder; choose among small,residual" in (out + err).splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+# Enough images that the two decoders' rows differ, little enough to take seconds.
+SMALL_AUDIT = ["--public", "64", "--private", "64", "--reidentify", "20", "--candidates", "5", "--decoder-epochs", "1",
+               "--inversions", "1", "--inversion-steps", "1", "--unsplit", "1", "--unsplit-rounds", "1"]
+
+
+def test_the_audit_reports_each_decoder_and_the_worst_case_per_cut(in_process, mnist_root, tmp_path, monkeypatch):
+    """The private config (edges keep their weights), two steps: a row per decoder capacity, and
+    the row ``decoder`` is the one of them that re-identifies most; a capacity's row is the same
+    whether or not the others were trained (each its own seed), and so is a second audit."""
+    monkeypatch.setenv("COLUMNS", "200")  # the table's rows on one line each
+    tiny = {"topology.transport": "loopback", "train.max_steps": 2, "data.limit_train": 256, "data.limit_test": 64}
+    code, out, err = in_process("--config", "configs/mnist_private.yaml",
+                                *quick_overrides(mnist_root, tmp_path / "run", 1, **tiny))
+    assert code == 0, (out + err)[-3000:]
+
+    def audit(folder: str, *more: str) -> dict:
+        code, out, err = in_process("audit", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--set",
+                                    f"data.root={mnist_root}", "--out", str(tmp_path / folder), *SMALL_AUDIT, *more)
+        assert code == 0 and "worst:" in out and "decoder[residual]" in out, (out + err)[-3000:]  # the table
+        return json.loads((tmp_path / folder / "audit.json").read_text())
+
+    report, given = audit("both"), " (given the edge weights)"
+    (cut, rows), = report["cuts"].items()  # the private config's one cut from an edge to the central
+    names = ("decoder", "decoder[small]", "decoder[residual]", "inversion")
+    assert list(rows) == [f"{name}{given}" for name in names] + ["unsplit"]
+    capacities = {kind: rows[f"decoder[{kind}]{given}"] for kind in ("small", "residual")}
+    worst = rows[f"decoder{given}"]
+    assert capacities["small"] != capacities["residual"]
+    expected = max(capacities, key=lambda kind: (capacities[kind]["reidentified"], capacities[kind]["ssim"]))
+    assert worst == {**capacities[expected], "worst_of": expected}
+    budget = report["decoder_budget"]
+    assert budget["public_images"] == 64 and budget["epochs"] == 1 and budget["capacities"] == ["small", "residual"]
+    assert 2 * budget["parameters"]["small"][cut] < budget["parameters"]["residual"][cut]
+
+    assert audit("again")["cuts"] == report["cuts"]
+    alone = audit("residual", "--decoders", "residual")["cuts"][cut]
+    assert alone[f"decoder[residual]{given}"] == capacities["residual"] and f"decoder[small]{given}" not in alone
+    assert alone[f"decoder{given}"]["worst_of"] == "residual"
+
+
 EDGES = {"privacy.edge_weights": "edges", "data.placement": "edge", "model.plan": U_PLAN, "data.limit_train": 4096,
-         "train.epochs": 1, "checkpoint.every_steps": 20, "train.edge_sync_every": 10, "train.seed": 3}
+         "train.epochs": 1, "checkpoint.every_steps": 20, "train.edge_sync_every": 10, "train.seed": 3,
+         "privacy.adversary": 1.0}
 
 
 @pytest.mark.slow
 def test_edge_held_weights_stay_on_the_edges_and_resume_exactly(mnist_root, tmp_path):
-    """U-shaped, edge data, edge-held weights: nothing of an edge's data or weights reaches the
-    central; each edge's parts are on its own disk; a killed edge resumes to the same end; the parts
-    merge for export; and the audit's label attack beats chance (no label defence)."""
+    """U-shaped, edge data, edge-held weights, the adversary on: nothing of an edge's data, weights
+    or decoder reaches the central; each edge's parts (its decoder in them) are on its own disk; a
+    killed edge resumes to the same end; the parts merge for export; and the audit's label attack
+    beats chance (no label defence)."""
     untouched = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path / "a", edges=2, **EDGES)))
     assert untouched.returncode == 0, untouched.stdout[-3000:]
     reference = json.loads((tmp_path / "a" / "summary.json").read_text())
@@ -142,7 +201,8 @@ def test_edge_held_weights_stay_on_the_edges_and_resume_exactly(mnist_root, tmp_
     checkpoints = tmp_path / "a" / "checkpoints"
     assert sorted(p.name for p in (checkpoints / "step_00000064").iterdir()) == ["central.pt", "manifest.json"]
     for edge in ("edge1", "edge2"):
-        assert (checkpoints / "edges" / edge / "step_00000064" / f"{edge}.pt").is_file()
+        part = checkpoint.load(checkpoints / "edges" / edge / "step_00000064").parts[edge]
+        assert set(part["adversary"]) == {"decoder", "optimizer"}
     assert not (tmp_path / "a" / "model.pt").exists()
 
     killed = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path / "b", edges=2, **EDGES), max_restarts=2),
@@ -218,7 +278,8 @@ def _check_reply(method: str, reply, params: dict[str, torch.Tensor], label_coun
 def test_the_private_config_sends_the_central_no_input_label_count_or_edge_parameter(in_process, mnist_root,
                                                                                     tmp_path, monkeypatch):
     """configs/mnist_private.yaml on loopback, trained, synchronised, checkpointed, evaluated and
-    resumed: every reply an edge sends the central, whatever the call, is classified and checked."""
+    resumed: every reply an edge sends the central, whatever the call, is classified and checked
+    against the edge's data, its parameters and its adversary's decoder."""
     from split_trainer.data.datasets import load
     from split_trainer.data.shards import Shard, _counts
     from split_trainer.transport import loopback
@@ -237,7 +298,8 @@ def test_the_private_config_sends_the_central_no_input_label_count_or_edge_param
             class Seen:
                 def wait(self):
                     reply = pending.wait()
-                    calls.append((edge.name, method, reply, edge.stage.state_dict()))
+                    decoder = {f"decoder.{k}": v for k, v in edge.adversary.decoder.state_dict().items()}
+                    calls.append((edge.name, method, reply, {**edge.stage.state_dict(), **decoder}))
                     return reply
 
                 def on_failure(self, callback):
@@ -249,7 +311,8 @@ def test_the_private_config_sends_the_central_no_input_label_count_or_edge_param
             return [Recorded(remote) for remote in super().connect(names, cfg)]
 
     monkeypatch.setattr(loopback, "LoopbackTransport", RecordingLoopback)
-    keys = {"topology.transport": "loopback", "train.edge_sync_every": 4, "checkpoint.every_steps": 6}
+    keys = {"topology.transport": "loopback", "train.edge_sync_every": 4, "checkpoint.every_steps": 6,
+            "privacy.adversary": 1.0}  # whether or not the config ships with it: its decoder must stay home
     received = 0
     for steps in (12, 18):  # the second run resumes from the first's checkpoint: load_part
         code, out, err = in_process("--config", "configs/mnist_private.yaml", *quick_overrides(

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from split_trainer.config import ConfigError, config_from_dict
-from split_trainer.model.models import Shape, build_full
+from split_trainer.model.models import Shape
+from split_trainer.model.plan import build_plan
 from split_trainer.records.files import atomic_write
 
 
@@ -34,6 +35,8 @@ def read_model(path: Path) -> tuple[dict[str, Any], Shape, dict[str, torch.Tenso
 
 
 def build_model(model_cfg: dict[str, Any], shape: Shape, state: dict[str, torch.Tensor]) -> nn.Sequential:
-    model = build_full(config_from_dict({"model": model_cfg}).model, shape)
+    # The plan's model, not build_full's: model.bottleneck adds layers that only the plan inserts.
+    # The seed does not matter: every weight is then loaded.
+    model = build_plan(config_from_dict({"model": model_cfg}).model, shape, seed=0).full
     model.load_state_dict(state)
     return model.eval()

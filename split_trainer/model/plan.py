@@ -4,10 +4,13 @@ A plan is an ordered list of segments, each a run of consecutive layers tagged w
 runs on (``edge`` or ``central``); places alternate, so every boundary between two segments is a
 cut that crosses the wire. ``model.split: X`` is the plan [edge until X, central to the end];
 ``model.plan`` spells out any other, e.g. the tutorial's edge, central, edge, central.
+``model.bottleneck: k`` adds a learned down-projection at the end of every edge segment that sends
+to the central and the matching up-projection at the start of the central segment after it.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -108,16 +111,81 @@ def _check(cfg: ModelConfig, names: list[str]) -> list[int]:
     return ends
 
 
+def _cut_shapes(full: nn.Sequential, cuts: list[int], shape: Shape) -> dict[int, tuple[int, ...]]:
+    """The per-sample shape of the activation after layer ``i`` (0-based) for each ``i`` in ``cuts``:
+    the model run on one zero input, in eval mode (BatchNorm cannot train on a batch of 1, and
+    dropout would draw), with every module's own mode put back after."""
+    modes = {m: m.training for m in full.modules()}
+    dtype = next(full.parameters(), torch.empty(0)).dtype
+    x = torch.zeros(1, shape["in_channels"], shape["image_size"], shape["image_size"], dtype=dtype)
+    shapes = {}
+    full.eval()
+    try:
+        with torch.no_grad():
+            for i, layer in enumerate(full):
+                x = layer(x)
+                if i in cuts:
+                    shapes[i] = tuple(x.shape[1:])
+                if i >= max(cuts):
+                    break
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return shapes
+
+
+def _projections(name: str, per_sample: tuple[int, ...], k: int) -> tuple[nn.Module, nn.Module]:
+    """(down, up) for the activation after layer ``name``: 1x1 convolutions for a feature map,
+    linear layers for a vector."""
+    if len(per_sample) == 3:
+        return nn.Conv2d(per_sample[0], k, 1), nn.Conv2d(k, per_sample[0], 1)
+    if len(per_sample) == 1:
+        return nn.Linear(per_sample[0], k), nn.Linear(k, per_sample[0])
+    raise ConfigError(f"model.bottleneck: the activation after {name!r} is {tuple(per_sample)} per sample, neither "
+                      f"a feature map (C, H, W) nor a vector (D): cut where it is one, or set model.bottleneck: null")
+
+
+def _with_bottleneck(full: nn.Sequential, ends: list[int], places: list[Place], k: int,
+                     shape: Shape) -> tuple[nn.Sequential, list[int]]:
+    """``full`` with ``{layer}_down`` after the last layer of every edge segment that sends to the
+    central and ``{layer}_up`` before the central's next layer, and the segments' new ends. The new
+    layers' weights are the RNG's next draws, so the original layers keep their weights."""
+    names = list(full._modules)
+    cuts = [end - 1 for end, place in zip(ends[:-1], places) if place == "edge"]
+    # The probe's forward must not move the RNG (a user's layer may draw even in eval mode).
+    rng = torch.get_rng_state()
+    shapes = _cut_shapes(full, cuts, shape)
+    torch.set_rng_state(rng)
+    layers = []
+    for i, name in enumerate(names):
+        layers.append((name, full[i]))
+        if i in cuts:
+            down, up = _projections(name, shapes[i], k)
+            for extra, module in ((f"{name}_down", down), (f"{name}_up", up)):
+                if extra in full._modules:
+                    raise ConfigError(f"model.bottleneck: the model already has a layer named {extra!r}, the name the "
+                                      f"bottleneck takes: rename that layer or set model.bottleneck: null")
+                layers.append((extra, module))
+    # The down-projection ends the edge segment; the up-projection opens the next one.
+    new_names = [name for name, _ in layers]
+    lasts = [names[end - 1] + ("_down" if end - 1 in cuts else "") for end in ends]
+    new_ends = [new_names.index(last) + 1 for last in lasts]
+    return nn.Sequential(OrderedDict(layers)), new_ends
+
+
 def build_plan(cfg: ModelConfig, shape: Shape, seed: int) -> Plan:
     """Build the architecture for data of ``shape`` with weights from ``seed`` and cut it; the
     global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         full = build_full(cfg, shape)
+        names = list(full._modules)
+        ends = _check(cfg, names)
+        spec = _segments_of(cfg)
+        if cfg.bottleneck is not None:
+            full, ends = _with_bottleneck(full, ends, [s["place"] for s in spec], cfg.bottleneck, shape)
+            names = list(full._modules)
         rng = torch.get_rng_state()
-    names = list(full._modules)
-    ends = _check(cfg, names)
-    spec = _segments_of(cfg)
     # Slicing a Sequential keeps the layer names and shares the modules, so the segments'
     # state_dict keys are the full model's keys.
     segments, start = [], 0

@@ -5,11 +5,20 @@ run's config (its defences included). One process, no cluster.
     python -m split_trainer audit --checkpoint runs/mnist/checkpoints [--set data.root=DIR]
 
 At every cut whose activation reaches the central it attacks the inputs (split_trainer.privacy.attacks):
-a decoder and an optimisation that know the edge weights (what the central has when it holds
+decoders and an optimisation that know the edge weights (what the central has when it holds
 them, and an upper bound when the edges keep them), and UnSplit, which knows only the
-architecture. Private images come from the training split, public ones (the decoder's training
+architecture. Private images come from the training split, public ones (the decoders' training
 set) from the test split. In a U-shaped plan it also attacks the labels. Writes audit.json and
 audit.png (originals above their reconstructions) and prints a table.
+
+The decoder attack trains one decoder per capacity (``--decoders``, default ``small,residual``),
+each from scratch on the same public images for the same budget (``decoder_budget`` in
+audit.json). Each has its row, ``decoder[small]``, ``decoder[residual]``; the row ``decoder`` is
+the worst case among them at that cut (the highest re-identification, then SSIM; ``worst_of``
+names it), and is the one the picture shows: an edge trained against a decoder of its own
+(privacy.adversary) is judged by the decoder that beats it, not by the one it learned to fool.
+Nothing trained on an edge but its segment's weights is used (load_merged takes each part's
+``module`` only).
 """
 
 from __future__ import annotations
@@ -43,17 +52,30 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _decoders(text: str) -> tuple[str, ...]:
+    """A comma-separated choice of decoder capacities, in the order they are trained."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in attacks.DECODERS]
+    if unknown or not names:
+        what = f"{', '.join(unknown)}: not a decoder" if unknown else f"{text!r} names no decoder"
+        raise argparse.ArgumentTypeError(f"{what}; choose among {','.join(attacks.DECODERS)}")
+    return tuple(name for name in attacks.DECODERS if name in names)
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m split_trainer audit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder or checkpoint directory")
     parser.add_argument("--edge-parts", type=Path, metavar="DIR", help="as for export, with edge-held weights")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, help="folder for audit.json and audit.png (default: beside the checkpoints)")
-    parser.add_argument("--public", type=_count, default=5000, help="public images (test split) the decoder trains on")
-    parser.add_argument("--private", type=_count, default=2000, help="private training images attacked by the decoder")
+    parser.add_argument("--public", type=_count, default=5000, help="public images (test split) the decoders train on")
+    parser.add_argument("--private", type=_count, default=2000, help="private training images attacked by the decoders")
     parser.add_argument("--reidentify", type=_count, default=200, help="of those, how many are re-identified")
     parser.add_argument("--candidates", type=_count, default=100, help="same-class private images to pick each from")
-    parser.add_argument("--decoder-epochs", type=_count, default=30)
+    parser.add_argument("--decoder-epochs", type=_count, default=30, help="each decoder's passes over the public set")
+    parser.add_argument("--decoders", type=_decoders, default=attacks.DECODERS, metavar="NAMES",
+                        help=f"decoder capacities, comma-separated, each reported and their worst case too "
+                             f"(default {','.join(attacks.DECODERS)})")
     parser.add_argument("--inversions", type=_count, default=8, help="images attacked by optimisation, with weights")
     parser.add_argument("--inversion-steps", type=_count, default=300)
     parser.add_argument("--unsplit", type=_count, default=64, help="images attacked by UnSplit (no weights)")
@@ -108,15 +130,17 @@ def _data(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
             "classes": spec.classes}
 
 
-def _input_attacks(views: Views, plan: Plan, data: dict, args: argparse.Namespace,
-                   knows_weights: bool) -> dict[str, tuple[Tensor, Tensor]]:
-    """attack name -> (indices into the pool it attacked, reconstructions in pixels)."""
+def _input_attacks(views: Views, plan: Plan, data: dict, args: argparse.Namespace
+                   ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, int]]:
+    """attack name -> (indices into the pool it attacked, reconstructions in pixels), one
+    ``decoder[capacity]`` per decoder; and each decoder's parameter count."""
     pool, targets = data["pool"], data["targets"]
     with torch.no_grad():
         received = torch.cat([views.received(b) for b in pool.split(256)])
     start = data["public"].mean(0, keepdim=True)
-    found = {"decoder": (torch.arange(len(pool)), attacks.decoder_attack(
-        views.received, data["public"], data["public_pixels"], received, args.decoder_epochs, args.seed))}
+    decoded = attacks.decoder_attack(views.received, data["public"], data["public_pixels"], received,
+                                     args.decoder_epochs, args.seed, args.decoders)
+    found = {f"decoder[{kind}]": (torch.arange(len(pool)), images) for kind, (images, _) in decoded.items()}
     some = targets[:args.inversions]
     found["inversion"] = (some, attacks.stretched(attacks.inversion_attack(
         views.model, received[some], start.expand(len(some), -1, -1, -1), args.inversion_steps)))
@@ -125,9 +149,46 @@ def _input_attacks(views: Views, plan: Plan, data: dict, args: argparse.Namespac
         found["unsplit"] = (some, attacks.stretched(attacks.unsplit_attack(
             plan.segments[0].module, received[some], start.expand(len(some), -1, -1, -1), args.unsplit_rounds,
             args.seed)))
+    return found, {kind: parameters for kind, (_, parameters) in decoded.items()}
+
+
+def _worst_case(found: dict, data: dict, args: argparse.Namespace, knows_weights: bool
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[Tensor, Tensor]], str]:
+    """A cut's scored rows, the worst-case ``decoder`` first (a copy of its capacity's row, with
+    ``worst_of``); the reconstructions the picture shows (that decoder's, not every capacity's);
+    and the worst case's capacity. Attacks that need the edge weights are labelled so when the
+    edges keep them."""
+    scored = _score_inputs(found, data, args)
+    kind = attacks.worst_case({k: scored[f"decoder[{k}]"] for k in args.decoders})
+    rows = {"decoder": {**scored[f"decoder[{kind}]"], "worst_of": kind}, **scored}
+    shown = {"decoder": found[f"decoder[{kind}]"],
+             **{name: v for name, v in found.items() if not name.startswith("decoder[")}}
     if not knows_weights:
-        found = {(name if name == "unsplit" else f"{name} (given the edge weights)"): v for name, v in found.items()}
-    return found
+        rows, shown = ({(name if name == "unsplit" else f"{name} (given the edge weights)"): v
+                        for name, v in named.items()} for named in (rows, shown))
+    return rows, shown, kind
+
+
+def _attack_inputs(plan: Plan, cfg: Config, data: dict, args: argparse.Namespace
+                   ) -> tuple[dict[str, Any], list[tuple[str, tuple[Tensor, Tensor]]], dict[str, Any]]:
+    """Every cut whose activation goes from an edge to the central, attacked: the report's rows
+    per cut, the picture's captioned rows, and the decoders' budget (the same for every capacity)."""
+    knows = cfg.privacy.edge_weights == "central"
+    cuts, pictures = {}, []
+    budget = {"public_images": len(data["public"]), "epochs": args.decoder_epochs, "batch": attacks.DECODER_BATCH,
+              "optimizer": f"Adam, lr {attacks.DECODER_LR:g}", "capacities": list(args.decoders),
+              "parameters": {kind: {} for kind in args.decoders}}
+    for cut, name in enumerate(plan.cuts):
+        if plan.places[cut] != "edge":  # an activation the central made itself: nothing to learn
+            continue
+        found, parameters = _input_attacks(Views(plan, cfg.privacy, cut), plan, data, args)
+        cuts[f"after {name}"], shown, worst = _worst_case(found, data, args, knows)
+        for attack, reconstructed in shown.items():
+            which = f" (worst: {worst})" if attack.startswith("decoder") else ""
+            pictures.append((f"{attack}, after {name}{which}", reconstructed))
+        for kind, count in parameters.items():  # a decoder's size depends on the cut's shape
+            budget["parameters"][kind][f"after {name}"] = count
+    return cuts, pictures, budget
 
 
 def _score_inputs(found: dict, data: dict, args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -170,23 +231,23 @@ def _label_attacks(plan: Plan, cfg: PrivacyConfig, data: dict, seed: int, loss_o
     return result
 
 
-def _picture(path: Path, data: dict, found_by_cut: list[tuple[str, dict]], shown: int = 8) -> None:
-    """Originals above their reconstructions, one row per attack and cut, each row captioned."""
+def _picture(path: Path, data: dict, attacked: list[tuple[str, tuple[Tensor, Tensor]]], shown: int = 8) -> None:
+    """Originals above their reconstructions, one row per (caption, (indices, reconstructions))."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
 
     targets = data["targets"][:shown]
     rows = [("original", data["pool_pixels"][targets])]
-    for cut, found in found_by_cut:
-        for name, (idx, recon) in found.items():
-            where = [int((idx == t).nonzero()[0]) for t in targets if (idx == t).any()]
-            rows.append((f"{name}, after {cut}", recon[where]))
+    for caption, (idx, recon) in attacked:
+        where = [int((idx == t).nonzero()[0]) for t in targets if (idx == t).any()]
+        rows.append((caption, recon[where]))
     tiles = [torch.cat([images, torch.zeros(shown - len(images), *images.shape[1:])]) for _, images in rows]
     grid = make_grid(torch.cat(tiles), nrow=shown, padding=2, pad_value=1.0)
     picture = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).astype("uint8")).convert("RGB")
     picture = picture.resize((picture.width * 3, picture.height * 3), Image.NEAREST)
-    canvas = Image.new("RGB", (picture.width + 330, picture.height), "white")
-    canvas.paste(picture, (330, 0))
+    margin = 12 + int(max(ImageDraw.Draw(picture).textlength(caption) for caption, _ in rows))
+    canvas = Image.new("RGB", (picture.width + margin, picture.height), "white")
+    canvas.paste(picture, (margin, 0))
     draw, height = ImageDraw.Draw(canvas), picture.height / len(rows)
     for i, (caption, _) in enumerate(rows):
         draw.text((6, int(i * height + height / 2 - 6)), caption, fill="black")
@@ -195,6 +256,7 @@ def _picture(path: Path, data: dict, found_by_cut: list[tuple[str, dict]], shown
 
 def _table(report: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     holder = "the central holds" if report["edge_weights"] == "central" else "the edges hold"
@@ -204,7 +266,9 @@ def _table(report: dict[str, Any]) -> None:
         table.add_column(column, justify="left" if column in ("cut", "attack") else "right")
     for cut, rows in report["cuts"].items():
         for name, r in rows.items():
-            table.add_row(cut, name, f"{r['ssim']:.3f}", f"{r['class_mean_ssim']:.3f}", f"{r['psnr_db']:.1f}",
+            shown = f"{name}, worst: {r['worst_of']}" if "worst_of" in r else name
+            # escaped: rich would take the brackets of decoder[small] for a style and drop them
+            table.add_row(cut, escape(shown), f"{r['ssim']:.3f}", f"{r['class_mean_ssim']:.3f}", f"{r['psnr_db']:.1f}",
                           f"{r['reidentified']:.1%}", f"{r['chance']:.1%}")
     console = Console(highlight=False)
     console.print(table)
@@ -226,16 +290,11 @@ def main(argv: list[str]) -> int:
     plan.full.train()  # as the segments run while training: what the central received then
     torch.manual_seed(args.seed)
     data = _data(cfg, args)
-    knows = cfg.privacy.edge_weights == "central"
+    cuts, pictures, budget = _attack_inputs(plan, cfg, data, args)
     report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "edge_weights": cfg.privacy.edge_weights,
                               "privacy": dataclasses.asdict(cfg.privacy),
-                              "epsilon": epsilon(cfg.privacy, cfg.train.epochs), "cuts": {}}
-    pictures = []
-    for cut, name in enumerate(plan.cuts):
-        if plan.places[cut] == "edge":  # this cut's activation goes from an edge to the central
-            found = _input_attacks(Views(plan, cfg.privacy, cut), plan, data, args, knows)
-            report["cuts"][f"after {name}"] = _score_inputs(found, data, args)
-            pictures.append((name, found))
+                              "epsilon": epsilon(cfg.privacy, cfg.train.epochs), "decoder_budget": budget,
+                              "cuts": cuts}
     if plan.places[-1] == "edge":
         report["labels"] = _label_attacks(plan, cfg.privacy, data, args.seed, loss_fn(cfg.train.loss))
     folder = args.checkpoint.parent if (args.checkpoint / checkpoint.MANIFEST).is_file() else args.checkpoint

@@ -6,6 +6,8 @@ privacy accounting of the one that is a Gaussian mechanism (docs/privacy.md).
 - NoPeek: the distance correlation between an edge's input batch and its first cut activation,
   weighted by ``privacy.nopeek``, added to the edge's loss (its gradient joins the one that comes
   back from the central, so it works the same under both engines).
+- Attacker-aware training: the gradient of the edge's own decoder's reconstruction quality joins
+  the one that comes back, as NoPeek's does (split_trainer.privacy.adversary).
 - Label protection (U-shaped plans, where the labels stay on the edge): Gaussian noise on the
   gradients the edge sends back, scaled to the batch's largest per-sample gradient norm
   (``privacy.label_noise``), as in the max-norm defence.
@@ -27,6 +29,7 @@ from typing import Any, Optional
 import torch
 
 from split_trainer.config import PrivacyConfig
+from split_trainer.privacy.adversary import Adversary
 from split_trainer.records.files import write_json
 from split_trainer.training.route import Hop, crossing
 
@@ -86,10 +89,11 @@ def clip_and_noise(out: Tensor, clip: Optional[float], noise: float) -> Tensor:
 
 
 class Defences:
-    """The edge's defences for a plan (``places``); a no-op where none is configured."""
+    """The edge's defences for a plan (``places``); a no-op where none is configured. ``adversary``:
+    the edge's own decoder, on the edge only (the audit plays the central without it)."""
 
-    def __init__(self, cfg: PrivacyConfig, places: list[str]):
-        self.cfg = cfg
+    def __init__(self, cfg: PrivacyConfig, places: list[str], adversary: Optional[Adversary] = None):
+        self.cfg, self.adversary = cfg, adversary
         self.labels_on_edge = places[-1] == "edge"
 
     def incoming(self, hop: Hop, x: Tensor) -> Tensor:
@@ -103,16 +107,21 @@ class Defences:
 
     def outgoing(self, hop: Hop, inputs: Tensor, out: Tensor) -> Tensor:
         """A segment's output: if it leaves for the central as an activation, NoPeek's gradient
-        joins it (first segment, training) and it is clipped and noised."""
+        joins it (first segment, training), it is clipped and noised, and the adversary's gradient
+        joins what leaves: the edge's decoder learns from what the central would receive."""
         leaves = crossing(hop, "out")
         if hop.place != "edge" or leaves is None or leaves.kind != "activations":
             return out
-        if self.cfg.nopeek > 0 and hop.segment == 0 and not hop.evaluating:
+        first = hop.segment == 0 and not hop.evaluating
+        if first and self.cfg.nopeek > 0:
             with torch.enable_grad():
                 z = out.detach().requires_grad_()
                 extra, = torch.autograd.grad(self.cfg.nopeek * distance_correlation(inputs.detach(), z), z)
             out = _AddToGradient.apply(out, extra)
-        return clip_and_noise(out, self.cfg.clip, self.cfg.noise)
+        out = clip_and_noise(out, self.cfg.clip, self.cfg.noise)
+        if first and self.adversary is not None:
+            out = _AddToGradient.apply(out, self.adversary.gradient(inputs, out))
+        return out
 
 
 def describe(cfg: PrivacyConfig, epochs: int) -> str:
@@ -122,7 +131,9 @@ def describe(cfg: PrivacyConfig, epochs: int) -> str:
                 f"noise {cfg.noise:g} x clip (planned: epsilon {epsilon(cfg, epochs):.3g} at delta {cfg.delta:g} if "
                 f"each training sample is released once an epoch for {epochs} epochs; the summary's epsilon counts "
                 f"the releases)" if cfg.noise else "",
-                f"NoPeek {cfg.nopeek:g}" if cfg.nopeek else "", f"label noise {cfg.label_noise:g}" if cfg.label_noise else ""]
+                f"NoPeek {cfg.nopeek:g}" if cfg.nopeek else "",
+                f"adversary {cfg.adversary:g} (each edge's own decoder, pushed down to SSIM {cfg.adversary_ssim:g})"
+                if cfg.adversary else "", f"label noise {cfg.label_noise:g}" if cfg.label_noise else ""]
     return "; ".join([weights, *filter(None, defences)] if any(defences) else [weights, "no defence at the cut"])
 
 

@@ -55,7 +55,10 @@ def fingerprint(cfg: Config, plan: str) -> dict[str, Any]:
     edges (a fleet may shrink or grow, docs/elastic.md), except with edge-held data, whose shards
     are carved over topology.edges."""
     edges = {"edges": cfg.topology.edges} if cfg.data.placement == "edge" else {}
-    return {**edges, "data": cfg.data.name, "model": cfg.model.name, "args": cfg.model.args, "plan": plan}
+    # The plan names the bottleneck's layers but not their width; only when set, so that the
+    # checkpoints of runs without one keep their fingerprint.
+    width = {"bottleneck": cfg.model.bottleneck} if cfg.model.bottleneck is not None else {}
+    return {**edges, "data": cfg.data.name, "model": cfg.model.name, "args": cfg.model.args, "plan": plan, **width}
 
 
 @dataclass

@@ -2,5 +2,5 @@
 schedule (dispatch and turns), the route of a batch, stages, evaluation, optimizers, failures
 and faults on purpose.
 
-May import: config, model, data, transport, privacy.defences, records. Never imports
+May import: config, model, data, transport, privacy.defences (and its adversary), records. Never imports
 ``torch.distributed.rpc``: that is the RPC transport's business (transport.rpc)."""

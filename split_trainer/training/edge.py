@@ -21,7 +21,8 @@ import torch
 
 from split_trainer.config import Config
 from split_trainer.data.placement import EdgeSide
-from split_trainer.model.plan import plan_for
+from split_trainer.model.plan import Plan, plan_for
+from split_trainer.privacy.adversary import Adversary
 from split_trainer.privacy.defences import Defences
 from split_trainer.records import checkpoint
 from split_trainer.records.metrics import resident_bytes
@@ -57,8 +58,9 @@ class Edge:
     def __init__(self, name: str, cfg: Config, device: torch.device, data: EdgeSide, parts: Path, peers: Peers,
                  autograd: Any, guard: Callable[[], AbstractContextManager] = nullcontext):
         plan = plan_for(cfg, cfg.train.seed)  # the weights the central's seed draws: one model, N copies
+        self.adversary = _adversary(cfg, plan, device)
         self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("edge"), cfg.train, device),
-                                 cfg.train.in_flight, Defences(cfg.privacy, plan.places), autograd)
+                                 cfg.train.in_flight, Defences(cfg.privacy, plan.places, self.adversary), autograd)
         self.stage = self.engine.stage
         self.name, self.data, self.peers, self.guard = name, data, peers, guard
         # privacy.edge_weights: edges: this edge's checkpoint parts, on its own disk; one more kept
@@ -137,13 +139,17 @@ class Edge:
         self.stage.load_state_dict(state)
 
     def export_state(self) -> dict[str, Any]:
-        """Everything a checkpoint needs from this edge: its stage's part, and where it stands in
-        its own data."""
-        return {**self.stage.part(), "data": self.data.state()}
+        """Everything a checkpoint needs from this edge: its stage's part, where it stands in its
+        own data and, with privacy.adversary, its own decoder (only ever written to its own disk:
+        the adversary needs edge-held weights)."""
+        own = {"adversary": self.adversary.state()} if self.adversary else {}
+        return {**self.stage.part(), "data": self.data.state(), **own}
 
     def import_state(self, state: dict[str, Any]) -> None:
         self.data.load_state(state.get("data", {}))
         self.stage.load_part(state)
+        if self.adversary and "adversary" in state:  # absent: a run that turned the adversary on as it resumed
+            self.adversary.load(state["adversary"])
 
     def save_part(self, step: int, job: str) -> dict[str, Any]:
         """Write this edge's checkpoint part for ``step`` to its own disk (atomically, as the central
@@ -192,6 +198,14 @@ class Edge:
 
     def finish(self) -> None:
         self.finished.set()
+
+
+def _adversary(cfg: Config, plan: Plan, device: torch.device) -> Optional[Adversary]:
+    """This edge's own decoder (privacy.adversary), for the plan's first segment."""
+    if cfg.privacy.adversary <= 0:
+        return None
+    image = (plan.shape["in_channels"], plan.shape["image_size"], plan.shape["image_size"])
+    return Adversary(cfg.privacy, plan.segments[0].module.to(device), image, cfg.train.seed, device)
 
 
 def _evaluating(work: list[tuple[Hop, Any]]) -> bool:

@@ -19,13 +19,13 @@ from split_trainer.training.optim import make_optimizer, step_with
 Tensor = torch.Tensor
 
 
-def _on_cpu(obj: Any) -> Any:
+def on_cpu(obj: Any) -> Any:
     if isinstance(obj, Tensor):
         return obj.to("cpu")
     if isinstance(obj, dict):
-        return {k: _on_cpu(v) for k, v in obj.items()}
+        return {k: on_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_on_cpu(v) for v in obj)
+        return type(obj)(on_cpu(v) for v in obj)
     return obj
 
 
@@ -104,7 +104,7 @@ class Stage:
         """This stage's share of a checkpoint: segments, optimizer states (on the CPU; loading moves
         them to each parameter's device) and RNG."""
         return {"module": self.state_dict(),
-                "optimizers": {str(i): _on_cpu(opt.state_dict()) for i, opt in self.optimizers.items()},
+                "optimizers": {str(i): on_cpu(opt.state_dict()) for i, opt in self.optimizers.items()},
                 "rng": self.rng_state()}
 
     def load_part(self, part: dict[str, Any]) -> None:
