@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -210,3 +211,14 @@ def in_process(capsys, monkeypatch) -> Callable[..., tuple[int, str, str]]:
     # main() setdefault()s it; setting it here first (to the same value) makes monkeypatch undo it
     monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", os.environ.get("TORCH_CPP_LOG_LEVEL", "FATAL"))
     return lambda *argv: run_in_process(capsys, *argv)
+
+
+@pytest.fixture
+def loopback(in_process, mnist_root):
+    """``loopback(run_dir, edges, *argv, **keys)``: one run in this process; its summary."""
+    def train(run_dir: Path, edges: int, *argv: str, **keys) -> dict:
+        code, out, err = in_process(*argv, *quick_overrides(mnist_root, run_dir, edges,
+                                                            **{"topology.transport": "loopback", **keys}))
+        assert code == 0, (out + err)[-3000:]
+        return json.loads((run_dir / "summary.json").read_text())
+    return train

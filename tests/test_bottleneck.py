@@ -16,7 +16,7 @@ from split_trainer.model.plan import build_plan, describe
 from split_trainer.training.local import train_local
 
 from conftest import quick_overrides
-from test_loopback import EXACT, PLANS, loopback, model_of, records  # noqa: F401 (loopback: a fixture)
+from test_loopback import EXACT, PLANS, model_of, records
 
 MNIST = {"in_channels": 1, "image_size": 28, "num_classes": 10}
 

@@ -27,17 +27,6 @@ EXACT = {"train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "mod
          "train.max_steps": 12, "train.seed": 5}
 
 
-@pytest.fixture
-def loopback(in_process, mnist_root):
-    """``loopback(run_dir, edges, *argv, **keys)``: one run in this process; its summary."""
-    def train(run_dir: Path, edges: int, *argv: str, **keys) -> dict:
-        code, out, err = in_process(*argv, *quick_overrides(mnist_root, run_dir, edges,
-                                                            **{"topology.transport": "loopback", **keys}))
-        assert code == 0, (out + err)[-3000:]
-        return json.loads((run_dir / "summary.json").read_text())
-    return train
-
-
 def model_of(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
 
