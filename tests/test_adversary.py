@@ -9,7 +9,8 @@ import torch
 
 from split_trainer.config import ConfigError, PrivacyConfig, TrainConfig, load_config
 from split_trainer.model.plan import build_plan
-from split_trainer.privacy.adversary import Adversary, ssim
+from split_trainer.privacy.adversary import Adversary
+from split_trainer.privacy.attacks import ssim
 from split_trainer.privacy.defences import Defences
 from split_trainer.records import checkpoint
 from split_trainer.training.engines import engine_for
@@ -48,8 +49,8 @@ def test_the_adversary_pushes_the_activation_where_its_decoder_does_worse_and_on
     assert adversary.last_ssim > -0.99 and extra.norm() > 0
     span = float(x.max() - x.min())
     with torch.no_grad():
-        before = ssim(adversary.decoder(z), x, span)
-        after = ssim(adversary.decoder(z - 0.5 * extra / extra.norm() * z.norm()), x, span)
+        before = ssim(adversary.decoder(z), x, span).mean()
+        after = ssim(adversary.decoder(z - 0.5 * extra / extra.norm() * z.norm()), x, span).mean()
     assert after < before  # following the term's gradient downhill makes the edge's decoder worse
 
     quiet, segment = _adversary(threshold=0.99)  # a decoder far from 0.99: nothing to push

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from split_trainer.config import PrivacyConfig
+from split_trainer.privacy.attacks import ssim
 from split_trainer.training.stage import on_cpu
 
 Tensor = torch.Tensor
@@ -49,13 +50,6 @@ def edge_decoder(given: tuple[int, ...], image: tuple[int, ...]) -> nn.Module:
     width = int(torch.tensor(given).prod())
     return nn.Sequential(nn.Flatten(), nn.Linear(width, 256), nn.ReLU(),
                          nn.Linear(256, image[0] * image[1] * image[2]), nn.Unflatten(1, image))
-
-
-def ssim(a: Tensor, b: Tensor, data_range: float) -> Tensor:
-    """Mean SSIM of two batches of images (pytorch-msssim, the audit's 7x7 window)."""
-    from pytorch_msssim import ssim as _ssim
-
-    return _ssim(a, b, data_range=data_range, size_average=True, win_size=7)
 
 
 class Adversary:
@@ -87,7 +81,7 @@ class Adversary:
             loss.backward()
             self.optimizer.step()
             z = z.requires_grad_()
-            quality = ssim(self.decoder(z), x, span)
+            quality = ssim(self.decoder(z), x, span).mean()  # the audit's SSIM
             self.last_ssim = float(quality.detach())
             if self.last_ssim <= self.threshold:
                 return torch.zeros_like(z)

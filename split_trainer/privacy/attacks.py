@@ -199,11 +199,12 @@ def norm_auc(gradients: Tensor, labels: Tensor) -> float:
 
 
 # -- scoring -----------------------------------------------------------------------------------
-def ssim(a: Tensor, b: Tensor) -> Tensor:
-    """Per-image SSIM of images in [0, 1] (pytorch-msssim, 7x7 Gaussian window for small images)."""
+def ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
+    """Per-image SSIM of images spanning ``data_range`` (pixels: [0, 1]), from pytorch-msssim with a
+    7x7 Gaussian window for small images."""
     from pytorch_msssim import ssim as _ssim
 
-    return _ssim(a, b, data_range=1.0, size_average=False, win_size=7)
+    return _ssim(a, b, data_range=data_range, size_average=False, win_size=7)
 
 
 def scores(reconstructed: Tensor, original: Tensor, class_means: Tensor) -> dict[str, float]:
