@@ -3,6 +3,8 @@
     sudo python benchmarks/links.py --rate 20mbit --edges 3                # float32, one batch in flight
     sudo python benchmarks/links.py --rate 20mbit --dtypes float32 bfloat16 int8 --in-flight 1 2
     sudo python benchmarks/links.py --rate 1gbit                           # where compute takes over
+    sudo python benchmarks/links.py --rate 20mbit --edge-loss local --dtypes int8 --in-flight 4 \
+        --set model.bottleneck=8                                           # nothing comes back down
 
 Each host is a network namespace joined to the others by a veth pair on a bridge (in a namespace
 of its own: nothing changes outside the namespaces this script makes). Each edge host's link is
@@ -22,6 +24,7 @@ in one line and exits 2. Every namespace it made is removed on the way out, a fa
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -231,6 +234,8 @@ def main() -> int:
                         help="each shaped link's queue, in ms at its rate (tbf latency)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], help="rpc.activation_dtype values to run")
     parser.add_argument("--in-flight", nargs="+", type=int, default=[1], help="train.in_flight values to run")
+    parser.add_argument("--edge-loss", nargs="+", default=["central"], choices=["central", "local"],
+                        help="train.edge_loss values to run (local: nothing comes back down)")
     parser.add_argument("--channels", nargs="+", default=["basic"], choices=["basic", "auto"],
                         help="rpc.channels: basic (payloads cross the veths) or auto (TensorPipe's choice)")
     parser.add_argument("--steps", type=int, default=150, help="steps in all, warm-up included")
@@ -254,21 +259,20 @@ def main() -> int:
     runs.mkdir(parents=True)
     try:
         with hosts(args.prefix, args.edges, None if rate is None else args.rate, args.queue_ms) as net:
-            for channels in args.channels:
-                for dtype in args.dtypes:
-                    for in_flight in args.in_flight:
-                        row = {"rate": args.rate, "edges": args.edges, "channels": channels, "dtype": dtype,
-                               "in_flight": in_flight}
-                        run_dir = runs / "-".join(str(v) for v in row.values())
-                        overrides = [f"data.root={args.data}", "data.partition=iid", "data.limit_test=2000",
-                                     f"train.max_steps={args.steps}", "logging.every_steps=20",
-                                     "checkpoint.every_steps=100000", f"rpc.activation_dtype={dtype}",
-                                     f"train.in_flight={in_flight}",
-                                     f"rpc.channels={'null' if channels == 'auto' else f'[{channels}]'}",
-                                     *args.overrides]
-                        row.update(measure(run_job(net, overrides, run_dir, args.timeout), args.warmup, 64, rate))
-                        rows.append(row)
-                        print(_line(row), flush=True)
+            for channels, loss, dtype, in_flight in itertools.product(args.channels, args.edge_loss, args.dtypes,
+                                                                       args.in_flight):
+                row = {"rate": args.rate, "edges": args.edges, "channels": channels, "edge_loss": loss, "dtype": dtype,
+                       "in_flight": in_flight}
+                run_dir = runs / "-".join(str(v) for v in row.values())
+                overrides = [f"data.root={args.data}", "data.partition=iid", "data.limit_test=2000",
+                             f"train.max_steps={args.steps}", "logging.every_steps=20",
+                             "checkpoint.every_steps=100000", f"rpc.activation_dtype={dtype}",
+                             f"train.in_flight={in_flight}", f"train.edge_loss={loss}",
+                             f"rpc.channels={'null' if channels == 'auto' else f'[{channels}]'}", *args.overrides]
+                row["set"] = args.overrides
+                row.update(measure(run_job(net, overrides, run_dir, args.timeout), args.warmup, 64, rate))
+                rows.append(row)
+                print(_line(row), flush=True)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"benchmarks/links.py: error: {str(exc).strip().splitlines()[0]} (logs: {runs})", file=sys.stderr)
         return 1
@@ -281,7 +285,9 @@ def _line(row: dict) -> str:
     util = row.get("utilisation")
     used = (f" utilisation up {min(util['up']):.0%}-{max(util['up']):.0%} down {min(util['down']):.0%}-"
             f"{max(util['down']):.0%}") if util else ""
-    return (f"{row['rate']} 1+{row['edges']} {row['channels']} {row['dtype']} in_flight {row['in_flight']}: "
+    more = "".join(f" {o}" for o in row["set"])
+    return (f"{row['rate']} 1+{row['edges']} {row['channels']} edge_loss {row['edge_loss']} {row['dtype']} "
+            f"in_flight {row['in_flight']}{more}: "
             f"{row['samples_per_s']:.0f} samples/s, accounted B/sample up {row['accounted_bytes_per_sample']['up']:,.0f}"
             f" down {row['accounted_bytes_per_sample']['down']:,.0f}, on the link up "
             f"{row['link_bytes_per_sample']['up']:,.0f} down {row['link_bytes_per_sample']['down']:,.0f}{used}")

@@ -175,6 +175,11 @@ class DataConfig:
             _require(value is None or value >= 1, f"data.{key} must be null or at least 1, got {value}")
 
 
+MOST_IN_FLIGHT = {"central": 3, "local": 8}
+"""The most batches in flight per edge, by train.edge_loss: under the central's loss each one past
+the first is a step staler; under a local loss only memory and the central's pace bound it."""
+
+
 @dataclass
 class TrainConfig:
     """The optimisation, and where and how each side computes."""
@@ -208,11 +213,20 @@ class TrainConfig:
     engine: Literal["autograd", "relay"] = "relay"
     """autograd: distributed autograd reaches the edge; relay: the central sends the activation
     gradient and the edge backprops and steps by itself while the head moves on (same gradients)."""
-    in_flight: Literal[1, 2, 3] = 1
+    in_flight: int = 1
     """Batches in flight per edge. 2 (relay only): the edge computes its next batch's first segment
     while the previous batch's gradient is on its way back, so a link carries both directions at
     once; that forward runs on weights one step stale (3: two steps), its gradient is taken at the
-    weights it ran on (weight stashing) and applied to the current ones (docs/thin-links.md)."""
+    weights it ran on (weight stashing) and applied to the current ones (docs/thin-links.md). With
+    edge_loss local nothing is stale: up to 8, how far an edge may run ahead of the central."""
+    edge_loss: Literal["central", "local"] = "central"
+    """central: the edges' segments learn from the central's loss (its gradient comes back across
+    the cut); local: each edge's segment learns from a small auxiliary head of its own on the
+    labels, and only activations cross, one way (single-cut plans, relay engine; docs/thin-links.md)."""
+    local_clip: Optional[float] = 1.0
+    """With edge_loss local: the largest L2 norm of the gradient of each local step (the segment's
+    and its head's together), scaled down to it when larger; null: no clipping. A local loss on a
+    linear head diverged without it at lr 0.05 behind a model.bottleneck."""
     dispatch: Literal["round_robin", "free_first"] = "round_robin"
     """round_robin: batch i to edge i mod N, turns in that order (a function of seed and config);
     free_first: the next batch to whichever edge is free first and the central's turn to whichever
@@ -230,9 +244,19 @@ class TrainConfig:
         _require(self.seed >= 0, f"train.seed must be 0 or more, got {self.seed}")
         _require(self.edge_sync_every >= 1, f"train.edge_sync_every must be at least 1, got {self.edge_sync_every}")
         _require(self.threads >= 0, f"train.threads must be 0 (auto) or more, got {self.threads}")
+        most = MOST_IN_FLIGHT[self.edge_loss]
+        _require(isinstance(self.in_flight, int) and 1 <= self.in_flight <= most,
+                 f"train.in_flight must be a whole number from 1 to {most} with train.edge_loss={self.edge_loss}, "
+                 f"got {self.in_flight!r}" + (" (each batch past the first runs on staler weights; train.edge_loss="
+                                              "local has none and takes up to 8)" if most == 3 else ""))
         _require(self.in_flight == 1 or self.engine == "relay",
                  f"train.in_flight={self.in_flight} needs train.engine=relay: a distributed-autograd context "
                  f"cannot take a second batch's forward through weights that another batch's step changes in place")
+        _require(self.local_clip is None or self.local_clip > 0,
+                 f"train.local_clip must be null or positive, got {self.local_clip}")
+        _require(self.edge_loss == "central" or self.engine == "relay",
+                 "train.edge_loss=local needs train.engine=relay: no gradient crosses the cut, so there is none for "
+                 "distributed autograd to carry")
 
 
 WIRE_TYPES = ("float32", "float16", "bfloat16", "float8", "int8")
@@ -383,6 +407,10 @@ class Config:
                  "privacy.label_noise with train.engine=autograd needs topology.transport=rpc: on loopback the "
                  "noise would be drawn in the central's backward from the central's random stream, not the edge's; "
                  "use train.engine=relay")
+        places = [segment.get("place") for segment in self.model.plan] if self.model.plan else ["edge", "central"]
+        _require(self.train.edge_loss == "central" or places == ["edge", "central"],
+                 f"train.edge_loss=local needs a single-cut plan (edge, then central), got "
+                 f"{' -> '.join(map(str, places))}: set model.split instead of model.plan, or train.edge_loss=central")
         if self.train.engine == "autograd":  # the gradient of what crossed comes back in the type it went out in
             _require(self.rpc.gradient_dtype in (None, self.rpc.activation_dtype),
                      f"rpc.gradient_dtype={self.rpc.gradient_dtype} needs train.engine=relay: distributed autograd "

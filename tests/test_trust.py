@@ -35,7 +35,7 @@ def net(marker: str, in_channels: int = 1, image_size: int = 28, num_classes: in
                                       ("fc", nn.Linear(4 * side * side, num_classes))]))
 '''
 # The smallest audit: the refusal must come before any of it, and consent must reach its end.
-AUDIT = ["--public", "8", "--private", "8", "--reidentify", "2", "--candidates", "2", "--decoder-epochs", "1",
+AUDIT = ["--decoders", "small", "--public", "8", "--private", "8", "--reidentify", "2", "--candidates", "2", "--decoder-epochs", "1",
          "--inversions", "1", "--inversion-steps", "1", "--unsplit", "1", "--unsplit-rounds", "1"]
 
 

@@ -28,7 +28,7 @@ from split_trainer.records import checkpoint, state
 from split_trainer.records.files import write_json, write_text
 from split_trainer.records.metrics import MetricsLog, TrainLog
 from split_trainer.training import dispatch, evaluation, faults
-from split_trainer.training.engines import engine_for
+from split_trainer.training.engines import engine_for, engine_name
 from split_trainer.training.failures import Terminated, cause_of, raise_on_sigterm
 from split_trainer.training.fleet import Fleet, Membership
 from split_trainer.training.optim import lr_at
@@ -69,7 +69,7 @@ class Central:
         self.meta = meta  # fingerprint, job and data shape: every checkpoint's manifest carries them
         torch.set_rng_state(plan.rng_after_init)  # the dropout stream continues from the weights' draw
         device = device_for(cfg.train.central_device, "train.central_device", topo.local_rank)
-        self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("central"), cfg.train, device),
+        self.engine = engine_for(engine_name(cfg.train), plan.places, Stage(plan.on("central"), cfg.train, device),
                                  cfg.train.in_flight, None, transport.autograd, transport.guard)
         self.stage = self.engine.stage
         self.fleet = Fleet(cfg, transport, transport.members())
@@ -226,7 +226,9 @@ def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
     membership = central.membership.describe(cfg)
     return {"topology": f"central (rank {central.topo.rank}) + {len(central.fleet)} edges: {edges}",
             **({"membership": membership} if membership else {}),
-            "model": f"{cfg.model.name}: {describe(central.plan.layout)}; engine {cfg.train.engine}",
+            "model": f"{cfg.model.name}: {describe(central.plan.layout)}; engine {central.engine.name}"
+                     + (" (each edge learns from its own head; nothing comes back down)"
+                        if cfg.train.edge_loss == "local" else ""),
             "data": central.placement.describe(central.fleet.names),
             "settings": f"batch {cfg.data.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, {cfg.train.epochs} "
                         f"epochs ({central.total_steps} steps), sync every {cfg.train.edge_sync_every} steps",

@@ -28,7 +28,8 @@ from split_trainer.records import checkpoint
 from split_trainer.records.metrics import resident_bytes
 from split_trainer.training import faults
 from split_trainer.training.dispatch import Turns
-from split_trainer.training.engines import engine_for
+from split_trainer.training.engines import engine_for, engine_name
+from split_trainer.training.local_loss import EdgeHead
 from split_trainer.training.route import Hop, crossing
 from split_trainer.training.stage import Stage, average_states
 from split_trainer.transport.wire import Reply, WireFormat
@@ -59,8 +60,10 @@ class Edge:
                  autograd: Any, guard: Callable[[], AbstractContextManager] = nullcontext):
         plan = plan_for(cfg, cfg.train.seed)  # the weights the central's seed draws: one model, N copies
         self.adversary = _adversary(cfg, plan, device)
-        self.engine = engine_for(cfg.train.engine, plan.places, Stage(plan.on("edge"), cfg.train, device),
-                                 cfg.train.in_flight, Defences(cfg.privacy, plan.places, self.adversary), autograd)
+        self.head = _head(cfg, plan, device)
+        self.engine = engine_for(engine_name(cfg.train), plan.places, Stage(plan.on("edge"), cfg.train, device),
+                                 cfg.train.in_flight, Defences(cfg.privacy, plan.places, self.adversary), autograd,
+                                 head=self.head)
         self.stage = self.engine.stage
         self.name, self.data, self.peers, self.guard = name, data, peers, guard
         # privacy.edge_weights: edges: this edge's checkpoint parts, on its own disk; one more kept
@@ -141,8 +144,10 @@ class Edge:
     def export_state(self) -> dict[str, Any]:
         """Everything a checkpoint needs from this edge: its stage's part, where it stands in its
         own data and, with privacy.adversary, its own decoder (only ever written to its own disk:
-        the adversary needs edge-held weights)."""
+        the adversary needs edge-held weights) and, with train.edge_loss: local, its auxiliary head."""
         own = {"adversary": self.adversary.state()} if self.adversary else {}
+        if self.head:
+            own["head"] = self.head.state()
         return {**self.stage.part(), "data": self.data.state(), **own}
 
     def import_state(self, state: dict[str, Any]) -> None:
@@ -150,6 +155,8 @@ class Edge:
         self.stage.load_part(state)
         if self.adversary and "adversary" in state:  # absent: a run that turned the adversary on as it resumed
             self.adversary.load(state["adversary"])
+        if self.head and "head" in state:  # absent: a run that turned the local loss on as it resumed
+            self.head.load(state["head"])
 
     def save_part(self, step: int, job: str) -> dict[str, Any]:
         """Write this edge's checkpoint part for ``step`` to its own disk (atomically, as the central
@@ -206,6 +213,14 @@ def _adversary(cfg: Config, plan: Plan, device: torch.device) -> Optional[Advers
         return None
     image = (plan.shape["in_channels"], plan.shape["image_size"], plan.shape["image_size"])
     return Adversary(cfg.privacy, plan.segments[0].module.to(device), image, cfg.train.seed, device)
+
+
+def _head(cfg: Config, plan: Plan, device: torch.device) -> Optional[EdgeHead]:
+    """This edge's auxiliary head (train.edge_loss: local), for the plan's first segment."""
+    if cfg.train.edge_loss != "local":
+        return None
+    image = (plan.shape["in_channels"], plan.shape["image_size"], plan.shape["image_size"])
+    return EdgeHead(cfg.train, plan.segments[0].module.to(device), image, plan.shape["num_classes"], device)
 
 
 def _evaluating(work: list[tuple[Hop, Any]]) -> bool:

@@ -12,6 +12,10 @@ gradients on the same batches.
 Batches take the central's turn strictly in dispatch order (``Turns``), so every batch sees the
 central's weights after the previous batch's step, whichever edge it went to; under free_first in
 the order they become ready (``FirstCome``), still one at a time.
+
+``local`` (train.edge_loss: local) is not a way to the same gradients but another objective: the
+edge's first segment learns from its own auxiliary head (training.local_loss), the central from its
+loss on what arrives, and nothing crosses back.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from typing import Any, Callable, Iterable, Optional, Protocol
 
 import torch
 
+from split_trainer.config import TrainConfig
 from split_trainer.privacy.defences import Defences
 from split_trainer.training.dispatch import Turns
 from split_trainer.training.optim import step_with
-from split_trainer.training.route import Batch, Hop, Route, autograd_route, eval_route, relay_route
+from split_trainer.training.local_loss import EdgeHead
+from split_trainer.training.route import Batch, Hop, Route, autograd_route, eval_route, local_route, relay_route
 from split_trainer.training.stage import Stage
 from split_trainer.transport.wire import Reply
 
@@ -53,8 +59,10 @@ class Engine:
     name = ""
 
     def __init__(self, places: list[str], stage: Stage, in_flight: int = 1, defences: Optional[Defences] = None,
-                 autograd: Any = None, guard: Callable[[], AbstractContextManager] = nullcontext):
+                 autograd: Any = None, guard: Callable[[], AbstractContextManager] = nullcontext,
+                 head: Optional[EdgeHead] = None):
         self.stage, self.in_flight, self.defences = stage, in_flight, defences
+        self.head = head  # the edge's auxiliary head: the local engine's, on the edge
         self.autograd = autograd  # the transport's (transport.base.Autograd): used by the autograd engine
         self.guard = guard  # held around this stage's own compute on the central (transport.base.Transport.guard)
         self.route: Route = self.route_for(places)
@@ -133,8 +141,9 @@ class Relay(Engine):
     route_for = staticmethod(relay_route)
 
     def __init__(self, places: list[str], stage: Stage, in_flight: int = 1, defences: Optional[Defences] = None,
-                 autograd: Any = None, guard: Callable[[], AbstractContextManager] = nullcontext):
-        super().__init__(places, stage, in_flight, defences, autograd, guard)
+                 autograd: Any = None, guard: Callable[[], AbstractContextManager] = nullcontext,
+                 head: Optional[EdgeHead] = None):
+        super().__init__(places, stage, in_flight, defences, autograd, guard, head)
         # segment -> the forwards awaiting their gradient, oldest first: (input, output, stashed weights)
         self.pending: dict[int, deque[tuple[Tensor, Tensor, Optional[list[Tensor]]]]] = defaultdict(deque)
 
@@ -208,10 +217,50 @@ class Autograd(Engine):
                 edge.step(ctx, lr)
 
 
-ENGINES: dict[str, type[Engine]] = {"relay": Relay, "autograd": Autograd}
+class Local(Engine):
+    name = "local"
+    route_for = staticmethod(local_route)
+
+    def train_hop(self, hop: Hop, x: Tensor, labels: Optional[Tensor], lr: float) -> Reply:
+        if hop.kind == "local":  # the edge: forward, its own head's loss, step; the activation leaves detached
+            out = self.outgoing(hop, x, self.stage.modules[hop.segment](self.incoming(hop, x)))
+            return Reply(output=out.detach(), loss=self.head.learn(self.stage, hop.segment, out, labels, lr))
+        # The central's turnaround: no gradient for its input, since none goes back.
+        loss = self.stage.loss(self.stage.modules[hop.segment](x), labels)
+        self.stage.backprop(hop.segment, loss, None, x, lr)
+        return Reply(loss=loss.item())
+
+    def drive(self, edge: EdgeCalls, batches: Batches, turns: Turns, lr: float, finished: Finished) -> None:
+        """Up to ``in_flight`` batches sent ahead; each batch's next is sent as soon as its
+        activation is in, before its turn: the edge never waits on the central's reply, only for
+        a free place among those in flight. Central placement sends the labels down with the inputs."""
+        batches = iter(batches)
+
+        def send(batch: Batch) -> tuple[Batch, Callable[[], Reply]]:
+            return batch, edge.submit([(self.route.first, batch.source)], batch.y, lr)
+
+        ahead = deque(send(b) for _, b in zip(range(self.in_flight), batches))
+        while ahead:
+            batch, reply = ahead.popleft()
+            batch, act = self.arrived(batch, reply())
+            later = next(batches, None)
+            if later is not None:
+                ahead.append(send(later))
+            turns.wait(batch.step)
+            _, loss = self.turn(edge, batch, act, lr)
+            finished(batch, loss)
+            turns.done(batch.step)
+
+
+ENGINES: dict[str, type[Engine]] = {"relay": Relay, "autograd": Autograd, "local": Local}
+
+
+def engine_name(cfg: TrainConfig) -> str:
+    """The engine a config asks for: ``local`` under train.edge_loss: local, else train.engine."""
+    return "local" if cfg.edge_loss == "local" else cfg.engine
 
 
 def engine_for(name: str, places: list[str], stage: Stage, in_flight: int = 1,
                defences: Optional[Defences] = None, autograd: Any = None,
-               guard: Callable[[], AbstractContextManager] = nullcontext) -> Engine:
-    return ENGINES[name](places, stage, in_flight, defences, autograd, guard)
+               guard: Callable[[], AbstractContextManager] = nullcontext, head: Optional[EdgeHead] = None) -> Engine:
+    return ENGINES[name](places, stage, in_flight, defences, autograd, guard, head)

@@ -6,6 +6,10 @@ engine, for segments 0..m-1:
     forward 0 (edge) | forward 1 .. forward m-2 | turnaround m-1 | backward m-2 .. backward 1 | backward 0 (edge)
                      '------------------------- the central's turn ---------------------------'
 
+With ``train.edge_loss: local`` (single cut) the route is ``local 0 (edge) | turnaround 1``: the
+edge's hop is its forward, its own head's loss and its step; the central's turnaround sends
+nothing back.
+
 ``turnaround`` is the last segment's forward, the loss and its backward. The central's segments
 are in use from its first hop to its last: that stretch is the central's *turn*, which batches
 take strictly in dispatch order. The edge's first forward runs before the turn (while other
@@ -52,13 +56,14 @@ class Crossing(NamedTuple):
 
 
 class Hop(NamedTuple):
-    kind: str  # relay: forward, turnaround, backward; autograd: forward, loss; evaluation: infer, score
+    kind: str  # relay: forward, turnaround, backward; autograd: forward, loss; local: local, turnaround;
+    # evaluation: infer, score
     segment: int
     place: str
 
     @property
     def needs_labels(self) -> bool:
-        return self.kind in ("turnaround", "loss", "score")
+        return self.kind in ("turnaround", "loss", "score", "local")
 
     @property
     def evaluating(self) -> bool:
@@ -73,7 +78,7 @@ def crossing(hop: Hop, direction: str) -> Optional[Crossing]:
         if hop.kind == "backward":
             return Crossing("activation_grads", hop.segment)
         return Crossing("inputs", None) if hop.segment == 0 else Crossing("activations", hop.segment - 1)
-    if hop.kind in ("forward", "infer"):
+    if hop.kind in ("forward", "infer", "local"):
         return Crossing("activations", hop.segment)
     if hop.kind in ("turnaround", "backward") and hop.segment > 0:
         return Crossing("activation_grads", hop.segment - 1)
@@ -103,6 +108,11 @@ def autograd_route(places: list[str]) -> Route:
     m = len(places)
     forwards = [Hop("forward", i, places[i]) for i in range(1, m - 1)]
     return Route(Hop("forward", 0, places[0]), (*forwards, Hop("loss", m - 1, places[-1])), None)
+
+
+def local_route(places: list[str]) -> Route:
+    assert places == ["edge", "central"], places  # the config refuses other plans under a local loss
+    return Route(Hop("local", 0, "edge"), (Hop("turnaround", 1, "central"),), None)
 
 
 def eval_route(places: list[str]) -> tuple[Hop, ...]:
