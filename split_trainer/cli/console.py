@@ -9,7 +9,7 @@ errors and the final summary.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from rich.console import Console as RichConsole, Group
 from rich.live import Live
@@ -84,9 +84,11 @@ class Console:
                           f"[{STYLE[status]}]{status}")
         return table
 
-    def steps(self, step: int, epoch: int, loss: float, samples_per_s: float) -> None:
+    def steps(self, step: int, epoch: int, loss: float, samples_per_s: float,
+              edge_loss: Optional[float] = None) -> None:
         state = statuses(self.snapshots()).values()
-        self.info.update({"epoch": str(epoch + 1), "loss": f"{loss:.4f}", "samples/s": f"{samples_per_s:.0f}",
+        local = {} if edge_loss is None else {"edge loss": f"{edge_loss:.4f}"}  # train.edge_loss: local
+        self.info.update({"epoch": str(epoch + 1), "loss": f"{loss:.4f}", **local, "samples/s": f"{samples_per_s:.0f}",
                           "edges ok": f"{sum(s == 'ok' for s in state)}/{len(state)}"})
         self._bar.update(self._task, completed=step, info=self._line())
         if self._live is None and not self.quiet:

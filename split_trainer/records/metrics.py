@@ -8,7 +8,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from split_trainer.config import ConfigError
 from split_trainer.records.files import write_text
@@ -96,19 +96,23 @@ class Window:
 
     def __init__(self) -> None:
         self.start = self.last = time.perf_counter()
-        self.samples, self.loss_sum, self.batches = 0, 0.0, 0
+        self.samples, self.loss_sum, self.batches, self.edge_losses = 0, 0.0, 0, []
 
-    def add(self, loss: float, finished_at: float, samples: int) -> None:
+    def add(self, loss: float, finished_at: float, samples: int, edge_loss: Optional[float] = None) -> None:
         self.loss_sum += loss
         self.batches += 1
         self.samples += samples
         self.last = finished_at
+        if edge_loss is not None:
+            self.edge_losses.append(edge_loss)
 
-    def take(self) -> tuple[float, float]:
-        """(mean loss, samples/s) over the window, then start a new one where it ended."""
+    def take(self) -> tuple[float, float, Optional[float]]:
+        """(mean loss, samples/s, the edges' mean local loss or None) over the window, then start a
+        new one where it ended."""
         elapsed = max(self.last - self.start, 1e-9)
-        result = self.loss_sum / max(self.batches, 1), self.samples / elapsed
-        self.start, self.samples, self.loss_sum, self.batches = self.last, 0, 0.0, 0
+        edge = sum(self.edge_losses) / len(self.edge_losses) if self.edge_losses else None
+        result = self.loss_sum / max(self.batches, 1), self.samples / elapsed, edge
+        self.start, self.samples, self.loss_sum, self.batches, self.edge_losses = self.last, 0, 0.0, 0, []
         return result
 
 
@@ -121,7 +125,8 @@ class TrainLog:
                  total_steps: int):
         self.metrics, self.console, self.fleet = metrics, console, fleet
         self.every, self.steps_per_epoch, self.total_steps = every, steps_per_epoch, total_steps
-        self.losses: dict[int, tuple[float, float, int]] = {}  # step -> (loss, when its turn ended, samples)
+        # step -> (loss, when its turn ended, samples, the edge's local loss or None)
+        self.losses: dict[int, tuple[float, float, int, Optional[float]]] = {}
         self.samples = 0
         self.window = Window()
 
@@ -130,25 +135,26 @@ class TrainLog:
 
     def finished(self, batch: Any, loss: float) -> None:
         """``batch`` (training.route.Batch) has had its turn, with ``loss``."""
-        self.losses[batch.step] = (loss, time.perf_counter(), batch.samples)
+        self.losses[batch.step] = (loss, time.perf_counter(), batch.samples, batch.edge_loss)
 
     def span(self, span: list) -> None:
         """Account a span's batches (between two flushes) in step order, writing the lines that fall in it."""
         for batch in span:
-            loss, when, samples = self.losses.pop(batch.step)
-            self.window.add(loss, when, samples)
+            loss, when, samples, edge_loss = self.losses.pop(batch.step)
+            self.window.add(loss, when, samples, edge_loss)
             self.samples += samples
             step = batch.step + 1
             if step % self.every == 0 or step == self.total_steps:
-                loss, speed = self.window.take()
+                loss, speed, edge_loss = self.window.take()
                 epoch = batch.step // self.steps_per_epoch
                 links = self.fleet.snapshots()
                 sent, received = train_bytes(links)
-                self.metrics.write(step=step, epoch=epoch + 1, loss=loss, samples_per_s=speed,
+                local = {} if edge_loss is None else {"edge_loss": edge_loss}
+                self.metrics.write(step=step, epoch=epoch + 1, loss=loss, **local, samples_per_s=speed,
                                    bytes_sent=sent, bytes_received=received,
                                    call_ms={link.name: round(link.mean_ms, 3) for link in links},
                                    rss_mb=self._memory_mb())
-                self.console.steps(step, epoch, loss, speed)
+                self.console.steps(step, epoch, loss, speed, edge_loss)
 
     def _memory_mb(self) -> dict[str, float]:
         """Resident memory of every rank: flat in a healthy run (contexts and futures are released)."""

@@ -104,9 +104,10 @@ class Engine:
     @staticmethod
     def arrived(batch: Batch, reply: Reply) -> tuple[Batch, Tensor]:
         """The reply to a batch's first forward: the batch as the central now knows it (its sample
-        count; in edge placement its labels, when the loss is on the central), and its cut activation."""
+        count; in edge placement its labels, when the loss is on the central; under a local loss the
+        edge's), and its cut activation."""
         y = reply.labels if reply.labels is not None else batch.y
-        return dataclasses.replace(batch, y=y, samples=len(reply.output)), reply.output
+        return dataclasses.replace(batch, y=y, samples=len(reply.output), edge_loss=reply.loss), reply.output
 
     def turn(self, edge: EdgeCalls, batch: Batch, tensor: Tensor, lr: float) -> tuple[Optional[Tensor], Any]:
         """The central's turn: its hops here, the edge's hops between them as one call each.

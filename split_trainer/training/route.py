@@ -42,6 +42,8 @@ class Batch:
     """The labels, once the central has them (never, when they stay on the edge)."""
     samples: int = 0
     """Known once the first activation arrives."""
+    edge_loss: Optional[float] = None
+    """Under a local loss, the edge head's loss on this batch, from the same reply."""
 
 
 class Crossing(NamedTuple):
