@@ -100,8 +100,11 @@ def test_an_interrupted_run_says_so_in_one_line_and_exits_130_or_143(mnist_root,
     test_faults): a one-process run stopped after its first checkpoint, then the same command resumes."""
     keys = {"topology.transport": "loopback", "train.epochs": 50, "checkpoint.every_steps": 10}
     cmd = [sys.executable, "-m", "split_trainer", *quick_overrides(mnist_root, tmp_path, edges=2, **keys)]
+    # As a person's Ctrl-C finds it: a shell's background job (a CI script started with &, nohup)
+    # inherits SIGINT ignored, and Python then keeps ignoring it rather than raising KeyboardInterrupt.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for text in proc.stdout:
             if text.startswith("checkpoint step 10 saved"):
