@@ -28,8 +28,7 @@ def reference(cfg, train, steps: int, order_seed: int) -> dict[str, torch.Tensor
     output, detached."""
     plan = plan_for(cfg, cfg.train.seed)
     edge, central = plan.segments[0].module, plan.segments[1].module
-    image = (plan.shape["in_channels"], plan.shape["image_size"], plan.shape["image_size"])
-    head = EdgeHead(cfg.train, edge, image, plan.shape["num_classes"], torch.device("cpu")).module  # its first weights
+    head = EdgeHead(cfg.train, edge, plan.image, plan.shape["num_classes"], torch.device("cpu")).module  # first weights
     lower = torch.optim.SGD([*edge.parameters(), *head.parameters()], lr=cfg.train.lr)
     upper = torch.optim.SGD(central.parameters(), lr=cfg.train.lr)
     for idx in epoch_order(len(train), cfg.data.batch_size, order_seed, 0)[:steps]:

@@ -44,6 +44,11 @@ class Plan:
     that built this model and then trained it continues (the central, single-process training)."""
 
     @property
+    def image(self) -> tuple[int, int, int]:
+        """One input sample's shape: (channels, height, width)."""
+        return self.shape["in_channels"], self.shape["image_size"], self.shape["image_size"]
+
+    @property
     def places(self) -> list[Place]:
         return [s.place for s in self.segments]
 
@@ -132,6 +137,17 @@ def _cut_shapes(full: nn.Sequential, cuts: list[int], shape: Shape) -> dict[int,
         for module, training in modes.items():
             module.training = training
     return shapes
+
+
+def output_shape(module: nn.Module, image: tuple[int, ...], device: torch.device) -> tuple[int, ...]:
+    """The per-sample shape of ``module``'s output on one zero input of ``image`` shape: in eval mode
+    (BatchNorm cannot train on a batch of 1, and dropout would draw), its mode put back after, the
+    RNG untouched."""
+    was = module.training
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        shape = tuple(module.eval()(torch.zeros(1, *image, device=device)).shape[1:])
+    module.train(was)
+    return shape
 
 
 def _projections(name: str, per_sample: tuple[int, ...], k: int) -> tuple[nn.Module, nn.Module]:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from split_trainer.config import PrivacyConfig
+from split_trainer.model.plan import output_shape
 from split_trainer.privacy.attacks import ssim
 from split_trainer.training.stage import on_cpu
 
@@ -59,11 +60,9 @@ class Adversary:
     def __init__(self, cfg: PrivacyConfig, segment: nn.Module, image: tuple[int, ...], seed: int,
                  device: torch.device):
         self.weight, self.threshold = cfg.adversary, cfg.adversary_ssim
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        given = output_shape(segment, image, device)
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            was = segment.training
-            given = tuple(segment.eval()(torch.zeros(1, *image, device=device)).shape[1:])
-            segment.train(was)
             self.decoder = edge_decoder(given, image).to(device)
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=1e-3)
         self.last_ssim = float("nan")

@@ -211,16 +211,14 @@ def _adversary(cfg: Config, plan: Plan, device: torch.device) -> Optional[Advers
     """This edge's own decoder (privacy.adversary), for the plan's first segment."""
     if cfg.privacy.adversary <= 0:
         return None
-    image = (plan.shape["in_channels"], plan.shape["image_size"], plan.shape["image_size"])
-    return Adversary(cfg.privacy, plan.segments[0].module.to(device), image, cfg.train.seed, device)
+    return Adversary(cfg.privacy, plan.segments[0].module.to(device), plan.image, cfg.train.seed, device)
 
 
 def _head(cfg: Config, plan: Plan, device: torch.device) -> Optional[EdgeHead]:
     """This edge's auxiliary head (train.edge_loss: local), for the plan's first segment."""
     if cfg.train.edge_loss != "local":
         return None
-    image = (plan.shape["in_channels"], plan.shape["image_size"], plan.shape["image_size"])
-    return EdgeHead(cfg.train, plan.segments[0].module.to(device), image, plan.shape["num_classes"], device)
+    return EdgeHead(cfg.train, plan.segments[0].module.to(device), plan.image, plan.shape["num_classes"], device)
 
 
 def _evaluating(work: list[tuple[Hop, Any]]) -> bool:

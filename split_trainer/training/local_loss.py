@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from split_trainer.config import TrainConfig
+from split_trainer.model.plan import output_shape
 from split_trainer.training.optim import make_optimizer, step_with
 from split_trainer.training.stage import Stage, on_cpu
 
@@ -52,11 +53,9 @@ class EdgeHead:
 
     def __init__(self, cfg: TrainConfig, segment: nn.Module, image: tuple[int, ...], classes: int,
                  device: torch.device):
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        per_sample = output_shape(segment, image, device)
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            was = segment.training
-            per_sample = tuple(segment.eval()(torch.zeros(1, *image, device=device)).shape[1:])
-            segment.train(was)
             self.module = head_for(per_sample, classes).to(device)
         self.optimizer = make_optimizer(cfg, self.module.parameters())
         self.clip = cfg.local_clip
