@@ -75,6 +75,10 @@ class ModelConfig:
     convolution down to this many channels at the end of the edge segment and one back up at the
     start of the central's (a linear layer each way after a linear layer). What crosses shrinks by
     the ratio. null: none."""
+    merge: Literal["concat", "sum", "mean"] = "concat"
+    """data.placement vertical: how the central joins the parties' activations of one batch (each
+    flattened per sample): concat (widths add up), sum or mean (every party's width the same). The
+    central's first linear layer takes the merged width (docs/vertical.md)."""
 
     def __post_init__(self) -> None:
         _require(self.bottleneck is None or (isinstance(self.bottleneck, int) and self.bottleneck >= 1),
@@ -97,7 +101,7 @@ class ModelConfig:
                      f"model.plan segment {i}: until must be a layer name, got {until!r}")
 
 
-DATA_SETS = ("mnist", "fashion_mnist", "kmnist", "emnist", "cifar10", "cifar100", "svhn", "image_folder")
+DATA_SETS = ("mnist", "fashion_mnist", "kmnist", "emnist", "cifar10", "cifar100", "svhn", "image_folder", "csv")
 
 
 @dataclass
@@ -105,7 +109,8 @@ class DataConfig:
     """The data set, where it lives, and how it is batched (docs/data-and-models.md,
     docs/data-and-placement.md)."""
     name: Literal[DATA_SETS] = "mnist"
-    """Data set: one of torchvision's image-classification sets, or image_folder."""
+    """Data set: one of torchvision's image-classification sets, image_folder, or csv (tabular
+    files of a vertical fleet: placement vertical)."""
     root: str = "data/mnist"
     """Where the data set lies (its layout: docs/data-and-models.md). In edge placement each edge
     reads its own."""
@@ -125,7 +130,7 @@ class DataConfig:
     """image_folder: per-channel standard deviation; null computes it with the mean."""
     num_classes: Optional[int] = None
     """image_folder: class count; null counts the class folders (the central of an edge-placement run
-    holds none, so there it must be set)."""
+    holds none, so there it must be set). csv: the class count (labels 0..num_classes-1), required."""
     augment: Literal["none", "crop_flip"] = "none"
     """crop_flip: random crop (4 pixels of padding) and horizontal flip of training batches, on the
     side that holds the data, seeded by (seed, epoch, batch)."""
@@ -140,9 +145,19 @@ class DataConfig:
     """Use only the first N training samples (quick runs and tests); null means all."""
     limit_test: Optional[int] = None
     """Use only the first N test samples; null means all."""
-    placement: Literal["central", "edge"] = "central"
+    placement: Literal["central", "edge", "vertical"] = "central"
     """central: the central loads the data and sends inputs to the edges; edge: every edge loads its
-    own shard from data.root on its own host, and no input ever reaches the central."""
+    own shard from data.root on its own host, and no input ever reaches the central; vertical: every
+    edge is a party holding some features of the same records (by id) and the central holds the
+    labels; records are aligned by private set intersection (docs/vertical.md)."""
+    regions: Literal["bands", "quadrants"] = "bands"
+    """Vertical placement of an image set: which part of every image each party holds. bands: edge k
+    the k-th of topology.edges horizontal bands (2 edges: top and bottom halves); quadrants: edge1..4
+    the top-left, top-right, bottom-left and bottom-right quarters (4 edges)."""
+    missing: float = 0.0
+    """Vertical placement of an image set: the share of records that each party's copy lacks, drawn
+    per party from the seed (the records its files would not hold), so that alignment matters. csv
+    files lack what they lack: this must stay 0."""
     partition: Literal["iid", "dirichlet", "local"] = "iid"
     """Edge placement: iid or dirichlet shards carved (seeded, disjoint) out of the data set at each
     edge's data.root; local: each edge uses all the data it finds (every host its own files)."""
@@ -170,6 +185,14 @@ class DataConfig:
         _require(self.batch_size >= 1, f"data.batch_size must be at least 1, got {self.batch_size}")
         _require(self.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {self.eval_batch_size}")
         _require(self.num_workers >= 0, f"data.num_workers must be 0 or more, got {self.num_workers}")
+        _require(0 <= self.missing < 1, f"data.missing must be in [0, 1), got {self.missing}")
+        _require(self.name != "csv" or self.placement == "vertical",
+                 "data.name=csv needs data.placement=vertical: csv reads one feature file per party "
+                 "(docs/vertical.md)")
+        _require(self.name != "csv" or self.num_classes is not None,
+                 "data.name=csv needs data.num_classes: the parties build their segments without the labels")
+        _require(self.name != "csv" or self.missing == 0,
+                 "data.missing applies to image sets only: csv files lack the records they lack; set data.missing=0")
         for key in ("limit_train", "limit_test"):
             value = getattr(self, key)
             _require(value is None or value >= 1, f"data.{key} must be null or at least 1, got {value}")
@@ -411,6 +434,8 @@ class Config:
         _require(self.train.edge_loss == "central" or places == ["edge", "central"],
                  f"train.edge_loss=local needs a single-cut plan (edge, then central), got "
                  f"{' -> '.join(map(str, places))}: set model.split instead of model.plan, or train.edge_loss=central")
+        if self.data.placement == "vertical":
+            self._check_vertical(places)
         if self.train.engine == "autograd":  # the gradient of what crossed comes back in the type it went out in
             _require(self.rpc.gradient_dtype in (None, self.rpc.activation_dtype),
                      f"rpc.gradient_dtype={self.rpc.gradient_dtype} needs train.engine=relay: distributed autograd "
@@ -419,6 +444,26 @@ class Config:
             _require(self.rpc.activation_dtype != "int8",
                      "rpc.activation_dtype=int8 needs train.engine=relay: distributed autograd sends a gradient "
                      "only for a floating-point tensor; use float8 (8 bits as well) or train.engine=relay")
+
+    def _check_vertical(self, places: list) -> None:
+        """What a vertical fleet cannot do: every party holds a part of every batch."""
+        _require(self.topology.min_edges in (None, self.topology.edges),
+                 "data.placement=vertical needs every party: a missing one's features are missing from every batch; "
+                 "set topology.min_edges=null (launch/central.sh --hosts N, not MIN:MAX)")
+        _require(places == ["edge", "central"] and self.model.plan is None,
+                 "data.placement=vertical needs a single cut (model.split): each party runs its own first segment "
+                 "and the central the rest; set model.plan=null")
+        _require(self.data.regions != "quadrants" or self.topology.edges == 4,
+                 f"data.regions=quadrants needs topology.edges=4 (one party per quarter), got {self.topology.edges}")
+        for ok, what in ((self.train.edge_loss == "central", "train.edge_loss=local"),
+                         (self.train.in_flight == 1, f"train.in_flight={self.train.in_flight}"),
+                         (self.train.dispatch == "round_robin", "train.dispatch=free_first"),
+                         (self.data.augment == "none", f"data.augment={self.data.augment}"),
+                         (self.privacy.adversary == 0, "privacy.adversary"),
+                         (self.privacy.label_noise == 0, "privacy.label_noise"),
+                         (self.model.bottleneck is None, "model.bottleneck")):
+            _require(ok, f"{what} is not supported with data.placement=vertical (every party takes every batch; "
+                         f"docs/vertical.md): leave it at its default")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

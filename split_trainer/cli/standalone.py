@@ -33,12 +33,31 @@ def load_merged(path: Path, edge_parts: Optional[Path] = None, overrides: Sequen
     model file. A checkpoint whose edges kept their own parts is merged with those found under
     ``edge_parts`` (default: the checkpoint directory), in ``edges/<name>/``.
 
-    Every file-borne model config enters here, so here is where an import path as model.name is
-    refused unless ``overrides`` (the user's ``--set``; none by default) name it (models.check_named)."""
+    Every file-borne model config enters here or in ``load_parts``, so there is where an import path
+    as model.name is refused unless ``overrides`` (the user's ``--set``; none by default) name it
+    (models.check_named)."""
     if path.is_file():
         model_cfg, shape, state = read_model(path)
         check_named(model_cfg.get("name"), given_name(overrides), str(path))
         return {}, model_cfg, shape, state
+    config, shape, parts = load_parts(path, edge_parts, overrides)
+    if config.get("data", {}).get("placement") == "vertical":
+        raise ConfigError(f"{path} is a vertical run's: one first segment per party, not replicas of one model to "
+                          f"merge; its own evaluation is in metrics.jsonl, and the audit attacks each party "
+                          f"(docs/vertical.md)")
+    return config, config["model"], shape, merged_state(parts)
+
+
+def merged_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's state_dict from a checkpoint's parts: the edge replicas averaged, the central's."""
+    edges = [parts[name]["module"] for name in sorted(parts) if name != "central"]
+    return {**average_states(edges), **parts["central"]["module"]}
+
+
+def load_parts(path: Path, edge_parts: Optional[Path] = None, overrides: Sequence[str] = ()
+               ) -> tuple[dict[str, Any], Shape, dict[str, Any]]:
+    """(config dict, data shape, every part by name: central, edge1, ...) of a checkpoint, the edges'
+    own parts found under ``edge_parts`` when they kept them."""
     loaded = _checkpoint_at(path)
     config, shape = loaded.manifest.get("config"), loaded.manifest.get("shape")
     if not (isinstance(config, dict) and isinstance(config.get("model"), dict) and isinstance(shape, dict)
@@ -49,8 +68,7 @@ def load_merged(path: Path, edge_parts: Optional[Path] = None, overrides: Sequen
     parts = loaded.parts
     if "edge_parts" in loaded.manifest:
         parts = {**parts, **_edge_parts(loaded, edge_parts or loaded.path.parent)}
-    edges = [parts[name]["module"] for name in sorted(parts) if name != "central"]
-    return config, config["model"], shape, {**average_states(edges), **parts["central"]["module"]}
+    return config, shape, parts
 
 
 def _checkpoint_at(path: Path) -> checkpoint.Loaded:

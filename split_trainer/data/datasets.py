@@ -62,6 +62,8 @@ LAYOUTS = {
     "cifar100": "data.root/cifar-100-python/ (train, test, meta: cifar-100-python.tar.gz unpacked)",
     "svhn": "data.root/train_32x32.mat and data.root/test_32x32.mat",
     "image_folder": "data.root/train/<class>/<image> and data.root/test/<class>/<image>",
+    "csv": "data.root/<party>/train.csv and test.csv (an id column, then feature columns) for each edge party, "
+           "data.root/labels/train.csv and test.csv (id, label) for the label party",
 }
 
 
@@ -70,6 +72,8 @@ def spec_of(cfg: DataConfig, root_classes: Optional[int] = None) -> Spec:
     when this rank holds it, else data.num_classes)."""
     if cfg.name == "emnist":
         return dataclasses.replace(SPECS["emnist"], classes=EMNIST_CLASSES[cfg.emnist_split])
+    if cfg.name == "csv":  # a table: features are the parties' (data.vertical), standardised by each
+        return Spec(1, 1, cfg.num_classes, (0.0,), (1.0,))
     if cfg.name != "image_folder":
         return SPECS[cfg.name]
     classes = cfg.num_classes or root_classes or _folder_classes(Path(cfg.root))

@@ -17,7 +17,10 @@ data set, or one edge's shard) releases each of them once, so the most any sampl
 released is the number of passes over it started (plus, after a failure, the passes redone: the
 central's ledger, privacy.defences.Releases).
 
-A third placement is one more class with the same methods, named in ``PLACEMENTS``.
+    vertical every edge is a party holding some features of the same records, the central the labels
+             (data.vertical: VerticalData)
+
+Another placement is one more class with the same methods, named in ``PLACEMENTS``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from split_trainer.config import Config
 from split_trainer.data.batches import batch_loader, crop_flip, epoch_order, index_batches
 from split_trainer.data.datasets import Source, Spec, load, spec_of
 from split_trainer.data.shards import Shard, ShardBatch, rotation
+from split_trainer.data.vertical import VerticalData
 from split_trainer.training.route import Batch
 
 Tensor = torch.Tensor
@@ -42,6 +46,9 @@ DATA = "data"
 class Placement(Protocol):
     """The central's side of a placement."""
     steps_per_epoch: int
+
+    def align(self, fleet: Any) -> None:
+        """The fleet is up, before ``bind``: agree with the edges on the records (vertical only)."""
 
     def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int],
              releases: dict[str, int]) -> None:
@@ -117,6 +124,9 @@ class CentralData:
         self.edges = 0
         self.releases: dict[str, int] = {}
 
+    def align(self, fleet: Any) -> None:
+        pass  # every batch is one edge's: nothing to agree on
+
     def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int],
              releases: dict[str, int]) -> None:
         self.edges, self.releases = len(described), releases
@@ -159,7 +169,7 @@ class CentralData:
         return {}
 
     @staticmethod
-    def load_on_edge(cfg: Config) -> None:
+    def load_on_edge(cfg: Config, edges: list[int]) -> None:
         return None  # the edge holds no data: inputs come with the calls
 
     @staticmethod
@@ -183,6 +193,9 @@ class EdgeData:
         self.names: list[str] = []
         self.served: dict[str, int] = {}
         self.releases: dict[str, int] = {}
+
+    def align(self, fleet: Any) -> None:
+        pass  # every batch is one edge's: nothing to agree on
 
     def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int],
              releases: dict[str, int]) -> None:
@@ -239,7 +252,7 @@ class EdgeData:
                                    **dict(zip(names, self.shards))}}
 
     @staticmethod
-    def load_on_edge(cfg: Config) -> tuple[Source, Source, Spec]:
+    def load_on_edge(cfg: Config, edges: list[int]) -> tuple[Source, Source, Spec]:
         """The whole data set at this edge's data.root (a missing or broken folder fails here, before
         RPC); the shard is carved once the central's config has arrived."""
         return load(dataclasses.replace(cfg.data, limit_train=None, limit_test=None))
@@ -284,7 +297,7 @@ def shares_label_counts(cfg: Config) -> bool:
     return loss_on_central and cfg.privacy.edge_weights == "central"
 
 
-PLACEMENTS = {"central": CentralData, "edge": EdgeData}
+PLACEMENTS = {"central": CentralData, "edge": EdgeData, "vertical": VerticalData}
 
 
 def placement_for(cfg: Config, labels_here: bool) -> Placement:

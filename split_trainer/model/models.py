@@ -117,6 +117,20 @@ def resnet_small(cfg: ModelConfig, shape: Shape) -> nn.Sequential:
     ]))
 
 
+@register("mlp")
+def mlp(cfg: ModelConfig, shape: Shape) -> nn.Sequential:
+    """A multilayer perceptron for tables (data.name: csv; a vertical party's width is its
+    ``in_features``): flatten, a linear layer and a ReLU per width in model.args.hidden (default
+    [64, 32]: fc1 relu1 fc2 relu2), then fc3 to the classes. Cut it after relu1."""
+    width = shape.get("in_features") or shape["in_channels"] * shape["image_size"] ** 2
+    layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
+    hidden = [int(h) for h in cfg.args.get("hidden", [64, 32])]
+    for i, out in enumerate(hidden, 1):
+        layers += [(f"fc{i}", nn.Linear(width, out)), (f"relu{i}", nn.ReLU())]
+        width = out
+    return nn.Sequential(OrderedDict([*layers, (f"fc{len(hidden) + 1}", nn.Linear(width, shape["num_classes"]))]))
+
+
 def _imported(path: str) -> Callable[..., Any]:
     module_name, _, function = path.partition(":")
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 from split_trainer.config import Config, ConfigError, ModelConfig
 from split_trainer.data.datasets import spec_of
 from split_trainer.model.models import Shape, build_full
+from split_trainer.model.vertical import Inputs, bottom, merged_width, stand_in, top
 
 Place = Literal["edge", "central"]
 
@@ -211,6 +212,31 @@ def build_plan(cfg: ModelConfig, shape: Shape, seed: int) -> Plan:
     return Plan(cfg.name, segments, full, shape, rng)
 
 
-def plan_for(cfg: Config, seed: int) -> Plan:
-    """The configured model for the configured data set, cut by the configured plan."""
+def plan_for(cfg: Config, seed: int, party: Optional[tuple[int, Inputs]] = None) -> Plan:
+    """The configured model for the configured data set, cut by the configured plan. A vertical
+    fleet's (data.placement: vertical): ``party`` (number, feature shape)'s first segment, and the
+    central's segment; the central's plan (``party`` None) carries party 1's as a stand-in."""
+    if cfg.data.placement == "vertical":
+        return _vertical_plan(cfg, seed, party)
     return build_plan(cfg.model, spec_of(cfg.data).shape(), seed)
+
+
+def _vertical_plan(cfg: Config, seed: int, party: Optional[tuple[int, Inputs]]) -> Plan:
+    from split_trainer.data.vertical import party_inputs
+
+    shape = spec_of(cfg.data).shape()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        full = build_full(cfg.model, shape)
+        names = list(full._modules)
+        end = _check(cfg.model, names)[0]
+        inputs = [stand_in(party_inputs(cfg, k)) for k in range(1, cfg.topology.edges + 1)]
+        parts = [output_shape(bottom(cfg, shape, k, shaped, end), shaped, torch.device("cpu"))
+                 for k, shaped in enumerate(inputs, 1)]
+        central = top(full, end, merged_width(parts, cfg.model.merge))
+        rng = torch.get_rng_state()
+    number, own = party or (1, inputs[0])
+    first = bottom(cfg, shape, number, own, end)
+    segments = [Segment(0, "edge", tuple(names[:end]), first), Segment(1, "central", tuple(names[end:]), central)]
+    return Plan(cfg.model.name, segments, nn.Sequential(OrderedDict([*first.named_children(),
+                                                                     *central.named_children()])), shape, rng)

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from split_trainer.cli.standalone import load_merged
+from split_trainer.cli.standalone import load_parts, merged_state
 from split_trainer.config import Config, ConfigError, PrivacyConfig, config_from_dict
 from split_trainer.data.datasets import Source, load
+from split_trainer.data.vertical import party_inputs, regions
 from split_trainer.model.losses import Loss, loss_fn
 from split_trainer.model.plan import Plan, plan_for
 from split_trainer.privacy import attacks
@@ -173,21 +174,55 @@ def _attack_inputs(plan: Plan, cfg: Config, data: dict, args: argparse.Namespace
                    ) -> tuple[dict[str, Any], list[tuple[str, tuple[Tensor, Tensor]]], dict[str, Any]]:
     """Every cut whose activation goes from an edge to the central, attacked: the report's rows
     per cut, the picture's captioned rows, and the decoders' budget (the same for every capacity)."""
-    knows = cfg.privacy.edge_weights == "central"
-    cuts, pictures = {}, []
-    budget = {"public_images": len(data["public"]), "epochs": args.decoder_epochs, "batch": attacks.DECODER_BATCH,
-              "optimizer": f"Adam, lr {attacks.DECODER_LR:g}", "capacities": list(args.decoders),
-              "parameters": {kind: {} for kind in args.decoders}}
+    cuts, pictures, budget = {}, [], _budget(data, args)
     for cut, name in enumerate(plan.cuts):
         if plan.places[cut] != "edge":  # an activation the central made itself: nothing to learn
             continue
-        found, parameters = _input_attacks(Views(plan, cfg.privacy, cut), plan, data, args)
-        cuts[f"after {name}"], shown, worst = _worst_case(found, data, args, knows)
-        for attack, reconstructed in shown.items():
-            which = f" (worst: {worst})" if attack.startswith("decoder") else ""
-            pictures.append((f"{attack}, after {name}{which}", reconstructed))
-        for kind, count in parameters.items():  # a decoder's size depends on the cut's shape
-            budget["parameters"][kind][f"after {name}"] = count
+        _attack_cut(plan, cut, f"after {name}", cfg, data, args, (cuts, pictures, budget))
+    return cuts, pictures, budget
+
+
+def _budget(data: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """The decoders' budget (the same for every capacity); their sizes are added per cut."""
+    return {"public_images": len(data["public"]), "epochs": args.decoder_epochs, "batch": attacks.DECODER_BATCH,
+            "optimizer": f"Adam, lr {attacks.DECODER_LR:g}", "capacities": list(args.decoders),
+            "parameters": {kind: {} for kind in args.decoders}}
+
+
+def _attack_cut(plan: Plan, cut: int, where: str, cfg: Config, data: dict, args: argparse.Namespace,
+                into: tuple[dict, list, dict], placed: Any = None) -> None:
+    """One cut attacked: its rows, captioned pictures and decoder sizes added to ``into`` (cuts,
+    pictures, budget). ``placed`` puts a party's reconstructions back where its region lies."""
+    cuts, pictures, budget = into
+    found, parameters = _input_attacks(Views(plan, cfg.privacy, cut), plan, data, args)
+    cuts[where], shown, worst = _worst_case(found, data, args, cfg.privacy.edge_weights == "central")
+    for attack, (idx, reconstructed) in shown.items():
+        which = f" (worst: {worst})" if attack.startswith("decoder") else ""
+        pictures.append((f"{attack}, {where}{which}", (idx, placed(reconstructed) if placed else reconstructed)))
+    for kind, count in parameters.items():  # a decoder's size depends on the cut's shape
+        budget["parameters"][kind][where] = count
+
+
+def _attack_parties(cfg: Config, parts: dict[str, Any], data: dict, args: argparse.Namespace
+                    ) -> tuple[dict[str, Any], list[tuple[str, tuple[Tensor, Tensor]]], dict[str, Any]]:
+    """A vertical run: each party's first segment attacked on its own region of the images, as the
+    central receives it from that party (docs/vertical.md)."""
+    cuts, pictures, budget = {}, [], _budget(data, args)
+    for k, (rows, cols) in enumerate(regions(cfg), 1):
+        plan = plan_for(cfg, cfg.train.seed, (k, party_inputs(cfg, k)))
+        plan.segments[0].module.load_state_dict(parts[f"edge{k}"]["module"])
+        plan.full.train()
+
+        def crop(t: Tensor) -> Tensor:
+            return t[:, :, rows, cols].contiguous()
+
+        def placed(images: Tensor) -> Tensor:
+            canvas = torch.zeros(len(images), *data["pool_pixels"].shape[1:])
+            canvas[:, :, rows, cols] = images
+            return canvas
+
+        own = {**data, **{key: crop(data[key]) for key in ("public", "public_pixels", "pool", "pool_pixels")}}
+        _attack_cut(plan, 0, f"edge{k} after {plan.cuts[0]}", cfg, own, args, (cuts, pictures, budget), placed)
     return cuts, pictures, budget
 
 
@@ -282,15 +317,19 @@ def main(argv: list[str]) -> int:
     if not args.checkpoint.is_dir():
         raise ConfigError(f"--checkpoint {args.checkpoint}: not a checkpoint folder or directory (the audit needs "
                           f"the run's config, which a checkpoint holds)")
-    # an import path as model.name runs only if args.overrides name it (load_merged refuses it otherwise)
-    config, _, _, state = load_merged(args.checkpoint, args.edge_parts, args.overrides)
+    # an import path as model.name runs only if args.overrides name it (load_parts refuses it otherwise)
+    config, _, parts = load_parts(args.checkpoint, args.edge_parts, args.overrides)
     cfg = config_from_dict(config, args.overrides)
     plan = plan_for(cfg, cfg.train.seed)
-    plan.full.load_state_dict(state)
-    plan.full.train()  # as the segments run while training: what the central received then
+    if cfg.data.name == "csv":
+        raise ConfigError("the audit attacks images; a csv run's parties hold tables (docs/vertical.md)")
+    if cfg.data.placement != "vertical":
+        plan.full.load_state_dict(merged_state(parts))
+        plan.full.train()  # as the segments run while training: what the central received then
     torch.manual_seed(args.seed)
     data = _data(cfg, args)
-    cuts, pictures, budget = _attack_inputs(plan, cfg, data, args)
+    cuts, pictures, budget = (_attack_parties(cfg, parts, data, args) if cfg.data.placement == "vertical" else
+                              _attack_inputs(plan, cfg, data, args))
     report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "edge_weights": cfg.privacy.edge_weights,
                               "privacy": dataclasses.asdict(cfg.privacy),
                               "epsilon": epsilon(cfg.privacy, cfg.train.epochs), "decoder_budget": budget,

@@ -54,7 +54,9 @@ def fingerprint(cfg: Config, plan: str) -> dict[str, Any]:
     and its plan (``plan.describe`` of the layout: which layers run where). Not the number of
     edges (a fleet may shrink or grow, docs/elastic.md), except with edge-held data, whose shards
     are carved over topology.edges."""
-    edges = {"edges": cfg.topology.edges} if cfg.data.placement == "edge" else {}
+    edges = {"edges": cfg.topology.edges} if cfg.data.placement in ("edge", "vertical") else {}
+    if cfg.data.placement == "vertical":  # one segment per party, on its region, merged so
+        edges["vertical"] = {"regions": cfg.data.regions, "merge": cfg.model.merge}
     # The plan names the bottleneck's layers but not their width; only when set, so that the
     # checkpoints of runs without one keep their fingerprint.
     width = {"bottleneck": cfg.model.bottleneck} if cfg.model.bottleneck is not None else {}

@@ -34,6 +34,7 @@ from split_trainer.training.fleet import Fleet, Membership
 from split_trainer.training.optim import lr_at
 from split_trainer.training.route import Batch
 from split_trainer.training.stage import Stage
+from split_trainer.training.vertical import vertical_driver
 from split_trainer.transport.base import Transport
 from split_trainer.transport.link import summary as wire_summary
 from split_trainer.transport.topology import Topology, device_for
@@ -46,6 +47,8 @@ class Cadence:
 
     def __init__(self, cfg: Config, steps_per_epoch: int, total_steps: int):
         self.sync_every, self.checkpoint_every = cfg.train.edge_sync_every, cfg.checkpoint.every_steps
+        if cfg.data.placement == "vertical":  # no replicas to average: each party holds its own segment
+            self.sync_every = self.checkpoint_every
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
 
     def epoch_end(self, step: int) -> bool:
@@ -73,6 +76,8 @@ class Central:
                                  cfg.train.in_flight, None, transport.autograd, transport.guard)
         self.stage = self.engine.stage
         self.fleet = Fleet(cfg, transport, transport.members())
+        self.placement.align(self.fleet)  # a vertical fleet's records, by private set intersection
+        self.vertical = vertical_driver(self.engine, self.fleet, placement, cfg.model.merge)
         self.progress, averaged = state.Progress(seed=cfg.train.seed), []
         if loaded:
             self.progress, averaged = state.restore(loaded, self.stage, self.fleet)
@@ -154,6 +159,10 @@ class Central:
 
     def _train_span(self, span: list[Batch], lr: float) -> set[str]:
         """Train ``span``'s batches; return the names of the edges that trained them."""
+        if self.vertical:  # every batch on every party at once
+            trained = self.vertical.train_span(span, lr, self._finished)
+            self.progress.step = span[-1].step + 1
+            return trained
         # A batch waits at most for the batch before it: its first call, then its turn, one call
         # per edge hop in the turn. One bound more lets a hung edge's own timeout be the report.
         mode, bound = self.cfg.train.dispatch, (2 + self.engine.route.edge_hops_in_turn) * self.cfg.rpc.timeout_s
@@ -163,10 +172,9 @@ class Central:
             link = self.fleet.links[k]
 
             def finished(batch: Batch, loss: float) -> None:
-                self.log.finished(batch, loss)
+                self._finished(batch, loss)
                 link.trained()
                 trained.add(link.name)
-                faults.hit("train")
 
             self.engine.drive(link, batches, turns, lr, finished)
 
@@ -174,8 +182,13 @@ class Central:
         self.progress.step = span[-1].step + 1
         return trained
 
+    def _finished(self, batch: Batch, loss: float) -> None:
+        self.log.finished(batch, loss)
+        faults.hit("train")
+
     def _evaluate(self, epoch: int) -> None:
-        loss, accuracy, record = evaluation.evaluate(self.engine, self.fleet, self.placement, epoch)
+        loss, accuracy, record = (self.vertical.evaluate() if self.vertical else
+                                  evaluation.evaluate(self.engine, self.fleet, self.placement, epoch))
         self.progress.last_eval = [loss, accuracy]
         self.log.metrics.write(event="eval", step=self.step, epoch=epoch + 1, test_loss=loss, test_accuracy=accuracy,
                                **record)
@@ -193,7 +206,10 @@ class Central:
         self.console.print(f"checkpoint step {self.step} saved: {path} ({size / 1e6:.1f} MB, {seconds:.2f} s)")
 
     def _finish(self, wall: float) -> dict[str, Any]:
-        if self.fleet.own_weights:
+        if self.vertical:
+            self.console.print("model.pt not written: a vertical model is one first segment per party and the "
+                               "central's; the checkpoint holds them (docs/vertical.md)")
+        elif self.fleet.own_weights:
             self.console.print("model.pt not written: the edge segments stay on the edges; python -m split_trainer "
                                "export --checkpoint CHECKPOINT --out model.pt merges the parts where they are at hand")
         else:  # after the final sync every replica is the same: any one gives the edge segments
@@ -226,16 +242,27 @@ def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
     membership = central.membership.describe(cfg)
     return {"topology": f"central (rank {central.topo.rank}) + {len(central.fleet)} edges: {edges}",
             **({"membership": membership} if membership else {}),
-            "model": f"{cfg.model.name}: {describe(central.plan.layout)}; engine {central.engine.name}"
+            "model": f"{cfg.model.name}: {_layout(cfg, central.plan)}; engine {central.engine.name}"
                      + (" (each edge learns from its own head; nothing comes back down)"
                         if cfg.train.edge_loss == "local" else ""),
             "data": central.placement.describe(central.fleet.names),
             "settings": f"batch {cfg.data.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, {cfg.train.epochs} "
-                        f"epochs ({central.total_steps} steps), sync every {cfg.train.edge_sync_every} steps",
+                        f"epochs ({central.total_steps} steps), "
+                        + (f"sync every {cfg.train.edge_sync_every} steps" if central.fleet.replicas else
+                           "no replica syncs (each party trains its own segment)"),
             "threads": f"central {threads} on {central.stage.device}; " + ", ".join(
                 f"{link.name} {d['threads']} on {d['device']}" for link, d in zip(links, central.fleet.described)),
             "privacy": defences.describe(cfg.privacy, cfg.train.epochs),
             "outputs": f"{central.run_dir} (checkpoints in {checkpoint.directory(cfg)})"}
+
+
+def _layout(cfg: Config, plan: Plan) -> str:
+    """The banner's plan: a vertical fleet's segment per party, and the merge."""
+    if cfg.data.placement != "vertical":
+        return describe(plan.layout)
+    (_, edge), (_, central) = plan.layout
+    return (f"each of {cfg.topology.edges} parties {edge[0]}..{edge[-1]} on its own features | central merge "
+            f"({cfg.model.merge}) {central[0]}..{central[-1]}")
 
 
 def _ends_run(cfg: Config, loaded: checkpoint.Loaded, placement: Placement) -> int:

@@ -58,7 +58,8 @@ class Edge:
 
     def __init__(self, name: str, cfg: Config, device: torch.device, data: EdgeSide, parts: Path, peers: Peers,
                  autograd: Any, guard: Callable[[], AbstractContextManager] = nullcontext):
-        plan = plan_for(cfg, cfg.train.seed)  # the weights the central's seed draws: one model, N copies
+        # The weights the central's seed draws: one model, N copies; a vertical party's own segment.
+        plan = plan_for(cfg, cfg.train.seed, getattr(data, "party", None))
         self.adversary = _adversary(cfg, plan, device)
         self.head = _head(cfg, plan, device)
         self.engine = engine_for(engine_name(cfg.train), plan.places, Stage(plan.on("edge"), cfg.train, device),
@@ -192,6 +193,13 @@ class Edge:
         self.stage.load_state_dict(self.average)
         self.average = None
 
+    # -- data.placement: vertical: record alignment (data.alignment) ---------------------------------
+    def psi_answer(self, request: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data.psi_answer(request, count)
+
+    def align(self, ids: torch.Tensor) -> dict[str, int]:
+        return self.data.align(ids)
+
     # -- the rest -----------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """Where this edge runs and, in edge placement, its shard's sizes and label counts: for the
@@ -227,5 +235,5 @@ def _evaluating(work: list[tuple[Hop, Any]]) -> bool:
 
 CALLS: dict[str, Callable] = {name: getattr(Edge, name) for name in (
     "run", "apply_step", "get_state", "set_state", "export_state", "import_state", "save_part", "load_part",
-    "peer_state", "gather_average", "apply_average", "describe", "rss", "finish")}
+    "peer_state", "gather_average", "apply_average", "psi_answer", "align", "describe", "rss", "finish")}
 """What the central and the peers may call: nothing else on the object is reachable."""

@@ -32,6 +32,7 @@ class Fleet:
         names = transport.admit(names)  # nothing of the job reaches an edge before it proves the job's secret
         self.names, self.transport = names, transport
         self.own_weights = cfg.privacy.edge_weights == "edges"  # the edges keep their weights to themselves
+        self.replicas = cfg.data.placement != "vertical"  # a vertical fleet's parties each run their own segment
         self.timeout_s = cfg.rpc.timeout_s
         wire = WireFormat(cfg.rpc.wire_types, graph=cfg.train.engine == "autograd")
         self.links = [Link(name, remote, wire, cfg.rpc.timeout_s)
@@ -85,8 +86,8 @@ class Fleet:
         that has served its whole shard sits out the rest of the epoch and would only pull the
         average back) and push the average to every replica."""
         n = len(self.links)
-        if n == 1:
-            return  # one replica is its own average
+        if n == 1 or not self.replicas:
+            return  # one replica is its own average; a vertical party's segment is its own
         if self.own_weights:  # the edges fetch each other's replicas: the central only says when
             peers = [name for name in self.names if name in trained] or self.names
             self.on_all("gather_average", [(peers,)] * n)

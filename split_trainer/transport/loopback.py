@@ -109,7 +109,7 @@ class LoopbackTransport:
                       for name, secret in (edge_secrets or {}).items()}
         self._baton = threading.RLock()  # the central's compute and the edges' take turns
         # Every edge of this process reads the same data.root: load it once, carve a shard each.
-        self._loaded = PLACEMENTS[cfg.data.placement].load_on_edge(cfg)
+        self._loaded = PLACEMENTS[cfg.data.placement].load_on_edge(cfg, list(range(1, cfg.topology.edges + 1)))
         self._edges: dict[str, Edge] = {}
         self._pools: dict[str, ThreadPoolExecutor] = {}
 

@@ -175,7 +175,8 @@ def serve_edge(topo: Topology, cfg: Config) -> None:
     # An edge prints only warnings and errors, each on one line under its own name.
     warnings.showwarning = lambda message, category, *_args, **_kw: print(
         f"split_trainer: [{topo.name}] warning: {category.__name__}: {message}", file=sys.stderr, flush=True)
-    _loaded[0] = PLACEMENTS[cfg.data.placement].load_on_edge(cfg)  # a missing data folder fails here, before RPC
+    # a missing data folder fails here, before RPC
+    _loaded[0] = PLACEMENTS[cfg.data.placement].load_on_edge(cfg, [edge_number(topo.name)])
     _local_rank[0], _own[0] = topo.local_rank, cfg
     # The secret is read before RPC comes up (a bad one is one line, exit 2); an edge host of an
     # elastic fleet (launch/edge.sh) runs only edges, so a refused one stops its own agent.
