@@ -161,7 +161,7 @@ def test_the_central_gets_as_many_cores_as_the_edges_on_its_host():
 
 def test_the_configuration_reference_is_what_the_code_generates():
     """docs/configuration.md is `config --reference`'s output: a field added or redocumented in
-    config.py without regenerating the page fails here."""
+    split_trainer/config/ without regenerating the page fails here."""
     result = run([sys.executable, "-m", "split_trainer", "config", "--reference"], timeout=60)
     assert result.returncode == 0, result.stdout
     assert result.stdout == (ROOT / "docs" / "configuration.md").read_text(), \
