@@ -208,20 +208,22 @@ def test_what_a_vertical_fleet_cannot_do_is_one_line_and_exit_2(in_process, tmp_
 
 @pytest.mark.slow
 def test_a_killed_party_resumes_to_the_untouched_runs_end(loopback, mnist_root, tmp_path):
-    """torchrun, --max-restarts 2: edge2 is SIGKILLed at its 30th training call; the job resumes from
+    """torchrun, --max-restarts 2: edge2 is SIGKILLed at its 24th training call; the job resumes from
     its checkpoint and ends where the untouched run ends (the same run in one process: a loopback run
     is the RPC run, tests/test_loopback.py)."""
-    keys = {**VERTICAL, "train.max_steps": 48, "checkpoint.every_steps": 20, "rpc.activation_dtype": "int8",
-            "train.threads": 1}  # one thread per rank: reductions follow the thread count
+    # 1,024 records, 926 shared: 15 steps an epoch; flushes at 15, 16, 30 and 32. One training call a
+    # batch and one more at each flush, so edge2's 24th call falls between steps 16 and 30.
+    keys = {**VERTICAL, "data.limit_train": 1024, "train.max_steps": 32, "checkpoint.every_steps": 16,
+            "rpc.activation_dtype": "int8", "train.threads": 1}  # one thread per rank: reductions follow it
     reference = loopback(tmp_path / "a", 2, **keys)
     killed = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path / "b", edges=2, **keys), max_restarts=2),
-                 env=child_env(SPLIT_TRAINER_FAULT="edge2:train:30:kill"))
+                 env=child_env(SPLIT_TRAINER_FAULT="edge2:train:24:kill"))
     assert killed.returncode == 0, killed.stdout[-4000:]
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
-    assert summary["restarts"] == 1 and summary["resumed_from_step"] == 20 and summary["steps"] == 48
+    assert summary["restarts"] == 1 and summary["resumed_from_step"] == 16 and summary["steps"] == 32
     assert abs(summary["test_loss"] - reference["test_loss"]) < 1e-6
     cfgs = [load_config(tmp_path / d / "config.yaml") for d in ("a", "b")]
-    a, b = (checkpoint.load(checkpoint.directory(c) / "step_00000048").parts for c in cfgs)
+    a, b = (checkpoint.load(checkpoint.directory(c) / "step_00000032").parts for c in cfgs)
     for part in ("central", "edge1", "edge2"):
         for key in a[part]["module"]:
             torch.testing.assert_close(b[part]["module"][key], a[part]["module"][key], rtol=0, atol=1e-6, msg=key)
