@@ -156,6 +156,8 @@ class PartyData:
     def __init__(self, party: int, records: dict[str, Records], cfg: Config):
         self.number, self.records, self.cfg = party, records, cfg.data
         self.seed = cfg.train.seed
+        if not records["train"].ids:
+            raise ConfigError(f"party edge{party} holds no training record: check its files at its data.root")
         self.shape = tuple(records["train"].rows(torch.arange(1)).shape[1:])
         self.shared: dict[str, Tensor] = {}  # split -> rows of the shared records, in the agreed order
         self._order: tuple[int, list[Tensor]] | None = None
