@@ -150,7 +150,8 @@ def test_a_csv_fleet_aligns_its_tables_and_learns_from_both_parties(in_process, 
     (lambda root: (root / "edge2" / "test.csv").unlink(), "cannot read"),
     (lambda root: (root / "edge1" / "train.csv").write_text("id,a\nr1,0.5\nr2,high\n"), "train.csv line 3: a value"),
     (lambda root: (root / "labels" / "train.csv").write_text("id,label\nr1,0\nr1,1\n"), "an id appears twice"),
-], ids=["missing", "not a number", "id twice"])
+    (lambda root: (root / "labels" / "test.csv").write_text("id,label\nr1,0\nr2,2\n"), "labels must be whole"),
+], ids=["missing", "not a number", "id twice", "label out of range"])
 def test_a_bad_table_is_one_line_before_anything_is_written(in_process, tmp_path, damage, says):
     _tables(tmp_path / "tables")
     damage(tmp_path / "tables")

@@ -28,7 +28,7 @@ import torch
 from split_trainer.config import Config, ConfigError
 from split_trainer.data import alignment
 from split_trainer.data.batches import epoch_order, index_batches
-from split_trainer.data.datasets import Source, load, spec_of
+from split_trainer.data.datasets import LAYOUTS, Source, load, spec_of
 from split_trainer.training.route import Batch
 
 Tensor = torch.Tensor
@@ -103,7 +103,7 @@ def read_csv(path: Path, columns: Optional[list[str]] = None) -> tuple[list[str]
         with open(path, newline="") as f:
             lines = list(csv.reader(f))
     except OSError as exc:
-        raise ConfigError(f"cannot read {path} ({exc.strerror}): put the party's files as {_layout()}") from None
+        raise ConfigError(f"cannot read {path} ({exc.strerror}): put the party's files as {LAYOUTS['csv']}") from None
     if not lines or not lines[0] or lines[0][0].strip() != "id" or len(lines[0]) < 2:
         raise ConfigError(f"{path}: the first line must be a header that starts with an id column and names at least "
                           f"one more column")
@@ -122,11 +122,6 @@ def read_csv(path: Path, columns: Optional[list[str]] = None) -> tuple[list[str]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{path}: an id appears twice: ids name records, one line each")
     return ids, header, torch.tensor(values, dtype=torch.float32).reshape(len(ids), len(header) - 1)
-
-
-def _layout() -> str:
-    from split_trainer.data.datasets import LAYOUTS
-    return LAYOUTS["csv"]
 
 
 def _tables(folder: Path) -> dict[str, Table]:
@@ -171,7 +166,7 @@ class PartyData:
     def psi_answer(self, request: Tensor, count: int) -> tuple[Tensor, Tensor]:
         return alignment.answer(_prefixed({s: self.records[s].ids for s in SPLITS}), request, count)
 
-    def align(self, ids: Tensor) -> dict[str, int]:
+    def align(self, ids: Tensor) -> None:
         """Take the shared records (their prefixed ids, in the agreed order); refuse one this party
         does not hold (a PSI false positive, or another run's list)."""
         rows = {split: {rid: i for i, rid in enumerate(self.records[split].ids)} for split in SPLITS}
@@ -183,7 +178,6 @@ class PartyData:
                                    f"(restart the run)")
             shared[split].append(rows[split][rid])
         self.shared = {split: torch.tensor(rows_, dtype=torch.long) for split, rows_ in shared.items()}
-        return {split: len(rows_) for split, rows_ in shared.items()}
 
     def inputs(self, ref: Aligned) -> tuple[Tensor, None, None]:
         if ref.split == "test":
@@ -225,13 +219,13 @@ class VerticalData:
             tables = {split: read_csv(Path(cfg.data.root).expanduser() / "labels" / f"{split}.csv", ["id", "label"])
                       for split in SPLITS}
             self.ids = {split: t[0] for split, t in tables.items()}
-            self.labels = {split: t[2][:, 0].long() for split, t in tables.items()}
             classes = cfg.data.num_classes
-            bad = [s for s in SPLITS if len(self.labels[s]) and not 0 <= int(self.labels[s].min()) <= int(
-                self.labels[s].max()) < classes]
-            if bad:
-                raise ConfigError(f"{cfg.data.root}/labels/{bad[0]}.csv: labels must be 0..{classes - 1} "
-                                  f"(data.num_classes={classes})")
+            for split, (_, _, values) in tables.items():
+                labels = values[:, 0]
+                if ((labels != labels.round()) | (labels < 0) | (labels >= classes)).any():
+                    raise ConfigError(f"{cfg.data.root}/labels/{split}.csv: labels must be whole numbers "
+                                      f"0..{classes - 1} (data.num_classes={classes})")
+            self.labels = {split: t[2][:, 0].long() for split, t in tables.items()}
         else:  # the simulation reads the whole set; the label party keeps only the labels
             train, test, _ = load(cfg.data)
             self.labels = {"train": train.labels, "test": test.labels}

@@ -320,9 +320,9 @@ def main(argv: list[str]) -> int:
     # an import path as model.name runs only if args.overrides name it (load_parts refuses it otherwise)
     config, _, parts = load_parts(args.checkpoint, args.edge_parts, args.overrides)
     cfg = config_from_dict(config, args.overrides)
-    plan = plan_for(cfg, cfg.train.seed)
     if cfg.data.name == "csv":
         raise ConfigError("the audit attacks images; a csv run's parties hold tables (docs/vertical.md)")
+    plan = plan_for(cfg, cfg.train.seed)
     if cfg.data.placement != "vertical":
         plan.full.load_state_dict(merged_state(parts))
         plan.full.train()  # as the segments run while training: what the central received then

@@ -197,8 +197,8 @@ class Edge:
     def psi_answer(self, request: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data.psi_answer(request, count)
 
-    def align(self, ids: torch.Tensor) -> dict[str, int]:
-        return self.data.align(ids)
+    def align(self, ids: torch.Tensor) -> None:
+        self.data.align(ids)
 
     # -- the rest -----------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
