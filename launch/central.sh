@@ -19,7 +19,8 @@
 # The job's secret (docs/hosts-and-security.md): every edge proves it holds it before it is sent
 # anything. --secret-file F (made there when F does not exist), or SPLIT_TRAINER_SECRET or
 # SPLIT_TRAINER_SECRET_FILE in the environment; none of these: the run folder's job.secret, made
-# when there is none (mode 600). The script prints once how edge hosts join, never the secret.
+# when there is none (mode 600). The script prints once how edge hosts join (the edge command, with
+# this command's --config and arguments), never the secret.
 # Set IFNAME to the interface the edge hosts reach (e.g. eth0) when this host's name resolves to
 # 127.0.1.1. Any other arguments go to split_trainer, e.g. --set data.root=/data/mnist (edge
 # placement needs no data here at all).
@@ -39,6 +40,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 die() { echo "launch/central.sh: error: $*" >&2; exit 2; }
+# The edge command printed below carries this command's --config and split_trainer arguments, so that
+# copied as printed it joins the same job (an edge host whose data.root differs changes that one).
+same=" --config $(printf %q "$config")"
+[ ${#args[@]} -eq 0 ] || same+=$(printf ' %q' "${args[@]}")
 here="$(dirname "$0")"
 edges=$(python "$here/edges_of.py" "$config" "${args[@]+"${args[@]}"}") || exit 2
 if [ -n "${IFNAME:-}" ]; then export TP_SOCKET_IFNAME="$IFNAME" GLOO_SOCKET_IFNAME="$IFNAME"; fi
@@ -61,7 +66,7 @@ secret() {
 }
 # How edge hosts join, printed once; the secret file's path, not the secret (logs keep what is printed).
 join() { echo "central: edge hosts join with: launch/edge.sh --central $1$([ -z "$secret_file" ] || \
-  printf -- ' --secret-file %q' "$secret_file")" >&2; }
+  printf -- ' --secret-file %q' "$secret_file")$same" >&2; }
 if [[ "$hosts" =~ ^([1-9][0-9]*):([1-9][0-9]*)$ ]]; then
   least="${BASH_REMATCH[1]}" most="${BASH_REMATCH[2]}"
   [ "$least" -le "$most" ] || die "--hosts $hosts: MIN is more than MAX"

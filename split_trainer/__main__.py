@@ -1,5 +1,5 @@
 """Entry point: ``torchrun --nproc_per_node 4 -m split_trainer --config configs/mnist.yaml``, and
-the one-process commands ``evaluate``, ``export`` and ``config``."""
+the one-process commands ``evaluate``, ``export``, ``audit`` and ``config``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import os
 import sys
 
 from split_trainer.config import ConfigError, load_config
-from split_trainer.training import faults
-from split_trainer.training.failures import Terminated, short
+from split_trainer.core import faults
+from split_trainer.core.errors import short
+from split_trainer.training.failures import Terminated
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         # torch imports after argument checks
-        from split_trainer.model.plan import plan_for
+        from split_trainer.training.drivers import driver_for
         from split_trainer.transport.topology import device_for, loopback_topology, set_threads, topology_from_env
 
-        plan = plan_for(cfg, cfg.train.seed)  # an unknown model or a bad plan fails on every rank, now
+        plan = driver_for(cfg).plan(cfg, cfg.train.seed)  # an unknown model or a bad plan fails on every rank, now
         loopback = cfg.topology.transport == "loopback"
         topo = loopback_topology() if loopback else topology_from_env(cfg)
         where = f"[{topo.name}] "
@@ -56,16 +57,19 @@ def main(argv: list[str] | None = None) -> int:
             device_for(cfg.train.edge_device, "train.edge_device", 0)
         threads = set_threads(cfg.train.threads, topo)
         if topo.is_central:
+            from split_trainer.cli.console import Console
             from split_trainer.training.central import run_central
 
             def transport_for():
                 built.append(_transport(cfg, topo))
                 return built[-1]
 
-            run_central(cfg, topo, plan, threads, transport_for, args.resume, args.quiet)
+            run_central(cfg, topo, plan, threads, transport_for, Console(quiet=args.quiet), args.resume)
         else:
+            from split_trainer.training.hosting import EdgeHost
             from split_trainer.transport.rpc import serve_edge
-            serve_edge(topo, cfg)
+            from split_trainer.transport.topology import edge_number
+            serve_edge(topo, cfg, lambda: EdgeHost(cfg, [edge_number(topo.name)], topo.local_rank))
         return 0
     except ConfigError as exc:
         _say(where, str(exc))
@@ -85,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _transport(cfg, topo):
     if cfg.topology.transport == "loopback":
-        from split_trainer.transport.loopback import LoopbackTransport
-        return LoopbackTransport(cfg)
+        from split_trainer.training.hosting import loopback_transport
+        return loopback_transport(cfg)
     from split_trainer.transport.rpc import RpcTransport
     return RpcTransport(topo, cfg)
 
@@ -103,7 +107,7 @@ def _shut_down(built: list) -> None:
         pass
 
 
-COMMANDS = {"evaluate": "cli.standalone", "export": "cli.standalone", "config": "cli.reference", "audit": "privacy.audit"}
+COMMANDS = {"evaluate": "cli.standalone", "export": "cli.standalone", "config": "cli.reference", "audit": "cli.audit"}
 
 
 def _command(argv: list[str]) -> int:

@@ -22,6 +22,21 @@ MNIST = Path(os.environ.get("SPLIT_TRAINER_MNIST", ROOT.parent / "shared" / "dat
 TUTORIAL_PLAN = "[{place: edge, until: pool0}, {place: central, until: pool1}, {place: edge, until: relu2}, {place: central}]"
 
 
+THREADS = int(os.environ.get("SPLIT_TRAINER_TEST_THREADS", "3"))
+"""The intra-op threads of every test's own computations and of the equivalence tests' runs
+(train.threads in their EXACT settings): the same count on both sides, whatever the machine's
+cores or the shell's OMP_NUM_THREADS, so a one-process reference sums in the order the run does."""
+
+
+@pytest.fixture(autouse=True)
+def pinned_threads():
+    """Every test computes on ``THREADS`` intra-op threads (and gets the count it had back)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     if not (MNIST / "train-images-idx3-ubyte.gz").is_file():
@@ -96,9 +111,10 @@ def torchrun_cmd(nproc: int, *args: str, max_restarts: int = 0) -> list[str]:
 
 
 def quick_overrides(mnist: Path, run_dir: Path, edges: int, **keys: object) -> list[str]:
-    """Overrides for a small, fast run on a subset of the real MNIST."""
+    """Overrides for a small, fast run on a subset of the real MNIST, on one intra-op thread per rank
+    (what a rank of 1 central + 3 edges gets on 2 cores anyway)."""
     base = {"topology.edges": edges, "data.root": mnist, "output.run_dir": run_dir, "data.limit_train": 2048,
-            "data.limit_test": 1000, "rpc.timeout_s": 60, "logging.every_steps": 5}
+            "data.limit_test": 1000, "rpc.timeout_s": 60, "logging.every_steps": 5, "train.threads": 1}
     base.update(keys)
     return ["--set", *(f"{k}={v}" for k, v in base.items())]
 

@@ -12,8 +12,8 @@ import torch
 
 import split_trainer.__main__ as entry
 from split_trainer.config import ConfigError
+from split_trainer.training.hosting import loopback_transport
 from split_trainer.transport import admission
-from split_trainer.transport.loopback import LoopbackTransport
 
 from conftest import ROOT, Lines, child_env, end_tree, free_port, launch, quick_overrides
 
@@ -47,7 +47,7 @@ def hosts(in_process, monkeypatch):
     def arrange(central, edges):
         if central is not None:
             monkeypatch.setenv(admission.SECRET, central)
-        monkeypatch.setattr(entry, "_transport", lambda cfg, topo: built.append(LoopbackTransport(cfg, edges))
+        monkeypatch.setattr(entry, "_transport", lambda cfg, topo: built.append(loopback_transport(cfg, edges))
                             or built[-1])
         return built
     return arrange

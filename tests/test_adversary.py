@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from split_trainer.config import ConfigError, PrivacyConfig, TrainConfig, load_config
+from split_trainer.core.hops import Hop, HopKind
 from split_trainer.model.plan import build_plan
 from split_trainer.privacy.adversary import Adversary
 from split_trainer.privacy.attacks import ssim
 from split_trainer.privacy.defences import Defences
 from split_trainer.records import checkpoint
 from split_trainer.training.engines import engine_for
-from split_trainer.training.route import Hop
 from split_trainer.training.stage import Stage
 
 from conftest import quick_overrides
@@ -68,9 +68,9 @@ def test_the_adversary_term_reaches_the_edge_weights_with_both_engines(engine):
     edge = engine_for(engine, plan.places, Stage(plan.on("edge"), TrainConfig(engine=engine)), 1,
                       Defences(privacy, plan.places, adversary))
     x = _images()
-    edge.run(Hop("infer", 0, "edge"), x, None, 0.0)
+    edge.run(Hop(HopKind.INFER, 0, "edge"), x, None, 0.0)
     assert int(adversary.optimizer.state_dict()["state"].get(0, {}).get("step", 0)) == 0  # evaluation: no step
-    reply = edge.train_hop(Hop("forward", 0, "edge"), x, None, 0.0)
+    reply = edge.train_hop(Hop(HopKind.FORWARD, 0, "edge"), x, None, 0.0)
     assert int(adversary.optimizer.state_dict()["state"][0]["step"]) == 1
     out = edge.pending[0][-1][1] if engine == "relay" else reply.output
     conv = plan.segments[0].module.conv1.weight

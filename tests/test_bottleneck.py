@@ -12,7 +12,7 @@ from split_trainer.config import ConfigError, ModelConfig, load_config
 from split_trainer.data.datasets import load
 from split_trainer.model import models
 from split_trainer.model.model_file import build_model
-from split_trainer.model.plan import build_plan, describe
+from split_trainer.model.plan import build_plan, layout_text
 from split_trainer.training.local import train_local
 
 from conftest import quick_overrides
@@ -72,7 +72,7 @@ def test_without_a_bottleneck_the_model_is_build_fulls_and_with_one_the_old_laye
 
 def test_a_feature_map_gets_1x1_convolutions_and_a_vector_linear_layers():
     plan = build_plan(ModelConfig(bottleneck=8), MNIST, seed=0)
-    assert describe(plan.layout) == "edge conv1..pool_down | central pool_up..fc2" and plan.cuts == ["pool_down"]
+    assert layout_text(plan.layout) == "edge conv1..pool_down | central pool_up..fc2" and plan.cuts == ["pool_down"]
     down, up = plan.full.pool_down, plan.full.pool_up
     assert isinstance(down, nn.Conv2d) and (down.in_channels, down.out_channels, down.kernel_size) == (64, 8, (1, 1))
     assert isinstance(up, nn.Conv2d) and (up.in_channels, up.out_channels) == (8, 64)

@@ -14,6 +14,8 @@ from split_trainer.config import ConfigError, load_config
 from split_trainer.model.plan import plan_for
 from split_trainer.records import checkpoint
 from split_trainer.records.state import Progress
+from split_trainer.training.checkpointing import CentralPart
+from split_trainer.training.drivers import driver_for
 from split_trainer.training.stage import Stage
 
 from conftest import ROOT, quick_overrides, run, torchrun_cmd
@@ -73,7 +75,7 @@ def test_a_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
 
 
 def test_what_a_run_checkpoints_loads_with_weights_only(tmp_path):
-    """The parts as a run writes them (state.save): segments, optimizer state after a step, RNG,
+    """The parts as a run writes them (training.checkpointing.save): segments, optimizer state after a step, RNG,
     the progress record, an edge's place in its shard. weights_only refuses any object it does not
     know, so a part that grew one (a Path, a dataclass, a numpy array) could never resume."""
     cfg = load_config(ROOT / "configs" / "mnist.yaml")
@@ -83,9 +85,9 @@ def test_what_a_run_checkpoints_loads_with_weights_only(tmp_path):
     central.backprop(1, loss, None, torch.zeros(1), 0.05)  # one SGD step: momentum buffers in the state
     progress = Progress(step=5, seed=1, last_eval=[0.5, 0.9], edges=["edge1"], served={"edge1": 5},
                         trained=["edge1"], steps_per_epoch=9)
-    parts = {"central": {**central.part(), "progress": asdict(progress)},
+    parts = {"central": CentralPart(central, progress).state_dict(),
              "edge1": {**edge.part(), "data": {"epoch": 0, "next_batch": 5, "train_samples": 600, "test_samples": 100}}}
-    checkpoint.save(tmp_path, 5, parts, {"fingerprint": checkpoint.fingerprint(cfg, "plan")}, keep=1)
+    checkpoint.save(tmp_path, 5, parts, {"fingerprint": checkpoint.fingerprint(cfg, "plan", {})}, keep=1)
     for name in ("central", "edge1"):
         torch.load(tmp_path / "step_00000005" / f"{name}.pt", weights_only=True)
     loaded = checkpoint.load(tmp_path / "step_00000005")
@@ -97,7 +99,8 @@ def test_the_edge_count_binds_a_checkpoint_only_when_the_edges_hold_the_data():
     """Another edge count resumes (tests/test_elastic.py), except with edge-held data, whose
     shards are carved over topology.edges."""
     def fingerprint(*overrides):
-        return checkpoint.fingerprint(load_config(ROOT / "configs" / "mnist.yaml", list(overrides)), "plan")
+        cfg = load_config(ROOT / "configs" / "mnist.yaml", list(overrides))
+        return checkpoint.fingerprint(cfg, "plan", driver_for(cfg).fingerprint(cfg))
     assert fingerprint("topology.edges=2") == fingerprint("topology.edges=4")
     edge_held = "data.placement=edge"
     assert fingerprint("topology.edges=2", edge_held) != fingerprint("topology.edges=4", edge_held)

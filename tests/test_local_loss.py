@@ -15,9 +15,9 @@ from split_trainer.model.plan import plan_for
 from split_trainer.records import checkpoint
 from split_trainer.training.local_loss import EdgeHead
 
-from conftest import quick_overrides
+from conftest import THREADS, quick_overrides
 
-EXACT = {"train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
+EXACT = {"train.threads": THREADS, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
          "train.max_steps": 12, "train.seed": 5, "train.edge_loss": "local",
          "train.local_clip": 0.3}  # small enough that the clip acts
 

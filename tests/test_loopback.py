@@ -9,21 +9,21 @@ import pytest
 import torch
 
 from split_trainer.config import load_config
+from split_trainer.core.batch import Batch
+from split_trainer.core.errors import JobError
 from split_trainer.data.datasets import load
 from split_trainer.data.shards import Shard
 from split_trainer.training.central import Cadence
 from split_trainer.training.dispatch import FirstCome, Turns, shares
-from split_trainer.training.failures import JobError
 from split_trainer.training.local import train_local
-from split_trainer.training.route import Batch
 
-from conftest import TUTORIAL_PLAN, quick_overrides, run, torchrun_cmd
+from conftest import THREADS, TUTORIAL_PLAN, quick_overrides, run, torchrun_cmd
 
 PLANS = {"single cut": {"model.name": "mnist_cnn", "model.split": "pool"},
          "alternating": {"model.name": "tutorial_cnn", "model.plan": TUTORIAL_PLAN},
          "u-shaped": {"model.name": "mnist_cnn",
                       "model.plan": "[{place: edge, until: pool}, {place: central, until: dropout2}, {place: edge}]"}}
-EXACT = {"train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
+EXACT = {"train.threads": THREADS, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
          "train.max_steps": 12, "train.seed": 5}
 
 

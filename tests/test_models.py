@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from split_trainer.config import ConfigError, ModelConfig, load_config
-from split_trainer.model.plan import build_plan, describe
+from split_trainer.model.plan import build_plan, layout_text
 
 from conftest import TUTORIAL_PLAN
 
@@ -40,7 +40,7 @@ def test_the_tutorials_alternating_plan():
     assert cfg.model.split is None  # the plan says where every layer runs
     plan = build_plan(cfg.model, MNIST, seed=0)
     assert plan.places == ["edge", "central", "edge", "central"] and plan.cuts == ["pool0", "pool1", "relu2"]
-    assert describe(plan.layout) == "edge conv0..pool0 | central conv1..pool1 | edge conv2..relu2 | central avgpool..fc"
+    assert layout_text(plan.layout) == "edge conv0..pool0 | central conv1..pool1 | edge conv2..relu2 | central avgpool..fc"
     x = torch.randn(3, 1, 28, 28)
     shapes = []
     for segment in plan.segments:

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from split_trainer.config import PrivacyConfig, TrainConfig, load_config
+from split_trainer.core.hops import Hop, HopKind
 from split_trainer.model.plan import build_plan
 from split_trainer.privacy.defences import Defences, distance_correlation, epsilon
 from split_trainer.records import checkpoint
 from split_trainer.training.engines import engine_for
-from split_trainer.training.route import Hop
 from split_trainer.training.stage import Stage
 
 from conftest import child_env, quick_overrides, run, torchrun_cmd
@@ -34,13 +34,13 @@ def _edge(engine: str, **privacy) -> tuple:
 def test_activations_leave_clipped_and_noised_as_configured(engine):
     x = torch.randn(64, 1, 28, 28) * 3
     clipped, _ = _edge(engine, clip=2.0)
-    out = clipped.run(Hop("forward", 0, "edge"), x, None, 0.01).output
+    out = clipped.run(Hop(HopKind.FORWARD, 0, "edge"), x, None, 0.01).output
     norms = out.detach().flatten(1).norm(dim=1)
     assert norms.max() <= 2.0 + 1e-4 and norms.min() > 1.9  # every sample was longer than 2: all clipped
 
     noisy, _ = _edge(engine, clip=2.0, noise=0.5)
     torch.manual_seed(0)
-    noised = noisy.run(Hop("forward", 0, "edge"), x, None, 0.01).output.detach()
+    noised = noisy.run(Hop(HopKind.FORWARD, 0, "edge"), x, None, 0.01).output.detach()
     difference = noised - out.detach()  # the same weights: what is left is the noise
     assert abs(difference.mean()) < 0.01 and abs(difference.std() - 0.5 * 2.0) < 0.01
 
@@ -51,7 +51,7 @@ def test_nopeek_adds_its_gradient_to_the_edges_own(engine):
     with nothing coming back, exactly the latter."""
     x, nothing = torch.randn(32, 1, 28, 28), torch.zeros(32, 64, 12, 12)
     edge, plan = _edge(engine, nopeek=3.0)
-    reply = edge.train_hop(Hop("forward", 0, "edge"), x, None, 0.0)
+    reply = edge.train_hop(Hop(HopKind.FORWARD, 0, "edge"), x, None, 0.0)
     out = edge.pending[0][-1][1] if engine == "relay" else reply.output  # relay keeps the graph at home
     conv = plan.segments[0].module.conv1.weight
     got = torch.autograd.grad(out, conv, nothing)[0]
@@ -68,7 +68,7 @@ def test_the_returned_gradient_carries_label_noise_scaled_to_the_largest(engine)
     def returned(label_noise: float) -> torch.Tensor:
         edge, _ = _edge(engine, label_noise=label_noise)
         torch.manual_seed(1)
-        hop = Hop("turnaround" if engine == "relay" else "loss", 2, "edge")
+        hop = Hop(HopKind.TURNAROUND if engine == "relay" else HopKind.LOSS, 2, "edge")
         if engine == "relay":
             return edge.train_hop(hop, a, y, 0.0).output
         x = a.clone().requires_grad_()
@@ -228,7 +228,7 @@ def test_edge_held_weights_stay_on_the_edges_and_resume_exactly(mnist_root, tmp_
 PRIVATE_REPLIES = {
     # Every call the central may make of an edge under configs/mnist_private.yaml, and what its reply
     # may carry back; a call not named here fails the test below.
-    "describe": "where the edge runs, its threads and device, its shard's sizes",
+    "about": "where the edge runs, its threads and device, its shard's sizes",
     "run": "the activation at the first cut, the gradient at the second, the batch's loss; evaluation's scores",
     "gather_average": "nothing (the edges fetch each other's replicas)",
     "apply_average": "nothing",
@@ -259,7 +259,7 @@ def _check_reply(method: str, reply, params: dict[str, torch.Tensor], label_coun
 
     if method == "run":
         assert isinstance(reply, Reply) and reply.labels is None, reply
-    elif method == "describe":
+    elif method == "about":
         assert set(reply) == {"host", "threads", "device", "shard"} and set(reply["shard"]) == SHARD_SIZES, reply
     elif method == "save_part":
         assert set(reply) == {"bytes", "sha256"}, reply
@@ -333,7 +333,7 @@ def test_the_private_config_sends_the_central_no_input_label_count_or_edge_param
         label_counts += [_counts(shard.train.labels, spec.classes), _counts(shard.test.labels, spec.classes)]
     methods = {method for _, method, _, _ in calls}
     assert methods <= set(PRIVATE_REPLIES), f"calls the test does not classify: {methods - set(PRIVATE_REPLIES)}"
-    assert {"describe", "run", "gather_average", "save_part", "load_part"} <= methods, methods
+    assert {"about", "run", "gather_average", "save_part", "load_part"} <= methods, methods
     for _, method, reply, params in calls:
         _check_reply(method, reply, params, label_counts)
     from split_trainer.transport.wire import nbytes
@@ -345,9 +345,9 @@ def test_the_private_config_sends_the_central_no_input_label_count_or_edge_param
 
 
 def test_the_banner_says_its_epsilon_is_a_plan():
-    from split_trainer.privacy.defences import describe
+    from split_trainer.privacy.defences import banner
 
-    line = describe(PrivacyConfig(clip=1.0, noise=1.5), 6)
+    line = banner(PrivacyConfig(clip=1.0, noise=1.5), 6)
     assert f"planned: epsilon {epsilon(PrivacyConfig(clip=1.0, noise=1.5), 6):.3g} at delta 1e-05 if each " \
            "training sample is released once an epoch for 6 epochs; the summary's epsilon counts the releases" in line
 

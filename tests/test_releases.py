@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from split_trainer.training import faults
+from split_trainer.core import faults
 from split_trainer.transport.loopback import LoopbackTransport
 
 from conftest import quick_overrides

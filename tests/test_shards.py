@@ -75,11 +75,11 @@ def test_the_dispatch_order_spreads_each_edges_batches_over_the_epoch():
 def test_an_edge_tells_the_central_its_label_counts_only_when_asked(mnist):
     train, test = mnist
     cfg = DataConfig(partition="dirichlet", dirichlet_alpha=0.5)
-    kept = Shard.carve(train, test, 1, 2, cfg, seed=1, classes=10).describe()
+    kept = Shard.carve(train, test, 1, 2, cfg, seed=1, classes=10).held()
     assert kept == {"train": kept["train"], "test": kept["test"], "train_batches": -(-kept["train"] // 64),
                     "test_batches": -(-kept["test"] // 1000)}  # sizes: what an epoch's length needs
     shared = Shard.carve(train, test, 1, 2, cfg, seed=1, classes=10, label_counts=True)
-    assert shared.describe()["train_labels"] == torch.bincount(shared.train.labels, minlength=10).tolist()
+    assert shared.held()["train_labels"] == torch.bincount(shared.train.labels, minlength=10).tolist()
 
 
 @pytest.mark.parametrize("keys, shared", [

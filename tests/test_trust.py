@@ -14,7 +14,7 @@ from split_trainer.config import ConfigError, load_config
 from split_trainer.model.model_file import save_model
 from split_trainer.model.models import check_named, given_name
 from split_trainer.records import checkpoint
-from split_trainer.transport.rpc import edge_for
+from split_trainer.training.hosting import EdgeHost
 
 from conftest import quick_overrides
 
@@ -217,7 +217,7 @@ def test_a_manifest_naming_an_edge_part_that_is_no_edge_is_refused(tmp_path, in_
 
 def test_an_edge_writes_its_parts_where_its_own_config_says(tmp_path):
     """On RPC the central's config reaches the edge; where the edge writes and prunes its parts on
-    its own disk comes from the edge process's own config (transport.rpc.edge_for)."""
+    its own disk comes from the edge process's own config (training.hosting.EdgeHost)."""
     central = load_config(None, ["privacy.edge_weights=edges", f"checkpoint.dir={tmp_path / 'central_says'}",
                                  "checkpoint.keep=1"])
     own = load_config(None, [f"output.run_dir={tmp_path / 'own'}"])
@@ -225,7 +225,7 @@ def test_an_edge_writes_its_parts_where_its_own_config_says(tmp_path):
     checkpoint.save(elsewhere, 1, {"edge1": {"w": torch.ones(1)}}, {}, keep=1)  # what the edge must not prune
     (elsewhere / ".step_00000002.tmp-1").mkdir()  # nor clean up
     before = sorted(elsewhere.rglob("*"))
-    edge = edge_for("edge1", central, own)
+    edge = EdgeHost(own, [1]).build("edge1", central, peers=lambda name: None, autograd=None)
     written = [edge.save_part(step, "job") for step in (2, 3, 4)]
     folder = tmp_path / "own" / "checkpoints" / "edges" / "edge1"
     assert [p.name for p in checkpoint.complete_candidates(folder)] == ["step_00000004", "step_00000003"]

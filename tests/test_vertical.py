@@ -14,14 +14,13 @@ from split_trainer.data import alignment
 from split_trainer.data.batches import epoch_order
 from split_trainer.data.datasets import load
 from split_trainer.data.vertical import kept, party_inputs, regions
-from split_trainer.model.plan import plan_for
-from split_trainer.model.vertical import merge
+from split_trainer.model.vertical import merge, vertical_plan
 from split_trainer.records import checkpoint
 
-from conftest import MNIST, child_env, quick_overrides, run, torchrun_cmd
+from conftest import MNIST, THREADS, child_env, quick_overrides, run, torchrun_cmd
 
 VERTICAL = {"data.placement": "vertical", "data.missing": 0.05}
-EXACT = {**VERTICAL, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
+EXACT = {"train.threads": THREADS, **VERTICAL, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
          "train.max_steps": 12, "train.seed": 5}
 
 
@@ -38,9 +37,9 @@ def reference(cfg, steps: int) -> tuple[list[dict], dict]:
     same records, merged, the central's segment and the loss, one SGD step of everything."""
     train, _, _ = load(cfg.data)
     rows = torch.tensor(shared_rows(cfg, len(train)))
-    bottoms = [plan_for(cfg, cfg.train.seed, (k, party_inputs(cfg, k))).segments[0].module
+    bottoms = [vertical_plan(cfg, cfg.train.seed, (k, party_inputs(cfg, k))).segments[0].module
                for k in range(1, cfg.topology.edges + 1)]
-    top = plan_for(cfg, cfg.train.seed).segments[1].module
+    top = vertical_plan(cfg, cfg.train.seed).segments[1].module
     params = [p for m in (*bottoms, top) for p in m.parameters()]
     optimizer = torch.optim.SGD(params, lr=cfg.train.lr)
     for idx in epoch_order(len(rows), cfg.data.batch_size, cfg.train.seed, 0)[:steps]:

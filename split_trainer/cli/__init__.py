@@ -1,4 +1,4 @@
-"""The command line's one-process parts: what the person sees (console), ``evaluate`` and
-``export`` without a cluster (standalone), and the generated configuration reference.
+"""The command line's parts: what the person sees (console), the one-process commands (``evaluate``
+and ``export``: standalone; ``audit``), and the generated configuration reference.
 
-May import: config, model, data, records, training (for the console's link snapshots)."""
+May import: core, config, data, model, records, transport, privacy, training."""

@@ -22,8 +22,8 @@ from split_trainer.data.datasets import load
 from split_trainer.model.losses import loss_fn
 from split_trainer.model.model_file import build_model, read_model, save_model
 from split_trainer.model.models import Shape, check_named, given_name
-from split_trainer.records import checkpoint
-from split_trainer.training.stage import average_states
+from split_trainer.records.parts import load_parts, merged_state
+from split_trainer.training.drivers import driver_named
 from split_trainer.transport.topology import device_for
 
 
@@ -41,62 +41,10 @@ def load_merged(path: Path, edge_parts: Optional[Path] = None, overrides: Sequen
         check_named(model_cfg.get("name"), given_name(overrides), str(path))
         return {}, model_cfg, shape, state
     config, shape, parts = load_parts(path, edge_parts, overrides)
-    if config.get("data", {}).get("placement") == "vertical":
-        raise ConfigError(f"{path} is a vertical run's: one first segment per party, not replicas of one model to "
-                          f"merge; its own evaluation is in metrics.jsonl, and the audit attacks each party "
-                          f"(docs/vertical.md)")
+    refusal = driver_named(config.get("data", {}).get("placement")).refuses_merge
+    if refusal:
+        raise ConfigError(f"{path} {refusal}")
     return config, config["model"], shape, merged_state(parts)
-
-
-def merged_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The model's state_dict from a checkpoint's parts: the edge replicas averaged, the central's."""
-    edges = [parts[name]["module"] for name in sorted(parts) if name != "central"]
-    return {**average_states(edges), **parts["central"]["module"]}
-
-
-def load_parts(path: Path, edge_parts: Optional[Path] = None, overrides: Sequence[str] = ()
-               ) -> tuple[dict[str, Any], Shape, dict[str, Any]]:
-    """(config dict, data shape, every part by name: central, edge1, ...) of a checkpoint, the edges'
-    own parts found under ``edge_parts`` when they kept them."""
-    loaded = _checkpoint_at(path)
-    config, shape = loaded.manifest.get("config"), loaded.manifest.get("shape")
-    if not (isinstance(config, dict) and isinstance(config.get("model"), dict) and isinstance(shape, dict)
-            and "central" in loaded.parts):
-        raise ConfigError(f"{loaded.path} is not a central's checkpoint (no config, shape or central part): pass a "
-                          f"run's checkpoints folder, a step_NNNNNNNN folder in it or a model.pt")
-    check_named(config["model"].get("name"), given_name(overrides), str(loaded.path))
-    parts = loaded.parts
-    if "edge_parts" in loaded.manifest:
-        parts = {**parts, **_edge_parts(loaded, edge_parts or loaded.path.parent)}
-    return config, shape, parts
-
-
-def _checkpoint_at(path: Path) -> checkpoint.Loaded:
-    """The checkpoint folder ``path``, or the newest complete one in the checkpoint directory ``path``."""
-    if path.is_dir() and not (path / checkpoint.MANIFEST).is_file():
-        loaded = checkpoint.find_resumable(path, warn=lambda text: print(f"split_trainer: warning: {text}"))
-        if loaded is None:
-            raise ConfigError(f"{path} holds no complete checkpoint: pass a step_NNNNNNNN folder or a model.pt")
-        return loaded
-    return checkpoint.resolve(str(path), path.parent, warn=print)
-
-
-def _edge_parts(loaded: checkpoint.Loaded, root: Path) -> dict[str, Any]:
-    """Each edge's own part of ``loaded``'s step, verified against the central's manifest. The edge
-    names are edgeK (checkpoint.load refuses others), so ``edges/<name>/`` stays under ``root``."""
-    parts = {}
-    for name, written in loaded.manifest["edge_parts"].items():
-        folder = root / "edges" / name / loaded.path.name
-        try:
-            part = checkpoint.load(folder)
-        except ValueError as exc:
-            raise ConfigError(f"{name}'s part of {loaded.path}: {exc}; pass --edge-parts DIR, the folder that holds "
-                              f"edges/{name}/ as that edge wrote it") from None
-        if part.manifest["files"].get(f"{name}.pt", {}).get("sha256") != written["sha256"]:
-            raise ConfigError(f"{folder} is not the part {loaded.path} names (another run's?): pass the right "
-                              f"--edge-parts DIR")
-        parts[name] = part.parts[name]
-    return parts
 
 
 def evaluate(model: nn.Module, cfg: Config, device: torch.device) -> tuple[float, float]:

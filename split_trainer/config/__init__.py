@@ -4,6 +4,8 @@ Every check lives here so that a bad value fails on every rank before any proces
 agent or data set is touched: each section's own in its ``__post_init__`` (job.py: topology,
 model, data; run.py: train, rpc, privacy, output, checkpoint, logging), the checks across
 sections in whole.py, types and overrides in loading.py. Import everything from here.
+
+May import: core.
 """
 
 from split_trainer.config.errors import ConfigError

@@ -1,10 +1,8 @@
-"""The one kind of error a config raises, and the one-line check that raises it."""
+"""The one-line check that raises a config's error (core.errors.ConfigError)."""
 
 from __future__ import annotations
 
-
-class ConfigError(ValueError):
-    """A usage or configuration mistake: reported as one line, exit code 2."""
+from split_trainer.core.errors import ConfigError
 
 
 def _require(ok: bool, message: str) -> None:

@@ -38,8 +38,8 @@ class TopologyConfig:
 class ModelConfig:
     """The network and where each of its layers runs (docs/plans.md)."""
     name: str = "mnist_cnn"
-    """A registered architecture (mnist_cnn, tutorial_cnn, resnet_small), or an import path
-    package.module:function to a function of yours that returns an nn.Sequential
+    """A registered architecture (mnist_cnn, tutorial_cnn, resnet_small; mlp for tables), or an
+    import path package.module:function to a function of yours that returns an nn.Sequential
     (docs/data-and-models.md)."""
     args: dict = field(default_factory=dict)
     """Keyword arguments for the model function (an import path's, or a registered model's:

@@ -8,7 +8,6 @@ from typing import Literal, Optional
 
 from split_trainer.config.errors import _require
 
-
 MOST_IN_FLIGHT = {"central": 3, "local": 8}
 """The most batches in flight per edge, by train.edge_loss: under the central's loss each one past
 the first is a step staler; under a local loss only memory and the central's pace bound it."""

@@ -1,5 +1,6 @@
 """Data and where it lives: data sets by name, seeded batch order and augmentation, edge-held
-shards, vertically partitioned records and their alignment by private set intersection, and
-placement (central-held data, edge-held shards, or a vertical fleet's parties).
+shards, records split by feature and their alignment by private set intersection, and the
+placements' data (central-held data, edge-held shards, parties holding features of the same
+records), each the central's side and the edge's.
 
-May import: config, and training.route for the batch record. Nothing distributed."""
+May import: core, config. Nothing distributed."""

@@ -72,7 +72,7 @@ def spec_of(cfg: DataConfig, root_classes: Optional[int] = None) -> Spec:
     when this rank holds it, else data.num_classes)."""
     if cfg.name == "emnist":
         return dataclasses.replace(SPECS["emnist"], classes=EMNIST_CLASSES[cfg.emnist_split])
-    if cfg.name == "csv":  # a table: features are the parties' (data.vertical), standardised by each
+    if cfg.name == "csv":  # a table: each party holds and standardises its own columns
         return Spec(1, 1, cfg.num_classes, (0.0,), (1.0,))
     if cfg.name != "image_folder":
         return SPECS[cfg.name]

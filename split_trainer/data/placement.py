@@ -17,10 +17,8 @@ data set, or one edge's shard) releases each of them once, so the most any sampl
 released is the number of passes over it started (plus, after a failure, the passes redone: the
 central's ledger, privacy.defences.Releases).
 
-    vertical every edge is a party holding some features of the same records, the central the labels
-             (data.vertical: VerticalData)
-
-Another placement is one more class with the same methods, named in ``PLACEMENTS``.
+Another placement is one more class with the same methods, and a driver on the central
+(training.drivers names each placement's).
 """
 
 from __future__ import annotations
@@ -31,11 +29,10 @@ from typing import Any, Iterator, Optional, Protocol
 import torch
 
 from split_trainer.config import Config
+from split_trainer.core.batch import Batch
 from split_trainer.data.batches import batch_loader, crop_flip, epoch_order, index_batches
 from split_trainer.data.datasets import Source, Spec, load, spec_of
 from split_trainer.data.shards import Shard, ShardBatch, rotation
-from split_trainer.data.vertical import VerticalData
-from split_trainer.training.route import Batch
 
 Tensor = torch.Tensor
 Score = tuple[float, int, int]  # summed loss, correct predictions, samples
@@ -47,12 +44,9 @@ class Placement(Protocol):
     """The central's side of a placement."""
     steps_per_epoch: int
 
-    def align(self, fleet: Any) -> None:
-        """The fleet is up, before ``bind``: agree with the edges on the records (vertical only)."""
-
-    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int],
+    def bind(self, reports: list[dict[str, Any]], names: list[str], served: dict[str, int],
              releases: dict[str, int]) -> None:
-        """The fleet is up: ``described`` holds every present edge's ``edge.describe``; ``served``
+        """The fleet is up: ``reports`` holds every present edge's ``Edge.about``; ``served``
         counts each edge's training batches so far, by name, and ``releases`` the passes started
         over each set of training samples (both the progress record's, updated here)."""
 
@@ -78,7 +72,7 @@ class Placement(Protocol):
     def eval_record(self, scores: dict[tuple[int, int], Score], names: list[str]) -> dict[str, Any]:
         """What the evaluation record adds to the totals."""
 
-    def describe(self, names: list[str]) -> str:
+    def banner(self, names: list[str]) -> str:
         """The banner's data line."""
 
     def files(self, names: list[str]) -> dict[str, Any]:
@@ -87,6 +81,9 @@ class Placement(Protocol):
 
 class EdgeSide(Protocol):
     """An edge's side of a placement: what it makes of the first hop's input."""
+    calls: tuple[str, ...]
+    """Calls of the central's that this side answers itself (its methods of those names), beside the
+    edge's own (training.edge.CALLS)."""
 
     def inputs(self, source: Any) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """(inputs, their labels when this edge holds them, the labels to send the central)."""
@@ -96,7 +93,7 @@ class EdgeSide(Protocol):
 
     def load_state(self, saved: dict[str, Any]) -> None: ...
 
-    def describe(self) -> Optional[dict[str, Any]]:
+    def held(self) -> Optional[dict[str, Any]]:
         """Sizes and label counts of the data this edge holds, if any."""
 
 
@@ -124,12 +121,9 @@ class CentralData:
         self.edges = 0
         self.releases: dict[str, int] = {}
 
-    def align(self, fleet: Any) -> None:
-        pass  # every batch is one edge's: nothing to agree on
-
-    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int],
+    def bind(self, reports: list[dict[str, Any]], names: list[str], served: dict[str, int],
              releases: dict[str, int]) -> None:
-        self.edges, self.releases = len(described), releases
+        self.edges, self.releases = len(reports), releases
 
     def batches(self, epoch: int, position: int) -> Iterator[Batch]:
         start = epoch * self.steps_per_epoch
@@ -161,7 +155,7 @@ class CentralData:
     def eval_record(self, scores: dict[tuple[int, int], Score], names: list[str]) -> dict[str, Any]:
         return {}  # every edge evaluates the same kind of data: the total says it
 
-    def describe(self, names: list[str]) -> str:
+    def banner(self, names: list[str]) -> str:
         return (f"{_spec_text(self.cfg, self.spec)} at {self.cfg.data.root} on the central ({len(self.train)} train / "
                 f"{len(self.test)} test), inputs sent to the edges")
 
@@ -194,12 +188,9 @@ class EdgeData:
         self.served: dict[str, int] = {}
         self.releases: dict[str, int] = {}
 
-    def align(self, fleet: Any) -> None:
-        pass  # every batch is one edge's: nothing to agree on
-
-    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int],
+    def bind(self, reports: list[dict[str, Any]], names: list[str], served: dict[str, int],
              releases: dict[str, int]) -> None:
-        self.shards, self.names, self.served, self.releases = [d["shard"] for d in described], names, served, releases
+        self.shards, self.names, self.served, self.releases = [r["shard"] for r in reports], names, served, releases
         self.rotation = rotation([s["train_batches"] for s in self.shards])
         self.steps_per_epoch = len(self.rotation)
 
@@ -236,7 +227,7 @@ class EdgeData:
         return {"per_edge": {name: sum(s[1] for s in p) / max(sum(s[2] for s in p), 1)
                              for name, p in zip(names, per_edge)}}
 
-    def describe(self, names: list[str]) -> str:
+    def banner(self, names: list[str]) -> str:
         cfg = self.cfg.data
         shards = "; ".join(f"{name} {s['train']} train / {s['test']} test"
                            + (f", labels {s['train_labels']}" if "train_labels" in s else "")
@@ -271,6 +262,7 @@ class EdgeData:
 
 class CallInputs:
     """An edge's data under central placement: the inputs arrive with each call."""
+    calls = ()
 
     def inputs(self, source: Tensor) -> tuple[Tensor, None, None]:
         return source, None, None
@@ -283,7 +275,7 @@ class CallInputs:
             raise RuntimeError("the checkpoint was written with the data on the edges (data.placement=edge): "
                                "resume with the same placement, or --resume never")
 
-    def describe(self) -> None:
+    def held(self) -> None:
         return None
 
 
@@ -295,11 +287,3 @@ def shares_label_counts(cfg: Config) -> bool:
         return cfg.data.share_label_counts
     loss_on_central = cfg.model.plan is None or cfg.model.plan[-1]["place"] == "central"
     return loss_on_central and cfg.privacy.edge_weights == "central"
-
-
-PLACEMENTS = {"central": CentralData, "edge": EdgeData, "vertical": VerticalData}
-
-
-def placement_for(cfg: Config, labels_here: bool) -> Placement:
-    """The central's side of ``data.placement``; ``labels_here``: the loss is on the central."""
-    return PLACEMENTS[cfg.data.placement](cfg, labels_here)

@@ -82,11 +82,12 @@ def partition(train_labels: Tensor, test_labels: Tensor, edges: int, cfg: DataCo
 class Shard:
     """One edge's training and test samples, the batches it reads from them, and where it stands
     in its own training data (saved in the edge's checkpoint part)."""
+    calls = ()  # it answers no call of its own (data.placement.EdgeSide)
 
     def __init__(self, train: Source, test: Source, edge: int, cfg: DataConfig, seed: int, classes: int = 0,
                  label_counts: bool = False):
         self.train, self.test, self.cfg, self.classes = train, test, cfg, classes
-        self.label_counts = label_counts  # describe tells the central the per-class counts (data.share_label_counts)
+        self.label_counts = label_counts  # held() tells the central the per-class counts (data.share_label_counts)
         self.seed = seed * 1_009 + edge  # each edge its own batch order
         self.position = (0, 0)  # (epoch, next batch) of the training data
         self._order: tuple[int, list[Tensor]] | None = None
@@ -96,7 +97,7 @@ class Shard:
     def carve(cls, train: Source, test: Source, edge: int, edges: int, cfg: DataConfig, seed: int,
               classes: int = 0, label_counts: bool = False) -> "Shard":
         """Edge ``edge`` (1..N) of ``edges``: its part of (train, test) under ``cfg.partition``;
-        ``label_counts``: whether ``describe`` gives the central its per-class counts."""
+        ``label_counts``: whether ``held`` gives the central its per-class counts."""
         if cfg.partition != "local":
             train_idx, test_idx = partition(train.labels, test.labels, edges, cfg, seed, cfg.batch_size)[edge - 1]
             train = train.subset(train_idx)
@@ -134,7 +135,7 @@ class Shard:
             self.position = (ref.epoch, ref.index + 1)
         return x, y, y if ref.labels else None
 
-    def describe(self) -> dict[str, Any]:
+    def held(self) -> dict[str, Any]:
         """What the central prints and writes to partition.json: the sizes, which it needs (an
         epoch's length), and the per-class counts only when this edge shares them: with the labels
         kept on the edges they would tell the central each edge's class mix."""

@@ -26,10 +26,10 @@ from typing import Any, Iterator, Optional, Protocol
 import torch
 
 from split_trainer.config import Config, ConfigError
+from split_trainer.core.batch import Batch
 from split_trainer.data import alignment
 from split_trainer.data.batches import epoch_order, index_batches
 from split_trainer.data.datasets import LAYOUTS, Source, load, spec_of
-from split_trainer.training.route import Batch
 
 Tensor = torch.Tensor
 SPLITS = ("train", "test")
@@ -147,6 +147,7 @@ def _prefixed(ids: dict[str, list[str]]) -> list[str]:
 class PartyData:
     """A party's side (an edge's EdgeSide): its records, its answer to the alignment, and the
     features of the shared records a reference names."""
+    calls = ("psi_answer", "align")  # the label party's alignment, answered on the party (data.alignment)
 
     def __init__(self, party: int, records: dict[str, Records], cfg: Config):
         self.number, self.records, self.cfg = party, records, cfg.data
@@ -202,7 +203,7 @@ class PartyData:
                                    f"the checkpoint: the parties' records changed; resume with the same data")
         self.position = (saved.get("epoch", 0), saved.get("next_batch", 0))
 
-    def describe(self) -> dict[str, Any]:
+    def held(self) -> dict[str, Any]:
         """What the banner says of this party: how many records it holds, and their feature shape."""
         return {"train": len(self.records["train"].ids), "test": len(self.records["test"].ids),
                 "features": list(self.shape)}
@@ -232,7 +233,7 @@ class VerticalData:
             self.ids = {split: [str(i) for i in range(len(self.labels[split]))] for split in SPLITS}
         self.shared: dict[str, Tensor] = {}
         self.steps_per_epoch = 0
-        self.described: list[dict[str, Any]] = []
+        self.parties: list[dict[str, Any]] = []  # what each party holds (PartyData.held)
         self.releases: dict[str, int] = {}
         self.seconds = 0.0  # the alignment's wall time
 
@@ -256,9 +257,9 @@ class VerticalData:
         self.steps_per_epoch = -(-len(self.shared["train"]) // self.cfg.data.batch_size)
         self.seconds = time.perf_counter() - started
 
-    def bind(self, described: list[dict[str, Any]], names: list[str], served: dict[str, int],
+    def bind(self, reports: list[dict[str, Any]], names: list[str], served: dict[str, int],
              releases: dict[str, int]) -> None:
-        self.described, self.releases = [d["shard"] for d in described], releases
+        self.parties, self.releases = [r["shard"] for r in reports], releases
 
     def batches(self, epoch: int, position: int) -> Iterator[Batch]:
         start = epoch * self.steps_per_epoch
@@ -289,13 +290,13 @@ class VerticalData:
     def counts(self, names: list[str]) -> dict[str, Any]:
         """Records per party and split, the label party's, and those all share (alignment.json)."""
         return {"label_party": {s: len(self.ids[s]) for s in SPLITS},
-                **{name: {s: d[s] for s in SPLITS} for name, d in zip(names, self.described)},
+                **{name: {s: d[s] for s in SPLITS} for name, d in zip(names, self.parties)},
                 "shared": {s: len(self.shared[s]) for s in SPLITS}}
 
-    def describe(self, names: list[str]) -> str:
+    def banner(self, names: list[str]) -> str:
         counts = self.counts(names)
         held = "; ".join(f"{name} {counts[name]['train']:,} train / {counts[name]['test']:,} test, features "
-                         f"{'x'.join(map(str, d['features']))}" for name, d in zip(names, self.described))
+                         f"{'x'.join(map(str, d['features']))}" for name, d in zip(names, self.parties))
         label = counts["label_party"]
         what = f"{self.cfg.data.name} ({self.cfg.data.regions} of each image)" if self.cfg.data.name != "csv" else "csv"
         return (f"{what}, vertical: {held}; labels on the central {label['train']:,} / {label['test']:,}; shared by "

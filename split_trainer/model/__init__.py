@@ -1,6 +1,5 @@
 """The model and its cuts: architectures (the registry, import paths), plans that cut a model into
-segments, a vertical fleet's model (a first segment per party, the merge), and the standalone model
-file.
+segments, a model of parties (a first segment per party, the merge), the training loss, and the
+standalone model file.
 
-May import: config, and data for the data set's shape and a vertical fleet's regions. Nothing
-distributed."""
+May import: core, config, data (the data set's shape, the parties' features). Nothing distributed."""

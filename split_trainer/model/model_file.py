@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from split_trainer.config import ConfigError, config_from_dict
+from split_trainer.core.files import atomic_write
 from split_trainer.model.models import Shape
 from split_trainer.model.plan import build_plan
-from split_trainer.records.files import atomic_write
 
 
 def save_model(path: Path, model_cfg: dict[str, Any], shape: Shape, state: dict[str, torch.Tensor]) -> None:

@@ -3,7 +3,8 @@
 An import path runs code, so it is taken only from the person running the command (a config file
 or ``--set``), never from a file the trainer reads: a checkpoint or a ``model.pt`` may come from
 anyone, and one naming an import path is refused unless the user names the same path
-(``check_named``, applied where such a file's model config is read: cli.standalone.load_merged).
+(``check_named``, applied where such a file's model config is read: records.parts.load_parts and
+cli.standalone.load_merged).
 
 Every architecture is an ``nn.Sequential`` whose layers have names, so that a plan
 (split_trainer.model.plan) can cut it between any two of them. A builder gets the model config and the
@@ -119,7 +120,7 @@ def resnet_small(cfg: ModelConfig, shape: Shape) -> nn.Sequential:
 
 @register("mlp")
 def mlp(cfg: ModelConfig, shape: Shape) -> nn.Sequential:
-    """A multilayer perceptron for tables (data.name: csv; a vertical party's width is its
+    """A multilayer perceptron for tables (data.name: csv; a party's width is its
     ``in_features``): flatten, a linear layer and a ReLU per width in model.args.hidden (default
     [64, 32]: fc1 relu1 fc2 relu2), then fc3 to the classes. Cut it after relu1."""
     width = shape.get("in_features") or shape["in_channels"] * shape["image_size"] ** 2

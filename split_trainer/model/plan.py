@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from torch import nn
@@ -20,7 +20,6 @@ from torch import nn
 from split_trainer.config import Config, ConfigError, ModelConfig
 from split_trainer.data.datasets import spec_of
 from split_trainer.model.models import Shape, build_full
-from split_trainer.model.vertical import Inputs, bottom, merged_width, stand_in, top
 
 Place = Literal["edge", "central"]
 
@@ -68,7 +67,7 @@ class Plan:
         return {s.index: s.module for s in self.segments if s.place == place}
 
 
-def describe(layout: list) -> str:
+def layout_text(layout: list) -> str:
     """``edge conv1..pool | central dropout1..fc2``: a layout in one short line."""
     return " | ".join(f"{place} {layers[0]}..{layers[-1]}" if len(layers) > 1 else f"{place} {layers[0]}"
                       for place, layers in layout)
@@ -78,7 +77,7 @@ def _segments_of(cfg: ModelConfig) -> list[dict]:
     return cfg.plan if cfg.plan is not None else [{"place": "edge", "until": cfg.split}, {"place": "central"}]
 
 
-def _check(cfg: ModelConfig, names: list[str]) -> list[int]:
+def segment_ends(cfg: ModelConfig, names: list[str]) -> list[int]:
     """The index one past each segment's last layer, or a ConfigError naming what is wrong."""
     spec = _segments_of(cfg)
     what = "model.plan" if cfg.plan is not None else "model.split"
@@ -197,7 +196,7 @@ def build_plan(cfg: ModelConfig, shape: Shape, seed: int) -> Plan:
         torch.manual_seed(seed)
         full = build_full(cfg, shape)
         names = list(full._modules)
-        ends = _check(cfg, names)
+        ends = segment_ends(cfg, names)
         spec = _segments_of(cfg)
         if cfg.bottleneck is not None:
             full, ends = _with_bottleneck(full, ends, [s["place"] for s in spec], cfg.bottleneck, shape)
@@ -212,31 +211,7 @@ def build_plan(cfg: ModelConfig, shape: Shape, seed: int) -> Plan:
     return Plan(cfg.name, segments, full, shape, rng)
 
 
-def plan_for(cfg: Config, seed: int, party: Optional[tuple[int, Inputs]] = None) -> Plan:
-    """The configured model for the configured data set, cut by the configured plan. A vertical
-    fleet's (data.placement: vertical): ``party`` (number, feature shape)'s first segment, and the
-    central's segment; the central's plan (``party`` None) carries party 1's as a stand-in."""
-    if cfg.data.placement == "vertical":
-        return _vertical_plan(cfg, seed, party)
+def plan_for(cfg: Config, seed: int) -> Plan:
+    """The configured model for the configured data set, cut by the configured plan (the plan of
+    a placement whose edges hold segments of their own comes from its driver, training.drivers)."""
     return build_plan(cfg.model, spec_of(cfg.data).shape(), seed)
-
-
-def _vertical_plan(cfg: Config, seed: int, party: Optional[tuple[int, Inputs]]) -> Plan:
-    from split_trainer.data.vertical import party_inputs
-
-    shape = spec_of(cfg.data).shape()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        full = build_full(cfg.model, shape)
-        names = list(full._modules)
-        end = _check(cfg.model, names)[0]
-        inputs = [stand_in(party_inputs(cfg, k)) for k in range(1, cfg.topology.edges + 1)]
-        parts = [output_shape(bottom(cfg, shape, k, shaped, end), shaped, torch.device("cpu"))
-                 for k, shaped in enumerate(inputs, 1)]
-        central = top(full, end, merged_width(parts, cfg.model.merge))
-        rng = torch.get_rng_state()
-    number, own = party or (1, inputs[0])
-    first = bottom(cfg, shape, number, own, end)
-    segments = [Segment(0, "edge", tuple(names[:end]), first), Segment(1, "central", tuple(names[end:]), central)]
-    return Plan(cfg.model.name, segments, nn.Sequential(OrderedDict([*first.named_children(),
-                                                                     *central.named_children()])), shape, rng)

@@ -19,7 +19,10 @@ import torch
 from torch import nn
 
 from split_trainer.config import Config, ConfigError
+from split_trainer.data.datasets import spec_of
+from split_trainer.data.vertical import party_inputs
 from split_trainer.model.models import Shape, build_full
+from split_trainer.model.plan import Plan, Segment, output_shape, segment_ends
 
 Tensor = torch.Tensor
 Inputs = tuple[int, ...]
@@ -95,3 +98,24 @@ def stand_in(inputs: Optional[Inputs]) -> Inputs:
     checks each party's real activation shape when the fleet is up (a model whose first segment's
     output width depends on its input width is refused there)."""
     return inputs if inputs is not None else (1,)
+
+
+def vertical_plan(cfg: Config, seed: int, party: Optional[tuple[int, Inputs]] = None) -> Plan:
+    """Party ``party`` (number, feature shape)'s first segment and the central's segment; the
+    central's plan (``party`` None) carries party 1's as a stand-in."""
+    shape = spec_of(cfg.data).shape()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        full = build_full(cfg.model, shape)
+        names = list(full._modules)
+        end = segment_ends(cfg.model, names)[0]
+        inputs = [stand_in(party_inputs(cfg, k)) for k in range(1, cfg.topology.edges + 1)]
+        parts = [output_shape(bottom(cfg, shape, k, shaped, end), shaped, torch.device("cpu"))
+                 for k, shaped in enumerate(inputs, 1)]
+        central = top(full, end, merged_width(parts, cfg.model.merge))
+        rng = torch.get_rng_state()
+    number, own = party or (1, inputs[0])
+    first = bottom(cfg, shape, number, own, end)
+    segments = [Segment(0, "edge", tuple(names[:end]), first), Segment(1, "central", tuple(names[end:]), central)]
+    return Plan(cfg.model.name, segments, nn.Sequential(OrderedDict([*first.named_children(),
+                                                                     *central.named_children()])), shape, rng)

@@ -1,4 +1,4 @@
 """Privacy: the defences at the cut (applied on the edge), a curious central's attacks, and the
-audit that runs them on a checkpoint.
+audit's machinery that runs them on a checkpoint's segments (the command is cli.audit).
 
-May import: config, model, data, training.route, training.stage (on_cpu), records."""
+May import: core, config, data, model, records."""

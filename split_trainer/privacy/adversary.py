@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from split_trainer.config import PrivacyConfig
+from split_trainer.core.tensors import on_cpu
 from split_trainer.model.plan import output_shape
 from split_trainer.privacy.attacks import ssim
-from split_trainer.training.stage import on_cpu
 
 Tensor = torch.Tensor
 

@@ -1,15 +1,14 @@
-"""``python -m split_trainer audit``: what an honest-but-curious central could learn of the edges'
-data, measured on the model at a checkpoint, with exactly what the central receives under that
-run's config (its defences included). One process, no cluster.
+"""What an honest-but-curious central could learn of the edges' data, measured on the model at a
+checkpoint, with exactly what the central receives under that run's config (its defences
+included): the attacks of split_trainer.privacy.attacks, run at every cut whose activation reaches
+the central, scored, and pictured. The command is ``python -m split_trainer audit`` (cli.audit);
+which segments it attacks is the run's placement driver's business (``AuditTarget``).
 
-    python -m split_trainer audit --checkpoint runs/mnist/checkpoints [--set data.root=DIR]
-
-At every cut whose activation reaches the central it attacks the inputs (split_trainer.privacy.attacks):
-decoders and an optimisation that know the edge weights (what the central has when it holds
-them, and an upper bound when the edges keep them), and UnSplit, which knows only the
-architecture. Private images come from the training split, public ones (the decoders' training
-set) from the test split. In a U-shaped plan it also attacks the labels. Writes audit.json and
-audit.png (originals above their reconstructions) and prints a table.
+At every such cut it attacks the inputs: decoders and an optimisation that know the edge weights
+(what the central has when it holds them, and an upper bound when the edges keep them), and
+UnSplit, which knows only the architecture. Private images come from the training split, public
+ones (the decoders' training set) from the test split. In a U-shaped plan it also attacks the
+labels.
 
 The decoder attack trains one decoder per capacity (``--decoders``, default ``small,residual``),
 each from scratch on the same public images for the same budget (``decoder_budget`` in
@@ -17,8 +16,8 @@ audit.json). Each has its row, ``decoder[small]``, ``decoder[residual]``; the ro
 the worst case among them at that cut (the highest re-identification, then SSIM; ``worst_of``
 names it), and is the one the picture shows: an edge trained against a decoder of its own
 (privacy.adversary) is judged by the decoder that beats it, not by the one it learned to fool.
-Nothing trained on an edge but its segment's weights is used (load_merged takes each part's
-``module`` only).
+Nothing trained on an edge but its segment's weights is used (records.parts.merged_state takes
+each part's ``module`` only).
 """
 
 from __future__ import annotations
@@ -26,66 +25,38 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from split_trainer.cli.standalone import load_parts, merged_state
-from split_trainer.config import Config, ConfigError, PrivacyConfig, config_from_dict
+from split_trainer.config import Config, PrivacyConfig
+from split_trainer.core.files import atomic_write
+from split_trainer.core.hops import Hop, HopKind
 from split_trainer.data.datasets import Source, load
-from split_trainer.data.vertical import party_inputs, regions
-from split_trainer.model.losses import Loss, loss_fn
-from split_trainer.model.plan import Plan, plan_for
+from split_trainer.model.losses import Loss
+from split_trainer.model.plan import Plan
 from split_trainer.privacy import attacks
-from split_trainer.privacy.defences import Defences, epsilon
-from split_trainer.records import checkpoint
-from split_trainer.records.files import atomic_write, write_json
-from split_trainer.training.route import Hop
+from split_trainer.privacy.defences import Defences
 
 Tensor = torch.Tensor
 
 
-def _count(text: str) -> int:
-    """A number of images, epochs or steps: an attack on none of them would report NaN."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return int(text)
+@dataclasses.dataclass
+class AuditTarget:
+    """Segments to attack: ``plan`` with the checkpoint's weights, its ``cuts`` (cut index, the
+    report's name for it), and for a part of the inputs (a party's region of the images) how the images
+    are cropped to it (``crop``) and its reconstructions put back in place (``placed``)."""
+    plan: Plan
+    cuts: list[tuple[int, str]]
+    crop: Optional[Callable[[Tensor], Tensor]] = None
+    placed: Optional[Callable[[Tensor], Tensor]] = None
 
 
-def _decoders(text: str) -> tuple[str, ...]:
-    """A comma-separated choice of decoder capacities, in the order they are trained."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in attacks.DECODERS]
-    if unknown or not names:
-        what = f"{', '.join(unknown)}: not a decoder" if unknown else f"{text!r} names no decoder"
-        raise argparse.ArgumentTypeError(f"{what}; choose among {','.join(attacks.DECODERS)}")
-    return tuple(name for name in attacks.DECODERS if name in names)
-
-
-def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m split_trainer audit", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder or checkpoint directory")
-    parser.add_argument("--edge-parts", type=Path, metavar="DIR", help="as for export, with edge-held weights")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", type=Path, help="folder for audit.json and audit.png (default: beside the checkpoints)")
-    parser.add_argument("--public", type=_count, default=5000, help="public images (test split) the decoders train on")
-    parser.add_argument("--private", type=_count, default=2000, help="private training images attacked by the decoders")
-    parser.add_argument("--reidentify", type=_count, default=200, help="of those, how many are re-identified")
-    parser.add_argument("--candidates", type=_count, default=100, help="same-class private images to pick each from")
-    parser.add_argument("--decoder-epochs", type=_count, default=30, help="each decoder's passes over the public set")
-    parser.add_argument("--decoders", type=_decoders, default=attacks.DECODERS, metavar="NAMES",
-                        help=f"decoder capacities, comma-separated, each reported and their worst case too "
-                             f"(default {','.join(attacks.DECODERS)})")
-    parser.add_argument("--inversions", type=_count, default=8, help="images attacked by optimisation, with weights")
-    parser.add_argument("--inversion-steps", type=_count, default=300)
-    parser.add_argument("--unsplit", type=_count, default=64, help="images attacked by UnSplit (no weights)")
-    parser.add_argument("--unsplit-rounds", type=_count, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv[1:])
-    if args.reidentify > args.private:
-        parser.error(f"--reidentify {args.reidentify} is more than the --private {args.private} images attacked")
-    return args
+def edge_cuts(plan: Plan) -> list[tuple[int, str]]:
+    """Every cut whose activation goes from an edge to the central (one the central made itself
+    teaches it nothing)."""
+    return [(cut, f"after {name}") for cut, name in enumerate(plan.cuts) if plan.places[cut] == "edge"]
 
 
 class Views:
@@ -101,7 +72,7 @@ class Views:
     def _through(self, x: Tensor, defences: Defences) -> Tensor:
         for i, segment in enumerate(self.plan.segments[:self.cut + 1]):
             out = segment.module(x)
-            x = defences.outgoing(Hop("infer", i, segment.place), x, out)
+            x = defences.outgoing(Hop(HopKind.INFER, i, segment.place), x, out)
         return x
 
     def received(self, x: Tensor) -> Tensor:
@@ -115,7 +86,7 @@ def _pixels(x: Tensor, source: Source) -> Tensor:
     return (x * source.std.view(1, -1, 1, 1) + source.mean.view(1, -1, 1, 1)).clamp(0, 1)
 
 
-def _data(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+def audit_data(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
     """Public images (test split) and a seeded pool of private training images, with labels."""
     train, test, spec = load(cfg.data)
     gen = torch.Generator().manual_seed(args.seed)
@@ -170,15 +141,16 @@ def _worst_case(found: dict, data: dict, args: argparse.Namespace, knows_weights
     return rows, shown, kind
 
 
-def _attack_inputs(plan: Plan, cfg: Config, data: dict, args: argparse.Namespace
-                   ) -> tuple[dict[str, Any], list[tuple[str, tuple[Tensor, Tensor]]], dict[str, Any]]:
-    """Every cut whose activation goes from an edge to the central, attacked: the report's rows
-    per cut, the picture's captioned rows, and the decoders' budget (the same for every capacity)."""
+def attack(targets: list[AuditTarget], cfg: Config, data: dict, args: argparse.Namespace
+           ) -> tuple[dict[str, Any], list[tuple[str, tuple[Tensor, Tensor]]], dict[str, Any]]:
+    """Every target's cuts attacked: the report's rows per cut, the picture's captioned rows, and
+    the decoders' budget (the same for every capacity)."""
     cuts, pictures, budget = {}, [], _budget(data, args)
-    for cut, name in enumerate(plan.cuts):
-        if plan.places[cut] != "edge":  # an activation the central made itself: nothing to learn
-            continue
-        _attack_cut(plan, cut, f"after {name}", cfg, data, args, (cuts, pictures, budget))
+    for target in targets:
+        own = data if target.crop is None else {
+            **data, **{key: target.crop(data[key]) for key in ("public", "public_pixels", "pool", "pool_pixels")}}
+        for cut, where in target.cuts:
+            _attack_cut(target.plan, cut, where, cfg, own, args, (cuts, pictures, budget), target.placed)
     return cuts, pictures, budget
 
 
@@ -203,29 +175,6 @@ def _attack_cut(plan: Plan, cut: int, where: str, cfg: Config, data: dict, args:
         budget["parameters"][kind][where] = count
 
 
-def _attack_parties(cfg: Config, parts: dict[str, Any], data: dict, args: argparse.Namespace
-                    ) -> tuple[dict[str, Any], list[tuple[str, tuple[Tensor, Tensor]]], dict[str, Any]]:
-    """A vertical run: each party's first segment attacked on its own region of the images, as the
-    central receives it from that party (docs/vertical.md)."""
-    cuts, pictures, budget = {}, [], _budget(data, args)
-    for k, (rows, cols) in enumerate(regions(cfg), 1):
-        plan = plan_for(cfg, cfg.train.seed, (k, party_inputs(cfg, k)))
-        plan.segments[0].module.load_state_dict(parts[f"edge{k}"]["module"])
-        plan.full.train()
-
-        def crop(t: Tensor) -> Tensor:
-            return t[:, :, rows, cols].contiguous()
-
-        def placed(images: Tensor) -> Tensor:
-            canvas = torch.zeros(len(images), *data["pool_pixels"].shape[1:])
-            canvas[:, :, rows, cols] = images
-            return canvas
-
-        own = {**data, **{key: crop(data[key]) for key in ("public", "public_pixels", "pool", "pool_pixels")}}
-        _attack_cut(plan, 0, f"edge{k} after {plan.cuts[0]}", cfg, own, args, (cuts, pictures, budget), placed)
-    return cuts, pictures, budget
-
-
 def _score_inputs(found: dict, data: dict, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Scores on every image an attack reconstructed; re-identification on those among the targets."""
     means = torch.stack([data["public_pixels"][data["public_labels"] == c].mean(0) for c in range(data["classes"])])
@@ -242,7 +191,7 @@ def _score_inputs(found: dict, data: dict, args: argparse.Namespace) -> dict[str
     return results
 
 
-def _label_attacks(plan: Plan, cfg: PrivacyConfig, data: dict, seed: int, loss_of: Loss) -> dict[str, Any]:
+def label_attacks(plan: Plan, cfg: PrivacyConfig, data: dict, seed: int, loss_of: Loss) -> dict[str, Any]:
     """U-shaped plans: the labels from the gradients the edge sends back at the last cut (label noise
     included), and from the central's own features there; clusters named at best."""
     last = len(plan.segments) - 1
@@ -252,7 +201,7 @@ def _label_attacks(plan: Plan, cfg: PrivacyConfig, data: dict, seed: int, loss_o
         with torch.no_grad():
             features.append(views.received(x))
         a = features[-1].clone().requires_grad_()
-        hop = Hop("turnaround", last, "edge")
+        hop = Hop(HopKind.TURNAROUND, last, "edge")
         loss = loss_of(plan.segments[last].module(defences.incoming(hop, a)), y)
         grads.append(torch.autograd.grad(loss, a)[0])
     labels, k = data["pool_labels"], data["classes"]
@@ -266,7 +215,7 @@ def _label_attacks(plan: Plan, cfg: PrivacyConfig, data: dict, seed: int, loss_o
     return result
 
 
-def _picture(path: Path, data: dict, attacked: list[tuple[str, tuple[Tensor, Tensor]]], shown: int = 8) -> None:
+def picture(path: Path, data: dict, attacked: list[tuple[str, tuple[Tensor, Tensor]]], shown: int = 8) -> None:
     """Originals above their reconstructions, one row per (caption, (indices, reconstructions))."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
@@ -287,59 +236,3 @@ def _picture(path: Path, data: dict, attacked: list[tuple[str, tuple[Tensor, Ten
     for i, (caption, _) in enumerate(rows):
         draw.text((6, int(i * height + height / 2 - 6)), caption, fill="black")
     atomic_write(path, lambda f: canvas.save(f, format="PNG"))
-
-
-def _table(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    holder = "the central holds" if report["edge_weights"] == "central" else "the edges hold"
-    table = Table(title=f"what the central can learn ({holder} the edge weights); re-id: reconstructions "
-                        f"picked out among same-class images")
-    for column in ("cut", "attack", "SSIM", "class mean", "PSNR", "re-id", "chance"):
-        table.add_column(column, justify="left" if column in ("cut", "attack") else "right")
-    for cut, rows in report["cuts"].items():
-        for name, r in rows.items():
-            shown = f"{name}, worst: {r['worst_of']}" if "worst_of" in r else name
-            # escaped: rich would take the brackets of decoder[small] for a style and drop them
-            table.add_row(cut, escape(shown), f"{r['ssim']:.3f}", f"{r['class_mean_ssim']:.3f}", f"{r['psnr_db']:.1f}",
-                          f"{r['reidentified']:.1%}", f"{r['chance']:.1%}")
-    console = Console(highlight=False)
-    console.print(table)
-    for name, r in report.get("labels", {}).items():
-        if isinstance(r, dict):
-            console.print(f"labels {name}: {r['accuracy']:.1%} (chance {report['labels']['chance']:.1%})")
-
-
-def main(argv: list[str]) -> int:
-    args = _parse(argv)
-    if not args.checkpoint.is_dir():
-        raise ConfigError(f"--checkpoint {args.checkpoint}: not a checkpoint folder or directory (the audit needs "
-                          f"the run's config, which a checkpoint holds)")
-    # an import path as model.name runs only if args.overrides name it (load_parts refuses it otherwise)
-    config, _, parts = load_parts(args.checkpoint, args.edge_parts, args.overrides)
-    cfg = config_from_dict(config, args.overrides)
-    if cfg.data.name == "csv":
-        raise ConfigError("the audit attacks images; a csv run's parties hold tables (docs/vertical.md)")
-    plan = plan_for(cfg, cfg.train.seed)
-    if cfg.data.placement != "vertical":
-        plan.full.load_state_dict(merged_state(parts))
-        plan.full.train()  # as the segments run while training: what the central received then
-    torch.manual_seed(args.seed)
-    data = _data(cfg, args)
-    cuts, pictures, budget = (_attack_parties(cfg, parts, data, args) if cfg.data.placement == "vertical" else
-                              _attack_inputs(plan, cfg, data, args))
-    report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "edge_weights": cfg.privacy.edge_weights,
-                              "privacy": dataclasses.asdict(cfg.privacy),
-                              "epsilon": epsilon(cfg.privacy, cfg.train.epochs), "decoder_budget": budget,
-                              "cuts": cuts}
-    if plan.places[-1] == "edge":
-        report["labels"] = _label_attacks(plan, cfg.privacy, data, args.seed, loss_fn(cfg.train.loss))
-    folder = args.checkpoint.parent if (args.checkpoint / checkpoint.MANIFEST).is_file() else args.checkpoint
-    out = args.out or folder.parent / "audit"  # beside the run's checkpoints folder
-    write_json(out / "audit.json", report)
-    _picture(out / "audit.png", data, pictures)
-    _table(report)
-    print(f"wrote {out / 'audit.json'} and {out / 'audit.png'}")
-    return 0

@@ -29,9 +29,9 @@ from typing import Any, Optional
 import torch
 
 from split_trainer.config import PrivacyConfig
+from split_trainer.core.files import write_json
+from split_trainer.core.hops import Hop, crossing
 from split_trainer.privacy.adversary import Adversary
-from split_trainer.records.files import write_json
-from split_trainer.training.route import Hop, crossing
 
 Tensor = torch.Tensor
 
@@ -124,7 +124,7 @@ class Defences:
         return out
 
 
-def describe(cfg: PrivacyConfig, epochs: int) -> str:
+def banner(cfg: PrivacyConfig, epochs: int) -> str:
     """The banner's privacy line: the epsilon it gives is the plan's (one release an epoch), not a count."""
     weights = "the edges keep their weights" if cfg.edge_weights == "edges" else "the central holds the edge weights"
     defences = [f"activations clipped to {cfg.clip:g}" if cfg.clip else "",

@@ -1,4 +1,5 @@
-"""Checkpoints and records: atomic files, checkpoint folders (verified, resumable), what a
-checkpoint holds (state), and the run's metrics log.
+"""Checkpoints and records: checkpoint folders (atomic, verified, resumable), named stateful parts
+saved and put back (state), a checkpoint's parts read in one process (parts), and the run's
+metrics log.
 
-May import: config, training (stage and fleet, for what a checkpoint gathers)."""
+May import: core, config, data, model."""

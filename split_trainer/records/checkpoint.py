@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from split_trainer.config import Config, ConfigError
-from split_trainer.records.files import atomic_write
-from split_trainer.training import faults
-from split_trainer.training.failures import JobError
+from split_trainer.core import faults
+from split_trainer.core.errors import JobError
+from split_trainer.core.files import atomic_write
 
 PATTERN = re.compile(r"^step_(\d{8})$")
 PART = re.compile(r"[A-Za-z0-9_-]+\.pt")
@@ -49,18 +49,16 @@ def directory(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.output.run_dir) / "checkpoints")
 
 
-def fingerprint(cfg: Config, plan: str) -> dict[str, Any]:
+def fingerprint(cfg: Config, plan: str, placement: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed: the data set, the model (and its arguments)
-    and its plan (``plan.describe`` of the layout: which layers run where). Not the number of
-    edges (a fleet may shrink or grow, docs/elastic.md), except with edge-held data, whose shards
-    are carved over topology.edges."""
-    edges = {"edges": cfg.topology.edges} if cfg.data.placement in ("edge", "vertical") else {}
-    if cfg.data.placement == "vertical":  # one segment per party, on its region, merged so
-        edges["vertical"] = {"regions": cfg.data.regions, "merge": cfg.model.merge}
+    and its plan (``plan.layout_text`` of the layout: which layers run where), and what its
+    placement's driver adds (``placement``: with edge-held data the number of edges the shards are
+    carved over; a fleet may otherwise shrink or grow, docs/elastic.md)."""
     # The plan names the bottleneck's layers but not their width; only when set, so that the
     # checkpoints of runs without one keep their fingerprint.
     width = {"bottleneck": cfg.model.bottleneck} if cfg.model.bottleneck is not None else {}
-    return {**edges, "data": cfg.data.name, "model": cfg.model.name, "args": cfg.model.args, "plan": plan, **width}
+    return {**placement, "data": cfg.data.name, "model": cfg.model.name, "args": cfg.model.args, "plan": plan,
+            **width}
 
 
 @dataclass

@@ -1,17 +1,23 @@
-"""What a checkpoint holds and how a run is put back from one: the central's stage, every edge's
-(collected over RPC: edges may share no filesystem with the central), and the progress record
-that says where in the data the run stood."""
+"""What a checkpoint holds: named stateful parts, each saved under its name and put back from it
+(the shape of torchtitan's ``CheckpointManager`` over ``Stateful`` objects), and the progress
+record that says where in the data the run stood. Which parts a run has (the central's stage, each
+edge's part) is the training side's business (training.checkpointing)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Protocol
 
-from split_trainer.config import Config
 from split_trainer.records import checkpoint
-from split_trainer.training.fleet import Fleet
-from split_trainer.training.stage import Stage
+
+
+class Stateful(Protocol):
+    """A part of a checkpoint: what it saves, and how it is put back."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -37,40 +43,23 @@ class Progress:
     times any one of its samples has had its activation sent to the central: the passes over it
     started, and after a failure those redone (privacy.defences.Releases). Kept for an edge that is away."""
 
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-def save(cfg: Config, meta: dict[str, Any], central: Stage, fleet: Fleet, progress: Progress) -> tuple[Path, int]:
-    """Both sides' full state at a flush (no batch in flight), as checkpoint ``progress.step``;
-    ``meta`` (fingerprint, job, shape) goes into the manifest."""
-    edges = fleet.export(progress.step, meta["job"])  # the edges' own parts first: the central's manifest lands last
-    parts = {"central": {**central.part(), "progress": asdict(progress)}}
-    meta = {**meta, "epoch": progress.epoch, "position": progress.position, "config": cfg.to_dict()}
-    if fleet.own_weights:  # written by each edge on its own disk; the manifest names them
-        meta["edge_parts"] = edges
-    else:
-        parts.update(edges)
-    return checkpoint.save(checkpoint.directory(cfg), progress.step, parts, meta, cfg.checkpoint.keep)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
 
 
-def restore(loaded: checkpoint.Loaded, central: Stage, fleet: Fleet) -> tuple[Progress, list[str]]:
-    """Continue exactly where the checkpoint was taken: weights, optimizers, RNG, data position.
-    An edge the checkpoint does not know starts from the average of its edges' weights with fresh
-    optimizer state; one the checkpoint knows but that is away is left out. Returns the progress
-    record and the edges that started from the average."""
-    part = loaded.parts["central"]
-    central.load_part(part)
-    own = loaded.manifest.get("edge_parts")
-    saved = list(own) if own is not None else [stem for stem in loaded.parts if stem != "central"]
-    known = [name for name in fleet.names if name in saved]
-    if own is not None:
-        if not known:
-            raise RuntimeError(f"none of the checkpoint's edges ({', '.join(saved)}) is present and their weights are "
-                               f"only on their own disks: start at least one of them, or --resume never")
-        fleet.restore_own(loaded.step, own, known)
-    else:
-        fleet.restore(loaded.parts, known)
-    newcomers = [name for name in fleet.names if name not in saved]
-    if newcomers:
-        fleet.adopt(newcomers, known, [loaded.parts[name]["module"] for name in saved] if own is None else None)
-    progress = Progress(**part["progress"])
-    progress.trained = [name for name in progress.trained if name in fleet.names]
-    return progress, newcomers
+def save(directory: Path, step: int, parts: Mapping[str, Stateful], meta: dict[str, Any],
+         keep: int) -> tuple[Path, int]:
+    """Every part's state under its name, as checkpoint ``step`` in ``directory`` (records.checkpoint:
+    atomic, verified, the newest ``keep`` kept); returns (folder, bytes written)."""
+    return checkpoint.save(directory, step, {name: part.state_dict() for name, part in parts.items()}, meta, keep)
+
+
+def restore(loaded: checkpoint.Loaded, parts: Mapping[str, Stateful]) -> None:
+    """Put every part back from its own state in ``loaded``."""
+    for name, part in parts.items():
+        part.load_state_dict(loaded.parts[name])

@@ -1,12 +1,8 @@
-"""The central rank's driver: it feeds the placement's batches to the edges and decides when to
-synchronise the replicas, evaluate and checkpoint.
+"""The central rank's run: it cuts the placement's batches into spans between flushes, has its
+placement's driver train them (training.drivers: one per placement), and decides when to synchronise the replicas, evaluate and checkpoint.
 
-One central thread per edge (its *driver thread*, fleet.Fleet.per_edge) keeps that edge's
-batches in flight, so the edges compute at once; what a batch does on its way through the plan is the
-engine's business (engines.py); which edge takes which batch, and the order of the central's
-turns, is dispatch.py's (round robin, by default: a run is a function of its seed and config).
 The edges are whoever the rendezvous brought (an elastic fleet's members may change between
-attempts: the membership record and state.restore say what that does).
+attempts: the membership record and checkpointing.restore say what that does).
 """
 
 from __future__ import annotations
@@ -14,27 +10,30 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from split_trainer.cli.console import Console
 from split_trainer.config import Config
-from split_trainer.data.placement import Placement, placement_for
+from split_trainer.core import faults
+from split_trainer.core.batch import Batch
+from split_trainer.core.files import write_json, write_text
+from split_trainer.data.placement import Placement
 from split_trainer.model.model_file import save_model
-from split_trainer.model.plan import Plan, describe
+from split_trainer.model.plan import Plan, layout_text
 from split_trainer.privacy import defences
-from split_trainer.records import checkpoint, state
-from split_trainer.records.files import write_json, write_text
-from split_trainer.records.metrics import MetricsLog, TrainLog
-from split_trainer.training import dispatch, evaluation, faults
-from split_trainer.training.engines import engine_for, engine_name
+from split_trainer.records import checkpoint
+from split_trainer.records.metrics import MetricsLog
+from split_trainer.records.state import Progress
+from split_trainer.training import checkpointing
+from split_trainer.training.drivers import driver_for
+from split_trainer.training.engines import central_engine
 from split_trainer.training.failures import Terminated, cause_of, raise_on_sigterm
 from split_trainer.training.fleet import Fleet, Membership
+from split_trainer.training.driver import Driver
+from split_trainer.training.log import Reporter, TrainLog
 from split_trainer.training.optim import lr_at
-from split_trainer.training.route import Batch
 from split_trainer.training.stage import Stage
-from split_trainer.training.vertical import vertical_driver
 from split_trainer.transport.base import Transport
 from split_trainer.transport.link import summary as wire_summary
 from split_trainer.transport.topology import Topology, device_for
@@ -45,9 +44,9 @@ class Cadence:
     train.edge_sync_every steps), every checkpoint (every checkpoint.every_steps), every epoch end
     (both), and the run's end."""
 
-    def __init__(self, cfg: Config, steps_per_epoch: int, total_steps: int):
+    def __init__(self, cfg: Config, steps_per_epoch: int, total_steps: int, replicas: bool = True):
         self.sync_every, self.checkpoint_every = cfg.train.edge_sync_every, cfg.checkpoint.every_steps
-        if cfg.data.placement == "vertical":  # no replicas to average: each party holds its own segment
+        if not replicas:  # nothing to average: each edge holds a segment of its own
             self.sync_every = self.checkpoint_every
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
 
@@ -65,23 +64,23 @@ class Cadence:
 
 
 class Central:
-    def __init__(self, cfg: Config, topo: Topology, plan: Plan, placement: Placement, console: Console,
-                 meta: dict[str, Any], transport: Transport, loaded: checkpoint.Loaded | None = None):
+    def __init__(self, cfg: Config, topo: Topology, plan: Plan, driver: type[Driver], placement: Placement,
+                 console: Reporter, meta: dict[str, Any], transport: Transport, loaded: checkpoint.Loaded | None = None):
         self.cfg, self.topo, self.plan, self.placement, self.console = cfg, topo, plan, placement, console
         self.transport = transport
         self.meta = meta  # fingerprint, job and data shape: every checkpoint's manifest carries them
         torch.set_rng_state(plan.rng_after_init)  # the dropout stream continues from the weights' draw
         device = device_for(cfg.train.central_device, "train.central_device", topo.local_rank)
-        self.engine = engine_for(engine_name(cfg.train), plan.places, Stage(plan.on("central"), cfg.train, device),
-                                 cfg.train.in_flight, None, transport.autograd, transport.guard)
+        self.engine = central_engine(cfg, plan.places, Stage(plan.on("central"), cfg.train, device),
+                                     transport.autograd, transport.guard)
         self.stage = self.engine.stage
-        self.fleet = Fleet(cfg, transport, transport.members())
-        self.placement.align(self.fleet)  # a vertical fleet's records, by private set intersection
-        self.vertical = vertical_driver(self.engine, self.fleet, placement, cfg.model.merge)
-        self.progress, averaged = state.Progress(seed=cfg.train.seed), []
+        self.fleet = Fleet(cfg, transport, transport.members(), driver.replicas)
+        self.driver = driver(cfg, self.engine, self.fleet, placement)
+        self.driver.prepare()
+        self.progress, averaged = Progress(seed=cfg.train.seed), []
         if loaded:
-            self.progress, averaged = state.restore(loaded, self.stage, self.fleet)
-        self.placement.bind(self.fleet.described, self.fleet.names, self.progress.served, self.progress.releases)
+            self.progress, averaged = checkpointing.restore(loaded, self.stage, self.fleet)
+        self.placement.bind(self.fleet.reports, self.fleet.names, self.progress.served, self.progress.releases)
         self.releases = defences.Releases(self.progress.releases, Path(cfg.output.run_dir) / defences.LEDGER)
         console.attach(self.fleet.snapshots)
         # An epoch's length is fixed when the run starts: a fleet that shrinks or grows later does not change it.
@@ -89,7 +88,7 @@ class Central:
         self.progress.steps_per_epoch = self.placement.steps_per_epoch = self.steps_per_epoch
         total = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.max_steps or total)
-        self.cadence = Cadence(cfg, self.steps_per_epoch, self.total_steps)
+        self.cadence = Cadence(cfg, self.steps_per_epoch, self.total_steps, self.fleet.replicas)
         self.train_time, self.checkpoint_time = 0.0, 0.0
         self.run_dir = Path(cfg.output.run_dir)
         self.resumed_from = loaded.step if loaded else None
@@ -129,7 +128,8 @@ class Central:
                 self.releases.before_span(span[-1].step + 1, self.placement.passes(self.step),
                                           self.placement.reach(span, self.cfg.train.dispatch == "free_first"))
                 t0 = time.perf_counter()
-                trained = set(self.progress.trained) | self._train_span(span, lr)
+                trained = set(self.progress.trained) | self.driver.train_span(span, lr, self._finished)
+                self.progress.step = span[-1].step + 1
                 self.progress.trained = sorted(trained)
                 if self.cadence.sync(self.step):
                     self.fleet.sync(trained)
@@ -157,38 +157,12 @@ class Central:
         if span:
             yield span
 
-    def _train_span(self, span: list[Batch], lr: float) -> set[str]:
-        """Train ``span``'s batches; return the names of the edges that trained them."""
-        if self.vertical:  # every batch on every party at once
-            trained = self.vertical.train_span(span, lr, self._finished)
-            self.progress.step = span[-1].step + 1
-            return trained
-        # A batch waits at most for the batch before it: its first call, then its turn, one call
-        # per edge hop in the turn. One bound more lets a hung edge's own timeout be the report.
-        mode, bound = self.cfg.train.dispatch, (2 + self.engine.route.edge_hops_in_turn) * self.cfg.rpc.timeout_s
-        turns, trained = dispatch.turns(mode, span[0].step, bound), set()
-
-        def drive(k: int, batches: Iterable[Batch]) -> None:
-            link = self.fleet.links[k]
-
-            def finished(batch: Batch, loss: float) -> None:
-                self._finished(batch, loss)
-                link.trained()
-                trained.add(link.name)
-
-            self.engine.drive(link, batches, turns, lr, finished)
-
-        self.fleet.per_edge(drive, dispatch.shares(mode, span, len(self.fleet), self.placement.assign), turns.fail)
-        self.progress.step = span[-1].step + 1
-        return trained
-
     def _finished(self, batch: Batch, loss: float) -> None:
         self.log.finished(batch, loss)
         faults.hit("train")
 
     def _evaluate(self, epoch: int) -> None:
-        loss, accuracy, record = (self.vertical.evaluate() if self.vertical else
-                                  evaluation.evaluate(self.engine, self.fleet, self.placement, epoch))
+        loss, accuracy, record = self.driver.evaluate(epoch)
         self.progress.last_eval = [loss, accuracy]
         self.log.metrics.write(event="eval", step=self.step, epoch=epoch + 1, test_loss=loss, test_accuracy=accuracy,
                                **record)
@@ -198,7 +172,7 @@ class Central:
         started = time.perf_counter()
         self.progress.epoch, self.progress.position = divmod(self.step, self.steps_per_epoch)
         self.progress.edges = list(self.fleet.names)
-        path, size = state.save(self.cfg, self.meta, self.stage, self.fleet, self.progress)
+        path, size = checkpointing.save(self.cfg, self.meta, self.stage, self.fleet, self.progress)
         seconds = time.perf_counter() - started
         self.checkpoint_time += seconds
         self.log.metrics.write(event="checkpoint", step=self.step, seconds=round(seconds, 4), bytes=size,
@@ -206,9 +180,8 @@ class Central:
         self.console.print(f"checkpoint step {self.step} saved: {path} ({size / 1e6:.1f} MB, {seconds:.2f} s)")
 
     def _finish(self, wall: float) -> dict[str, Any]:
-        if self.vertical:
-            self.console.print("model.pt not written: a vertical model is one first segment per party and the "
-                               "central's; the checkpoint holds them (docs/vertical.md)")
+        if self.driver.no_model_file:
+            self.console.print(self.driver.no_model_file)
         elif self.fleet.own_weights:
             self.console.print("model.pt not written: the edge segments stay on the edges; python -m split_trainer "
                                "export --checkpoint CHECKPOINT --out model.pt merges the parts where they are at hand")
@@ -239,41 +212,31 @@ def _banner(cfg: Config, central: Central, threads: int) -> dict[str, str]:
     links = central.fleet.links
     where = central.transport.where
     edges = ", ".join(f"{link.name} ({where(link.name)}, {link.host})" for link in links)
-    membership = central.membership.describe(cfg)
+    membership = central.membership.banner(cfg)
     return {"topology": f"central (rank {central.topo.rank}) + {len(central.fleet)} edges: {edges}",
             **({"membership": membership} if membership else {}),
-            "model": f"{cfg.model.name}: {_layout(cfg, central.plan)}; engine {central.engine.name}"
-                     + (" (each edge learns from its own head; nothing comes back down)"
-                        if cfg.train.edge_loss == "local" else ""),
-            "data": central.placement.describe(central.fleet.names),
+            "model": f"{cfg.model.name}: {central.driver.layout(cfg, central.plan)}; engine {central.engine.name}"
+                     f"{central.engine.note}",
+            "data": central.placement.banner(central.fleet.names),
             "settings": f"batch {cfg.data.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, {cfg.train.epochs} "
                         f"epochs ({central.total_steps} steps), "
                         + (f"sync every {cfg.train.edge_sync_every} steps" if central.fleet.replicas else
                            "no replica syncs (each party trains its own segment)"),
             "threads": f"central {threads} on {central.stage.device}; " + ", ".join(
-                f"{link.name} {d['threads']} on {d['device']}" for link, d in zip(links, central.fleet.described)),
-            "privacy": defences.describe(cfg.privacy, cfg.train.epochs),
+                f"{link.name} {r['threads']} on {r['device']}" for link, r in zip(links, central.fleet.reports)),
+            "privacy": defences.banner(cfg.privacy, cfg.train.epochs),
             "outputs": f"{central.run_dir} (checkpoints in {checkpoint.directory(cfg)})"}
 
 
-def _layout(cfg: Config, plan: Plan) -> str:
-    """The banner's plan: a vertical fleet's segment per party, and the merge."""
-    if cfg.data.placement != "vertical":
-        return describe(plan.layout)
-    (_, edge), (_, central) = plan.layout
-    return (f"each of {cfg.topology.edges} parties {edge[0]}..{edge[-1]} on its own features | central merge "
-            f"({cfg.model.merge}) {central[0]}..{central[-1]}")
-
-
-def _ends_run(cfg: Config, loaded: checkpoint.Loaded, placement: Placement) -> int:
-    """The run's steps per epoch if ``loaded`` is the last step of the run ``cfg`` asks for (the
-    same command run again on a finished run; more train.epochs or train.max_steps train on), else 0."""
+def _is_last_step(cfg: Config, loaded: checkpoint.Loaded, placement: Placement) -> bool:
+    """Whether ``loaded`` is the last step of the run ``cfg`` asks for (the same command run again
+    on a finished run; more train.epochs or train.max_steps train on)."""
     per_epoch = loaded.parts["central"]["progress"].get("steps_per_epoch") or placement.steps_per_epoch
     total = per_epoch * cfg.train.epochs
-    return per_epoch if per_epoch > 0 and loaded.step >= min(total, cfg.train.max_steps or total) else 0
+    return per_epoch > 0 and loaded.step >= min(total, cfg.train.max_steps or total)
 
 
-def _already_finished(cfg: Config, loaded: checkpoint.Loaded, summary: dict[str, Any], console: Console,
+def _already_finished(cfg: Config, loaded: checkpoint.Loaded, summary: dict[str, Any], console: Reporter,
                       transport_for: Callable[[], Transport]) -> dict[str, Any]:
     """Say that the run had finished, with its figures, and release the edges (under torchrun they
     wait for the group to form); nothing is trained, evaluated or written."""
@@ -297,15 +260,16 @@ def _recorded_summary(cfg: Config, loaded: checkpoint.Loaded) -> Optional[dict[s
 
 
 def run_central(cfg: Config, topo: Topology, plan: Plan, threads: int, transport_for: Callable[[], Transport],
-                resume: str = "auto", quiet: bool = False) -> dict[str, Any]:
+                console: Reporter, resume: str = "auto") -> dict[str, Any]:
     """Load data, bring the transport up, train, write the outputs, and release the edges.
-    ``transport_for`` builds the transport once the run's own checks have passed."""
+    ``transport_for`` builds the transport once the run's own checks have passed; ``console`` is
+    what the person sees."""
     from split_trainer.records.metrics import require_tensorboard
 
     raise_on_sigterm()
     # Everything a user can get wrong fails here, before any RPC and before anything is written.
-    console = Console(quiet=quiet)
-    placement = placement_for(cfg, plan.places[-1] == "central")  # central placement loads its data set here
+    driver = driver_for(cfg)
+    placement = driver.data(cfg, plan.places[-1] == "central")  # central placement loads its data set here
     if cfg.logging.tensorboard:
         require_tensorboard()
     checkpoint.remove_stale_temporaries(checkpoint.directory(cfg))
@@ -313,10 +277,10 @@ def run_central(cfg: Config, topo: Topology, plan: Plan, threads: int, transport
     agent = checkpoint.launcher()
     job = checkpoint.job_of_run(run_dir, agent)  # a restart (or a new round of an elastic fleet) resumes its own job
     loaded = checkpoint.resolve(resume, checkpoint.directory(cfg), console.warn, job)
-    fingerprint = checkpoint.fingerprint(cfg, describe(plan.layout))
+    fingerprint = checkpoint.fingerprint(cfg, layout_text(plan.layout), driver.fingerprint(cfg))
     if loaded:
         checkpoint.check_fingerprint(loaded, fingerprint)
-        summary = _recorded_summary(cfg, loaded) if _ends_run(cfg, loaded, placement) else None
+        summary = _recorded_summary(cfg, loaded) if _is_last_step(cfg, loaded, placement) else None
         if summary is not None:
             return _already_finished(cfg, loaded, summary, console, transport_for)
     transport = transport_for()
@@ -325,7 +289,7 @@ def run_central(cfg: Config, topo: Topology, plan: Plan, threads: int, transport
     write_text(run_dir / "config.yaml", cfg.to_yaml())
     central = None
     try:
-        central = Central(cfg, topo, plan, placement, console,
+        central = Central(cfg, topo, plan, driver, placement, console,
                           {"fingerprint": fingerprint, "job": job, "shape": plan.shape}, transport, loaded)
         for name, content in placement.files(central.fleet.names).items():
             write_json(run_dir / name, content)

@@ -20,8 +20,8 @@ import threading
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
-from split_trainer.training.failures import JobError
-from split_trainer.training.route import Batch
+from split_trainer.core.batch import Batch
+from split_trainer.core.errors import JobError
 
 Assign = Callable[[Batch], Batch]
 

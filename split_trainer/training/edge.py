@@ -14,28 +14,27 @@ import socket
 import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
 from split_trainer.config import Config
+from split_trainer.core import faults
+from split_trainer.core.hops import Hop, crossing
+from split_trainer.core.tensors import average_states
 from split_trainer.data.placement import EdgeSide
-from split_trainer.model.plan import Plan, plan_for
+from split_trainer.model.plan import Plan
 from split_trainer.privacy.adversary import Adversary
 from split_trainer.privacy.defences import Defences
 from split_trainer.records import checkpoint
 from split_trainer.records.metrics import resident_bytes
-from split_trainer.training import faults
 from split_trainer.training.dispatch import Turns
-from split_trainer.training.engines import engine_for, engine_name
-from split_trainer.training.local_loss import EdgeHead
-from split_trainer.training.route import Hop, crossing
-from split_trainer.training.stage import Stage, average_states
+from split_trainer.training.engines import edge_engine
+from split_trainer.training.stage import Stage
+from split_trainer.transport.base import Peers
 from split_trainer.transport.wire import Reply, WireFormat
-
-Peers = Callable[[str], Callable[[], dict[str, torch.Tensor]]]
-"""Asks the named peer edge for its replica (``peer_state``); returns the wait for it: edge to edge."""
 
 UNLOCKED = ("gather_average", "rss", "finish")
 """Calls that take no lock: gather_average waits on peers that may be fetching this edge's own
@@ -54,17 +53,14 @@ def parts_folder(cfg: Config, name: str) -> Path:
 class Edge:
     """This edge's replica of the plan's edge segments and its data (data.placement). ``cfg`` is
     the central's config: it decides everything but where this edge's data lies and where its own
-    checkpoint parts go (``parts``, from ``parts_folder`` of the hosting process's config)."""
+    checkpoint parts go (``parts``, from ``parts_folder`` of the hosting process's config). ``plan``:
+    the plan its segments come from (training.hosting builds it for this edge's data)."""
 
-    def __init__(self, name: str, cfg: Config, device: torch.device, data: EdgeSide, parts: Path, peers: Peers,
-                 autograd: Any, guard: Callable[[], AbstractContextManager] = nullcontext):
-        # The weights the central's seed draws: one model, N copies; a vertical party's own segment.
-        plan = plan_for(cfg, cfg.train.seed, getattr(data, "party", None))
+    def __init__(self, name: str, cfg: Config, plan: Plan, device: torch.device, data: EdgeSide, parts: Path,
+                 peers: Peers, autograd: Any, guard: Callable[[], AbstractContextManager] = nullcontext):
         self.adversary = _adversary(cfg, plan, device)
-        self.head = _head(cfg, plan, device)
-        self.engine = engine_for(engine_name(cfg.train), plan.places, Stage(plan.on("edge"), cfg.train, device),
-                                 cfg.train.in_flight, Defences(cfg.privacy, plan.places, self.adversary), autograd,
-                                 head=self.head)
+        self.engine = edge_engine(cfg, plan, Stage(plan.on("edge"), cfg.train, device),
+                                  Defences(cfg.privacy, plan.places, self.adversary), autograd)
         self.stage = self.engine.stage
         self.name, self.data, self.peers, self.guard = name, data, peers, guard
         # privacy.edge_weights: edges: this edge's checkpoint parts, on its own disk; one more kept
@@ -84,22 +80,29 @@ class Edge:
     def serve(self, method: str, args: tuple, seq: Optional[int] = None) -> Any:
         """The one entry of every call: training calls (numbered by ``seq``) in the order they
         were sent, then the lock (and the transport's guard), then the method."""
-        if method not in CALLS:
-            raise RuntimeError(f"{self.name}: no such call {method!r}")
+        call = self._call(method)
         self.last_seen = time.monotonic()
         point = FAULT_POINTS.get(method) or (method == "run" and ("eval" if _evaluating(args[0]) else "train"))
         if point:
             faults.hit(point)
         if method in UNLOCKED:
-            return CALLS[method](self, *args)
+            return call(*args)
         if seq is not None:
             self.calls.wait(seq)
         try:
             with self.lock, self.guard():
-                return CALLS[method](self, *args)
+                return call(*args)
         finally:
             if seq is not None:
                 self.calls.done(seq)
+
+    def _call(self, method: str) -> Callable[..., Any]:
+        """The edge's own calls, and those its data placement answers (``EdgeSide.calls``)."""
+        if method in CALLS:
+            return partial(CALLS[method], self)
+        if method in self.data.calls:
+            return getattr(self.data, method)
+        raise RuntimeError(f"{self.name}: no such call {method!r}")
 
     # -- training and evaluation --------------------------------------------------------------------
     def run(self, work: list[tuple[Hop, Any]], labels: Optional[torch.Tensor], lr: float) -> Reply:
@@ -133,6 +136,7 @@ class Edge:
         return reply
 
     def apply_step(self, context_id: int, lr: float) -> None:
+        """The autograd engine: step this edge's segments with the context's gradients."""
         self.engine.step_from_context(context_id, lr)
 
     # -- the replica and checkpoints ---------------------------------------------------------------
@@ -144,20 +148,17 @@ class Edge:
 
     def export_state(self) -> dict[str, Any]:
         """Everything a checkpoint needs from this edge: its stage's part, where it stands in its
-        own data and, with privacy.adversary, its own decoder (only ever written to its own disk:
-        the adversary needs edge-held weights) and, with train.edge_loss: local, its auxiliary head."""
+        own data, its engine's own state (a local loss's head) and, with privacy.adversary, its own
+        decoder (only ever written to its own disk: the adversary needs edge-held weights)."""
         own = {"adversary": self.adversary.state()} if self.adversary else {}
-        if self.head:
-            own["head"] = self.head.state()
-        return {**self.stage.part(), "data": self.data.state(), **own}
+        return {**self.stage.part(), "data": self.data.state(), **self.engine.own_state(), **own}
 
     def import_state(self, state: dict[str, Any]) -> None:
         self.data.load_state(state.get("data", {}))
         self.stage.load_part(state)
         if self.adversary and "adversary" in state:  # absent: a run that turned the adversary on as it resumed
             self.adversary.load(state["adversary"])
-        if self.head and "head" in state:  # absent: a run that turned the local loss on as it resumed
-            self.head.load(state["head"])
+        self.engine.load_own(state)
 
     def save_part(self, step: int, job: str) -> dict[str, Any]:
         """Write this edge's checkpoint part for ``step`` to its own disk (atomically, as the central
@@ -193,19 +194,12 @@ class Edge:
         self.stage.load_state_dict(self.average)
         self.average = None
 
-    # -- data.placement: vertical: record alignment (data.alignment) ---------------------------------
-    def psi_answer(self, request: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data.psi_answer(request, count)
-
-    def align(self, ids: torch.Tensor) -> None:
-        self.data.align(ids)
-
     # -- the rest -----------------------------------------------------------------------------------
-    def describe(self) -> dict[str, Any]:
-        """Where this edge runs and, in edge placement, its shard's sizes and label counts: for the
-        central's banner, table and partition.json."""
+    def about(self) -> dict[str, Any]:
+        """Where this edge runs and what data it holds (``EdgeSide.held``: in edge placement its
+        shard's sizes and label counts): for the central's banner, table and the run's files."""
         return {"host": f"{socket.gethostname()} pid {os.getpid()}", "threads": torch.get_num_threads(),
-                "device": str(self.stage.device), "shard": self.data.describe()}
+                "device": str(self.stage.device), "shard": self.data.held()}
 
     def rss(self) -> int:
         """Resident memory of this edge's process, in bytes."""
@@ -222,18 +216,12 @@ def _adversary(cfg: Config, plan: Plan, device: torch.device) -> Optional[Advers
     return Adversary(cfg.privacy, plan.segments[0].module.to(device), plan.image, cfg.train.seed, device)
 
 
-def _head(cfg: Config, plan: Plan, device: torch.device) -> Optional[EdgeHead]:
-    """This edge's auxiliary head (train.edge_loss: local), for the plan's first segment."""
-    if cfg.train.edge_loss != "local":
-        return None
-    return EdgeHead(cfg.train, plan.segments[0].module.to(device), plan.image, plan.shape["num_classes"], device)
-
-
 def _evaluating(work: list[tuple[Hop, Any]]) -> bool:
     return any(hop.evaluating for hop, _ in work)
 
 
 CALLS: dict[str, Callable] = {name: getattr(Edge, name) for name in (
     "run", "apply_step", "get_state", "set_state", "export_state", "import_state", "save_part", "load_part",
-    "peer_state", "gather_average", "apply_average", "psi_answer", "align", "describe", "rss", "finish")}
-"""What the central and the peers may call: nothing else on the object is reachable."""
+    "peer_state", "gather_average", "apply_average", "about", "rss", "finish")}
+"""What the central and the peers may call (and the calls of the edge's data placement,
+``EdgeSide.calls``): nothing else on the object is reachable."""

@@ -15,14 +15,6 @@ from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from typing import Callable
 
 
-class JobError(RuntimeError):
-    """A failure of the distributed job, already phrased for the one-line report."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.when = time.monotonic()
-
-
 class Terminated(BaseException):
     """SIGTERM arrived: torchrun stops every rank this way when one fails or the job is cancelled.
     A BaseException, so that no ``except Exception`` on the way up mistakes it for a call's error."""
@@ -31,12 +23,6 @@ class Terminated(BaseException):
         super().__init__("stopped by SIGTERM: torchrun stops every rank when another rank fails (its report "
                          "names the rank) or when the job is cancelled")
         self.when = time.monotonic()
-
-
-def short(exc: BaseException) -> str:
-    """The first line of an error, for a one-line report."""
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def raise_on_sigterm() -> None:

@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from split_trainer.config import Config
-from split_trainer.training.failures import JobError
-from split_trainer.training.stage import average_states
+from split_trainer.core.errors import JobError
+from split_trainer.core.tensors import average_states
 from split_trainer.transport.base import Transport
 from split_trainer.transport.link import Link, LinkSnapshot
 from split_trainer.transport.wire import WireFormat
@@ -28,19 +28,19 @@ Tensor = torch.Tensor
 class Fleet:
     """Every edge of the job, each hosting one replica of the plan's edge segments."""
 
-    def __init__(self, cfg: Config, transport: Transport, names: list[str]):
+    def __init__(self, cfg: Config, transport: Transport, names: list[str], replicas: bool = True):
         names = transport.admit(names)  # nothing of the job reaches an edge before it proves the job's secret
         self.names, self.transport = names, transport
         self.own_weights = cfg.privacy.edge_weights == "edges"  # the edges keep their weights to themselves
-        self.replicas = cfg.data.placement != "vertical"  # a vertical fleet's parties each run their own segment
+        self.replicas = replicas  # False: each edge runs a segment of its own (its placement's driver says)
         self.timeout_s = cfg.rpc.timeout_s
         wire = WireFormat(cfg.rpc.wire_types, graph=cfg.train.engine == "autograd")
         self.links = [Link(name, remote, wire, cfg.rpc.timeout_s)
                       for name, remote in zip(names, transport.connect(names, cfg))]
         # The first calls also connect and build the segments: a loaded host may take a while.
-        self.described = self.on_all("describe", timeout=cfg.rpc.startup_timeout_s)
-        for link, described in zip(self.links, self.described):
-            link.host = described["host"]
+        self.reports = self.on_all("about", timeout=cfg.rpc.startup_timeout_s)  # training.edge.Edge.about
+        for link, report in zip(self.links, self.reports):
+            link.host = report["host"]
         self.pool = ThreadPoolExecutor(len(names), thread_name_prefix="edge-driver")
         self.in_flight: list[Future] = []  # the driver threads at work, one per edge
 
@@ -87,7 +87,7 @@ class Fleet:
         average back) and push the average to every replica."""
         n = len(self.links)
         if n == 1 or not self.replicas:
-            return  # one replica is its own average; a vertical party's segment is its own
+            return  # one replica is its own average; a segment of the edge's own is no replica
         if self.own_weights:  # the edges fetch each other's replicas: the central only says when
             peers = [name for name in self.names if name in trained] or self.names
             self.on_all("gather_average", [(peers,)] * n)
@@ -143,14 +143,14 @@ class Membership:
     a run's first): what the banner and metrics.jsonl record of every change."""
 
     def __init__(self, before: Optional[list[str]], now: list[str], step: int, averaged: list[str]):
-        self.before, self.now, self.step, self.averaged = before, now, step, averaged  # averaged: see state.restore
+        self.before, self.now, self.step, self.averaged = before, now, step, averaged  # averaged: see checkpointing.restore
         self.left = [name for name in before or [] if name not in now]
         self.joined = [name for name in now if before is not None and name not in before]
 
     def record(self) -> dict[str, Any]:
         return {"step": self.step, "edges": self.now, "left": self.left, "joined": self.joined}
 
-    def describe(self, cfg: Config) -> Optional[str]:
+    def banner(self, cfg: Config) -> Optional[str]:
         """The banner's line: None for a fixed fleet that did not change."""
         most = cfg.topology.edges
         elastic = cfg.topology.fewest < most

@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from split_trainer.config import TrainConfig
+from split_trainer.core.tensors import on_cpu
 from split_trainer.model.plan import output_shape
 from split_trainer.training.optim import make_optimizer, step_with
-from split_trainer.training.stage import Stage, on_cpu
+from split_trainer.training.stage import Stage
 
 Tensor = torch.Tensor
 

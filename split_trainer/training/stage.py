@@ -13,27 +13,11 @@ import torch
 from torch import nn
 
 from split_trainer.config import TrainConfig
+from split_trainer.core.tensors import on_cpu
 from split_trainer.model.losses import loss_fn
 from split_trainer.training.optim import make_optimizer, step_with
 
 Tensor = torch.Tensor
-
-
-def on_cpu(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to("cpu")
-    if isinstance(obj, dict):
-        return {k: on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(on_cpu(v) for v in obj)
-    return obj
-
-
-def average_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """One stage from its replicas: floating-point parameters and buffers averaged, integer
-    buffers (counters) taken from the first."""
-    return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
-            for k, v in states[0].items()}
 
 
 class Stage:

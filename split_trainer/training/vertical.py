@@ -1,45 +1,112 @@
-"""The central's driver of a vertical fleet (data.placement: vertical): every batch goes to every
-party at once, the central merges their activations (model.merge), runs its segment with the loss,
-and sends each party the gradient of its own part.
+"""The driver of a vertical fleet (data.placement: vertical): every batch goes to every party at
+once, the central merges their activations (model.merge), runs its segment with the loss, and
+sends each party the gradient of its own part.
 
-With the relay engine one call per party per batch carries the batch's gradient back and the next
-batch's reference forward (as a horizontal relay with one batch in flight). With the autograd engine
-each batch is one distributed-autograd context across every party; its backward reaches each
-party's segment, and each party steps from the context. Parties are called in fleet order and their
-parts merged in that order, so a run is a function of its seed and config, as a horizontal one is.
+It is made of the engines' per-batch pieces (training.engines: ``first``, ``turn``, ``last``,
+``backward``). With the relay engine one call per party per batch carries the batch's gradient back
+and the next batch's reference forward (as a horizontal relay with one batch in flight). With the
+autograd engine each batch is one distributed-autograd context across every party; its backward
+reaches each party's segment, and each party steps from the context. Parties are called in fleet
+order and their parts merged in that order, so a run is a function of its seed and config, as a
+horizontal one is.
+
+Everything else a vertical fleet does differently is here too, behind the driver's interface
+(training.driver.Driver): its data (data.vertical: the parties' records, aligned by
+private set intersection before training), its model (model.vertical: a first segment per
+party), no replica syncs, no model.pt, what its checkpoints' fingerprint adds, and what the audit
+attacks (each party's segment on its own region of the images).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from split_trainer.data.vertical import VerticalData
-from split_trainer.model.vertical import merge, unmerge, width_of
-from split_trainer.training.engines import Engine
+from split_trainer.config import Config, ConfigError
+from split_trainer.core.batch import Batch
+from split_trainer.data.datasets import spec_of
+from split_trainer.data.vertical import PartyData, VerticalData, party_inputs, regions
+from split_trainer.model.plan import Plan
+from split_trainer.model.vertical import merge, unmerge, vertical_plan, width_of
+from split_trainer.privacy.audit import AuditTarget
+from split_trainer.training.driver import Driver
+from split_trainer.training.engines import Autograd, Engine, Finished
 from split_trainer.training.fleet import Fleet
-from split_trainer.training.route import Batch, Hop
 
 Tensor = torch.Tensor
-Finished = Callable[[Batch, float], None]
 
 
-class Vertical:
+class Vertical(Driver):
     """Training and evaluation of one vertical fleet, on the central."""
+    data = VerticalData
+    replicas = False  # each party holds its own segment
+    no_model_file = ("model.pt not written: a vertical model is one first segment per party and the central's; the "
+                     "checkpoint holds them (docs/vertical.md)")
+    refuses_merge = ("is a vertical run's: one first segment per party, not replicas of one model to merge; its own "
+                     "evaluation is in metrics.jsonl, and the audit attacks each party (docs/vertical.md)")
 
-    def __init__(self, engine: Engine, fleet: Fleet, placement: VerticalData, how: str, width: int):
-        self.engine, self.fleet, self.placement, self.how = engine, fleet, placement, how
-        self.width = width  # what the central's segment was made for (model.vertical.merged_width)
+    @staticmethod
+    def plan(cfg: Config, seed: int, party: Optional[tuple[int, tuple[int, ...]]] = None) -> Plan:
+        """Party ``party`` (number, feature shape)'s first segment and the central's; the central's
+        plan (``party`` None) carries party 1's as a stand-in."""
+        return vertical_plan(cfg, seed, party)
+
+    @classmethod
+    def edge_plan(cls, cfg: Config, data: PartyData) -> Plan:
+        return cls.plan(cfg, cfg.train.seed, data.party)
+
+    @staticmethod
+    def fingerprint(cfg: Config) -> dict[str, Any]:
+        # one segment per party, on its region, merged so
+        return {"edges": cfg.topology.edges, "vertical": {"regions": cfg.data.regions, "merge": cfg.model.merge}}
+
+    @staticmethod
+    def layout(cfg: Config, plan: Plan) -> str:
+        (_, edge), (_, central) = plan.layout
+        return (f"each of {cfg.topology.edges} parties {edge[0]}..{edge[-1]} on its own features | central merge "
+                f"({cfg.model.merge}) {central[0]}..{central[-1]}")
+
+    @classmethod
+    def audit_targets(cls, cfg: Config, parts: dict[str, Any]) -> list[AuditTarget]:
+        """Each party's first segment, attacked on its own region of the images, as the central
+        receives it from that party (docs/vertical.md)."""
+        if cfg.data.name == "csv":
+            raise ConfigError("the audit attacks images; a csv run's parties hold tables (docs/vertical.md)")
+        spec, targets = spec_of(cfg.data), []
+        for k, (rows, cols) in enumerate(regions(cfg), 1):
+            plan = cls.plan(cfg, cfg.train.seed, (k, party_inputs(cfg, k)))
+            plan.segments[0].module.load_state_dict(parts[f"edge{k}"]["module"])
+            plan.full.train()
+
+            def crop(t: Tensor, rows: slice = rows, cols: slice = cols) -> Tensor:
+                return t[:, :, rows, cols].contiguous()
+
+            def placed(images: Tensor, rows: slice = rows, cols: slice = cols) -> Tensor:
+                canvas = torch.zeros(len(images), spec.channels, spec.size, spec.size)
+                canvas[:, :, rows, cols] = images
+                return canvas
+
+            targets.append(AuditTarget(plan, [(0, f"edge{k} after {plan.cuts[0]}")], crop, placed))
+        return targets
+
+    def __init__(self, cfg: Config, engine: Engine, fleet: Fleet, placement: VerticalData):
+        super().__init__(cfg, engine, fleet, placement)
+        self.how = cfg.model.merge
+        self.width = width_of(engine.stage.modules[1])  # what the central's segment was made for
+
+    def prepare(self) -> None:
+        """The records every party holds, by private set intersection (data.vertical)."""
+        self.placement.align(self.fleet)
 
     def train_span(self, span: list[Batch], lr: float, finished: Finished) -> set[str]:
         """Train ``span``'s batches, on one thread of the fleet's pool (the main thread stays free
         for SIGTERM); return the parties that trained (all of them)."""
-        train = self._relay if self.engine.name == "relay" else self._autograd
+        train = self._autograd if isinstance(self.engine, Autograd) else self._relay
         self.fleet.pool.submit(train, span, lr, finished).result()
         return set(self.fleet.names)
 
-    def _merged(self, batch: Batch, parts: list[Tensor]) -> Tensor:
+    def _merged(self, parts: list[Tensor]) -> Tensor:
         x = merge(parts, self.how)
         if x.shape[1] != self.width:
             widths = ", ".join(f"{name} {part[0].numel()}" for name, part in zip(self.fleet.names, parts))
@@ -49,35 +116,29 @@ class Vertical:
         return x
 
     def _relay(self, span: list[Batch], lr: float, finished: Finished) -> None:
-        route, links = self.engine.route, self.fleet.links
-        (turn,) = route.turn
-        waits = [link.submit([(route.first, span[0].source)], None, lr) for link in links]
+        engine, links = self.engine, self.fleet.links
+        waits = [link.submit(engine.first(span[0]), None, lr) for link in links]
         for i, batch in enumerate(span):
             batch = self.placement.assign(batch)
             parts = [wait().output for wait in waits]
-            with self.engine.guard():
-                reply = self.engine.run(turn, self._merged(batch, parts), batch.y, lr)
-            grads = unmerge(reply.output, [tuple(p.shape[1:]) for p in parts], self.how)
-            later = span[i + 1] if i + 1 < len(span) else None
-            ahead = [(route.first, later.source)] if later is not None else []
-            waits = [link.submit([(route.last, grad), *ahead], None, lr) for link, grad in zip(links, grads)]
-            self._finished(batch, reply.loss, finished)
+            grad, loss = engine.turn(None, batch, self._merged(parts), lr)
+            grads = unmerge(grad, [tuple(p.shape[1:]) for p in parts], self.how)
+            ahead = engine.first(span[i + 1]) if i + 1 < len(span) else []
+            waits = [link.submit([*engine.last(g), *ahead], None, lr) for link, g in zip(links, grads)]
+            self._finished(batch, loss, finished)
         for wait in waits:
             wait()
 
     def _autograd(self, span: list[Batch], lr: float, finished: Finished) -> None:
-        route, links, autograd = self.engine.route, self.fleet.links, self.engine.autograd
-        (turn,) = route.turn
+        engine, links = self.engine, self.fleet.links
         for batch in span:
             batch = self.placement.assign(batch)
-            with autograd.context() as ctx:
-                waits = [link.submit([(route.first, batch.source)], None, lr) for link in links]
+            with engine.autograd.context() as ctx:
+                waits = [link.submit(engine.first(batch), None, lr) for link in links]
                 parts = [wait().output for wait in waits]
-                with self.engine.guard():
-                    loss = self.engine.run(turn, self._merged(batch, parts), batch.y, lr).loss
-                    autograd.backward(ctx, [loss])  # across every party's cut
-                    self.engine.step_from_context(ctx, lr)
-                for wait in [link.send("apply_step", (ctx, lr)) for link in links]:
+                _, loss = engine.turn(None, batch, self._merged(parts), lr)
+                engine.backward(ctx, loss, lr)  # across every party's cut
+                for wait in [link.step(ctx, lr) for link in links]:
                     wait()
             self._finished(batch, loss.item(), finished)
 
@@ -86,10 +147,10 @@ class Vertical:
             link.trained()
         finished(batch, loss)
 
-    def evaluate(self) -> tuple[float, float, dict[str, Any]]:
+    def evaluate(self, epoch: int) -> tuple[float, float, dict[str, Any]]:
         """(test loss, test accuracy, {}) on the shared test records, one batch at a time, every
         party's part of it at once."""
-        infer, score = (Hop("infer", 0, "edge"), Hop("score", 1, "central"))
+        infer, score = self.engine.eval_hops
         total: list[float] = [0.0, 0.0, 0.0]
         self.engine.stage.train(False)
         try:
@@ -101,10 +162,3 @@ class Vertical:
         finally:
             self.engine.stage.train(True)
         return total[0] / total[2], total[1] / total[2], {}
-
-
-def vertical_driver(engine: Engine, fleet: Fleet, placement: Any, how: str) -> Optional[Vertical]:
-    """The driver of a vertical fleet; None for a horizontal one."""
-    if not isinstance(placement, VerticalData):
-        return None
-    return Vertical(engine, fleet, placement, how, width_of(engine.stage.modules[1]))

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 from split_trainer.config import ConfigError, TopologyConfig, load_config
-from split_trainer.training.failures import JobError, short
+from split_trainer.core.errors import JobError, short
 
 SECRET = "SPLIT_TRAINER_SECRET"
 """The job's secret itself (an environment variable keeps it off every command line)."""

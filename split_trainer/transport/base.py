@@ -48,6 +48,32 @@ class Autograd(Protocol):
         """This process's parameters' gradients in the context (only this side's are asked for)."""
 
 
+class Served(Protocol):
+    """The object a transport serves for one edge (training.edge.Edge): every call enters by ``serve``."""
+    name: str
+    last_seen: float
+    """time.monotonic() of the last call from the central: a silent central ends an edge process."""
+
+    def serve(self, method: str, args: tuple, seq: Optional[int] = None) -> Any: ...
+
+    def finish(self) -> None:
+        """The job is done."""
+
+
+Peers = Callable[[str], Callable[[], Any]]
+"""Asks the named peer edge for its replica; returns the wait for it: edge to edge."""
+
+
+class Host(Protocol):
+    """What builds the edge objects a transport serves (training.hosting.EdgeHost): the composition
+    of an edge is written once, on the training side, and no transport knows what it is made of."""
+
+    def build(self, name: str, cfg: Any, peers: Peers, autograd: Autograd,
+              guard: Callable[[], AbstractContextManager[None]] = ...) -> Served:
+        """Edge ``name`` from the central's config ``cfg``; ``peers`` reach the other edges,
+        ``autograd`` is the transport's, ``guard`` is held around each of its calls."""
+
+
 class Transport(Protocol):
     name: str
     autograd: Autograd
@@ -61,7 +87,8 @@ class Transport(Protocol):
         without the others."""
 
     def connect(self, names: list[str], cfg: Any) -> list[Remote]:
-        """Build each edge object on its edge (from the central's config) and return a handle on each."""
+        """Have each edge's ``Host`` build its edge object (from the central's config) and return a
+        handle on each."""
 
     def where(self, name: str) -> str:
         """Where edge ``name`` runs, for the banner (its rank, or "in this process")."""

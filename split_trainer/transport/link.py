@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from split_trainer.training.failures import JobError, short
-from split_trainer.training.route import Crossing, Hop, crossing
+from split_trainer.core.errors import JobError, short
+from split_trainer.core.hops import Crossing, Hop, crossing
 from split_trainer.transport.base import Pending, Remote
 from split_trainer.transport.wire import Reply, WireFormat, nbytes
 
@@ -141,9 +141,9 @@ class Link:
             evaluating: bool = False) -> Reply:
         return self.submit(work, labels, lr, evaluating)()
 
-    def step(self, context_id: int, lr: float) -> None:
-        """Autograd engine: the edge steps its segments with the context's gradients."""
-        self.call("apply_step", (context_id, lr))
+    def step(self, context_id: int, lr: float) -> Wait:
+        """Autograd engine: the edge steps its segments with the context's gradients; the wait for it."""
+        return self.send("apply_step", (context_id, lr))
 
     def _send(self, method: str, args: tuple, during: str, seq: Optional[int], timeout: Optional[float]) -> Pending:
         try:

@@ -25,10 +25,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 
 from split_trainer.config import Config
-from split_trainer.data.placement import PLACEMENTS
-from split_trainer.training.edge import Edge, parts_folder
 from split_trainer.transport import admission
-from split_trainer.transport.topology import device_for, edge_number
+from split_trainer.transport.base import Host, Served
+from split_trainer.transport.topology import edge_number
 
 
 class LocalAutograd:
@@ -89,7 +88,7 @@ class _Now:
 
 
 class LoopbackRemote:
-    def __init__(self, edge: Edge, pool: ThreadPoolExecutor):
+    def __init__(self, edge: Served, pool: ThreadPoolExecutor):
         self.edge, self.pool = edge, pool
 
     def send(self, method: str, args: tuple, timeout_s: float, seq: Optional[int] = None) -> _Pending:
@@ -99,8 +98,8 @@ class LoopbackRemote:
 class LoopbackTransport:
     name = "loopback"
 
-    def __init__(self, cfg: Config, edge_secrets: Optional[Mapping[str, Optional[str]]] = None):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, host: Host, edge_secrets: Optional[Mapping[str, Optional[str]]] = None):
+        self.cfg, self.host = cfg, host  # host: every edge of this process (training.hosting.EdgeHost)
         self.autograd = LocalAutograd()
         self.key = admission.job_key(cfg.output.run_dir)
         # The edges here share this process's secret; ``edge_secrets`` gives an edge another (or
@@ -108,9 +107,7 @@ class LoopbackTransport:
         self._keys = {name: None if secret is None else secret.encode()
                       for name, secret in (edge_secrets or {}).items()}
         self._baton = threading.RLock()  # the central's compute and the edges' take turns
-        # Every edge of this process reads the same data.root: load it once, carve a shard each.
-        self._loaded = PLACEMENTS[cfg.data.placement].load_on_edge(cfg, list(range(1, cfg.topology.edges + 1)))
-        self._edges: dict[str, Edge] = {}
+        self._edges: dict[str, Served] = {}
         self._pools: dict[str, ThreadPoolExecutor] = {}
 
     def start(self) -> None:
@@ -137,11 +134,7 @@ class LoopbackTransport:
         for name in names:
             # The stream an edge process would have seeded for itself (transport.rpc.serve_edge).
             rng = [torch.Generator().manual_seed(cfg.train.seed + edge_number(name)).get_state()]
-            device = device_for(cfg.train.edge_device, "train.edge_device", 0)
-            data = PLACEMENTS[cfg.data.placement].edge_data(cfg, self._loaded, edge_number(name))
-            # One process, one disk: the config this process was started with is also every edge's own.
-            self._edges[name] = Edge(name, cfg, device, data, parts_folder(self.cfg, name), self._ask_peer,
-                                     self.autograd, self._edge_guard(rng))
+            self._edges[name] = self.host.build(name, cfg, self._ask_peer, self.autograd, self._edge_guard(rng))
             # As many threads as an RPC agent has: a call waiting on a peer must not block the peer's reply.
             self._pools[name] = ThreadPoolExecutor(cfg.rpc.num_worker_threads, thread_name_prefix=name)
         return [LoopbackRemote(self._edges[name], self._pools[name]) for name in names]

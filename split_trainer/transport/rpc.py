@@ -24,17 +24,15 @@ import torch.distributed.autograd as dist_autograd
 from torch.distributed import rpc
 
 from split_trainer.config import Config
-from split_trainer.data.placement import PLACEMENTS
-from split_trainer.training.edge import Edge, parts_folder
 from split_trainer.transport import admission
-from split_trainer.transport.topology import ROLE, Topology, device_for, edge_number, init_rpc, members
+from split_trainer.transport.base import Host, Served
+from split_trainer.transport.topology import ROLE, Topology, edge_number, init_rpc, members
 
 # An edge process serves one edge object; RPC reaches module functions by name, so what they
-# need lives here: the object (for its peers), the data loaded before RPC came up, and the end.
-_served: list[Optional[Edge]] = [None]
-_loaded: list[Any] = [None]
-_own: list[Optional[Config]] = [None]  # this process's own config (its command line): where its parts go
-_local_rank = [0]
+# need lives here: the object (for its peers), what builds it (its data loaded before RPC came
+# up, its own config), and the end.
+_served: list[Optional[Served]] = [None]
+_host: list[Optional[Host]] = [None]
 _finished = threading.Event()
 _edge_side: list[Optional[admission.EdgeSide]] = [None]  # this edge's half of admission
 
@@ -81,20 +79,12 @@ def _call_method(rref: rpc.RRef, method: str, args: tuple, seq: Optional[int]) -
     return rref.local_value().serve(method, args, seq)
 
 
-def _build_edge(cfg: Config) -> Edge:
-    """On the edge, at the central's ``rpc.remote``: this edge's object from the central's config
-    and what this process knows (its name in the RPC group, its own config, the data it loaded)."""
-    _served[0] = edge_for(rpc.get_worker_info().name, cfg, _own[0])
+def _build_edge(cfg: Config) -> Served:
+    """On the edge, at the central's ``rpc.remote``: this edge's object, built by this process's
+    host (its own config, the data it loaded) from the central's config, under its name in the group."""
+    _served[0] = _host[0].build(rpc.get_worker_info().name, cfg, partial(_ask_peer, timeout_s=cfg.rpc.timeout_s),
+                                DistAutograd())
     return _served[0]
-
-
-def edge_for(name: str, cfg: Config, own: Config) -> Edge:
-    """Edge ``name`` of an edge process: the central's ``cfg`` decides the training; this process's
-    ``own`` config (its command line) where on this disk its checkpoint parts are written and pruned."""
-    device = device_for(cfg.train.edge_device, "train.edge_device", _local_rank[0])
-    data = PLACEMENTS[cfg.data.placement].edge_data(cfg, _loaded[0], edge_number(name))
-    return Edge(name, cfg, device, data, parts_folder(own, name), partial(_ask_peer, timeout_s=cfg.rpc.timeout_s),
-                DistAutograd())
 
 
 def _peer_state() -> dict[str, torch.Tensor]:
@@ -169,15 +159,14 @@ class RpcTransport:
         rpc.shutdown(graceful=graceful)
 
 
-def serve_edge(topo: Topology, cfg: Config) -> None:
-    """An edge rank: serve the central's calls until it says the job is done; give up if it falls silent."""
+def serve_edge(topo: Topology, cfg: Config, host: Callable[[], Host]) -> None:
+    """An edge rank: serve the central's calls until it says the job is done; give up if it falls
+    silent. ``host()`` loads this edge's data (training.hosting.EdgeHost), before RPC comes up."""
     torch.manual_seed(cfg.train.seed + edge_number(topo.name))
     # An edge prints only warnings and errors, each on one line under its own name.
     warnings.showwarning = lambda message, category, *_args, **_kw: print(
         f"split_trainer: [{topo.name}] warning: {category.__name__}: {message}", file=sys.stderr, flush=True)
-    # a missing data folder fails here, before RPC
-    _loaded[0] = PLACEMENTS[cfg.data.placement].load_on_edge(cfg, [edge_number(topo.name)])
-    _local_rank[0], _own[0] = topo.local_rank, cfg
+    _host[0] = host()  # a missing data folder fails here, before RPC
     # The secret is read before RPC comes up (a bad one is one line, exit 2); an edge host of an
     # elastic fleet (launch/edge.sh) runs only edges, so a refused one stops its own agent.
     _edge_side[0] = admission.EdgeSide(topo.name, admission.job_key(cfg.output.run_dir), os.environ.get(ROLE) == "edge")

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from split_trainer.training.route import Crossing
+from split_trainer.core.hops import Crossing
 
 Tensor = torch.Tensor
 

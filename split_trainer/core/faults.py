@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 
-from split_trainer.config import ConfigError
+from split_trainer.core.errors import ConfigError
 
 POINTS = ("train", "eval", "sync", "export", "checkpoint")
 ACTIONS = ("kill", "stop", "kill_soon", "enospc", "slow")

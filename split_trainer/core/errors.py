@@ -1,0 +1,24 @@
+"""The errors a run reports as one line: a usage or configuration mistake (exit 2), and a failure
+of the distributed job already phrased for the person."""
+
+from __future__ import annotations
+
+import time
+
+
+class ConfigError(ValueError):
+    """A usage or configuration mistake: reported as one line, exit code 2."""
+
+
+class JobError(RuntimeError):
+    """A failure of the distributed job, already phrased for the one-line report."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.when = time.monotonic()
+
+
+def short(exc: BaseException) -> str:
+    """The first line of an error, for a one-line report."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
