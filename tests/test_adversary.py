@@ -14,7 +14,7 @@ from split_trainer.privacy.adversary import Adversary
 from split_trainer.privacy.attacks import ssim
 from split_trainer.privacy.defences import Defences
 from split_trainer.records import checkpoint
-from split_trainer.training.engines import engine_for
+from split_trainer.training.engines import ENGINES
 from split_trainer.training.stage import Stage
 
 from conftest import quick_overrides
@@ -65,8 +65,9 @@ def test_the_adversary_term_reaches_the_edge_weights_with_both_engines(engine):
     plan = build_plan(cfg.model, MNIST, seed=0)
     privacy = PrivacyConfig(edge_weights="edges", adversary=2.0, adversary_ssim=-0.99)
     adversary = Adversary(privacy, plan.segments[0].module, (1, 28, 28), seed=0, device=torch.device("cpu"))
-    edge = engine_for(engine, plan.places, Stage(plan.on("edge"), TrainConfig(engine=engine)), 1,
-                      Defences(privacy, plan.places, adversary))
+    train = TrainConfig(engine=engine)
+    edge = ENGINES[engine].build(train, plan.places, Stage(plan.on("edge"), train), None,
+                                 Defences(privacy, plan.places, adversary))
     x = _images()
     edge.run(Hop(HopKind.INFER, 0, "edge"), x, None, 0.0)
     assert int(adversary.optimizer.state_dict()["state"].get(0, {}).get("step", 0)) == 0  # evaluation: no step

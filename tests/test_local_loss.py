@@ -17,7 +17,8 @@ from split_trainer.training.local_loss import EdgeHead
 
 from conftest import THREADS, quick_overrides
 
-EXACT = {"train.threads": THREADS, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
+EXACT = {"train.threads": THREADS, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05,
+         "model.dropout": "false",
          "train.max_steps": 12, "train.seed": 5, "train.edge_loss": "local",
          "train.local_clip": 0.3}  # small enough that the clip acts
 

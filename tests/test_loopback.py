@@ -23,7 +23,8 @@ PLANS = {"single cut": {"model.name": "mnist_cnn", "model.split": "pool"},
          "alternating": {"model.name": "tutorial_cnn", "model.plan": TUTORIAL_PLAN},
          "u-shaped": {"model.name": "mnist_cnn",
                       "model.plan": "[{place: edge, until: pool}, {place: central, until: dropout2}, {place: edge}]"}}
-EXACT = {"train.threads": THREADS, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
+EXACT = {"train.threads": THREADS, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05,
+         "model.dropout": "false",
          "train.max_steps": 12, "train.seed": 5}
 
 

@@ -13,7 +13,7 @@ from split_trainer.core.hops import Hop, HopKind
 from split_trainer.model.plan import build_plan
 from split_trainer.privacy.defences import Defences, distance_correlation, epsilon
 from split_trainer.records import checkpoint
-from split_trainer.training.engines import engine_for
+from split_trainer.training.engines import ENGINES
 from split_trainer.training.stage import Stage
 
 from conftest import child_env, quick_overrides, run, torchrun_cmd
@@ -27,7 +27,8 @@ def _edge(engine: str, **privacy) -> tuple:
     cfg = load_config(None, [f"model.plan={U_PLAN}", f"train.engine={engine}"])
     plan = build_plan(cfg.model, MNIST, seed=0)
     stage = Stage(plan.on("edge"), TrainConfig(engine=engine))
-    return engine_for(engine, plan.places, stage, 1, Defences(PrivacyConfig(**privacy), plan.places)), plan
+    defences = Defences(PrivacyConfig(**privacy), plan.places)
+    return ENGINES[engine].build(TrainConfig(engine=engine), plan.places, stage, None, defences), plan
 
 
 @pytest.mark.parametrize("engine", ["relay", "autograd"])

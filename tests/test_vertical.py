@@ -20,7 +20,8 @@ from split_trainer.records import checkpoint
 from conftest import MNIST, THREADS, child_env, quick_overrides, run, torchrun_cmd
 
 VERTICAL = {"data.placement": "vertical", "data.missing": 0.05}
-EXACT = {"train.threads": THREADS, **VERTICAL, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05, "model.dropout": "false",
+EXACT = {"train.threads": THREADS, **VERTICAL, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05,
+         "model.dropout": "false",
          "train.max_steps": 12, "train.seed": 5}
 
 

@@ -1,5 +1,6 @@
 """The central rank's run: it cuts the placement's batches into spans between flushes, has its
-placement's driver train them (training.drivers: one per placement), and decides when to synchronise the replicas, evaluate and checkpoint.
+placement's driver train them (training.drivers: one per placement), and decides when to
+synchronise the replicas, evaluate and checkpoint.
 
 The edges are whoever the rendezvous brought (an elastic fleet's members may change between
 attempts: the membership record and checkpointing.restore say what that does).
@@ -26,11 +27,11 @@ from split_trainer.records import checkpoint
 from split_trainer.records.metrics import MetricsLog
 from split_trainer.records.state import Progress
 from split_trainer.training import checkpointing
+from split_trainer.training.driver import Driver
 from split_trainer.training.drivers import driver_for
 from split_trainer.training.engines import central_engine
 from split_trainer.training.failures import Terminated, cause_of, raise_on_sigterm
 from split_trainer.training.fleet import Fleet, Membership
-from split_trainer.training.driver import Driver
 from split_trainer.training.log import Reporter, TrainLog
 from split_trainer.training.optim import lr_at
 from split_trainer.training.stage import Stage
@@ -65,7 +66,8 @@ class Cadence:
 
 class Central:
     def __init__(self, cfg: Config, topo: Topology, plan: Plan, driver: type[Driver], placement: Placement,
-                 console: Reporter, meta: dict[str, Any], transport: Transport, loaded: checkpoint.Loaded | None = None):
+                 console: Reporter, meta: dict[str, Any], transport: Transport,
+                 loaded: checkpoint.Loaded | None = None):
         self.cfg, self.topo, self.plan, self.placement, self.console = cfg, topo, plan, placement, console
         self.transport = transport
         self.meta = meta  # fingerprint, job and data shape: every checkpoint's manifest carries them

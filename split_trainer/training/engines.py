@@ -74,7 +74,8 @@ class Engine:
     note = ""
     """What the banner adds after the engine's name."""
 
-    def __init__(self, places: list[str], stage: Stage, defences: Optional[Defences] = None, guard: Guard = nullcontext):
+    def __init__(self, places: list[str], stage: Stage, defences: Optional[Defences] = None,
+                 guard: Guard = nullcontext):
         self.stage, self.defences, self.guard = stage, defences, guard
         self.route: Route = self.route_for(places)
         self.eval_hops = eval_route(places)
@@ -144,8 +145,8 @@ class Engine:
 
     def turn(self, edge: Optional[EdgeCalls], batch: Batch, tensor: Tensor, lr: float) -> tuple[Optional[Tensor], Any]:
         """The central's turn: its hops here, the edge's hops between them as one call each (``edge``
-        None: a turn with none, when the driver merges several edges' activations). Returns the tensor the last hop handed on, and
-        the batch's loss."""
+        None: a turn with none, when the driver merges several edges' activations). Returns the
+        tensor the last hop handed on, and the batch's loss."""
         loss = None
         for hop in self.route.turn:
             if hop.place == "central":
@@ -359,9 +360,3 @@ def central_engine(cfg: Config, places: list[str], stage: Stage, autograd: Autog
 
 def edge_engine(cfg: Config, plan: Plan, stage: Stage, defences: Defences, autograd: AutogradContexts) -> Engine:
     return ENGINES[engine_name(cfg.train)].for_edge(cfg, plan, stage, defences, autograd)
-
-
-def engine_for(name: str, places: list[str], stage: Stage, in_flight: int = 1,
-               defences: Optional[Defences] = None) -> Engine:
-    """A relay or autograd engine with no transport (a stage's hops, run here: the tests')."""
-    return ENGINES[name].build(TrainConfig(engine=name, in_flight=in_flight), places, stage, None, defences)

@@ -143,7 +143,7 @@ class Membership:
     a run's first): what the banner and metrics.jsonl record of every change."""
 
     def __init__(self, before: Optional[list[str]], now: list[str], step: int, averaged: list[str]):
-        self.before, self.now, self.step, self.averaged = before, now, step, averaged  # averaged: see checkpointing.restore
+        self.before, self.now, self.step, self.averaged = before, now, step, averaged  # averaged: checkpointing.restore
         self.left = [name for name in before or [] if name not in now]
         self.joined = [name for name in now if before is not None and name not in before]
 

@@ -7,13 +7,16 @@ serves; it never needs to know what an edge is made of."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from split_trainer.config import Config
 from split_trainer.training.drivers import driver_for
 from split_trainer.training.edge import Edge, parts_folder
 from split_trainer.transport.base import Peers
 from split_trainer.transport.topology import device_for, edge_number
+
+if TYPE_CHECKING:
+    from split_trainer.transport.loopback import LoopbackTransport
 
 
 class EdgeHost:
@@ -36,7 +39,7 @@ class EdgeHost:
         return Edge(name, cfg, plan, device, data, parts_folder(self.own, name), peers, autograd, guard)
 
 
-def loopback_transport(cfg: Config, edge_secrets: Optional[dict[str, Optional[str]]] = None) -> Any:
+def loopback_transport(cfg: Config, edge_secrets: Optional[dict[str, Optional[str]]] = None) -> "LoopbackTransport":
     """The loopback transport with every edge of ``cfg`` in this process (one disk, one data.root:
     the config this process was started with is also every edge's own)."""
     from split_trainer.transport.loopback import LoopbackTransport
