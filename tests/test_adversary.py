@@ -87,11 +87,11 @@ def test_the_adversary_needs_edge_held_weights():
 @pytest.mark.parametrize("engine, in_flight", [("relay", 2), ("autograd", 1)])
 def test_a_run_with_the_adversary_resumes_to_the_untouched_run_and_keeps_its_decoder_home(
         in_process, mnist_root, tmp_path, engine, in_flight):
-    """2 edges, edge data, U-shaped, dropout on: 10 steps, then the same command to 20, ends with the
-    parameters, decoders and test loss of one run of 20 steps; each decoder is in its edge's own
+    """2 edges, edge data, U-shaped, dropout on: 4 steps, then the same command to 8, ends with the
+    parameters, decoders and test loss of one run of 8 steps; each decoder is in its edge's own
     part and nowhere in the central's checkpoint."""
     keys = {**PRIVATE, "privacy.adversary": 1.0, "train.engine": engine, "train.in_flight": in_flight,
-            "topology.transport": "loopback", "train.edge_sync_every": 5, "checkpoint.every_steps": 5,
+            "topology.transport": "loopback", "train.edge_sync_every": 2, "checkpoint.every_steps": 4,
             "train.seed": 3, "data.limit_test": 256}
 
     def train(run_dir, steps, *argv):
@@ -99,17 +99,17 @@ def test_a_run_with_the_adversary_resumes_to_the_untouched_run_and_keeps_its_dec
         assert code == 0, (out + err)[-3000:]
         return json.loads((run_dir / "summary.json").read_text())
 
-    untouched = train(tmp_path / "a", 20, "--resume", "never")
-    train(tmp_path / "b", 10)
-    resumed = train(tmp_path / "b", 20)
-    assert resumed["resumed_from_step"] == 10
+    untouched = train(tmp_path / "a", 8, "--resume", "never")
+    train(tmp_path / "b", 4)
+    resumed = train(tmp_path / "b", 8)
+    assert resumed["resumed_from_step"] == 4
     assert resumed["test_loss"] == pytest.approx(untouched["test_loss"], abs=1e-6)
     parts = {}
     for run in "ab":
         folder = tmp_path / run / "checkpoints"
-        central = checkpoint.load(folder / "step_00000020")
+        central = checkpoint.load(folder / "step_00000008")
         assert set(central.parts) == {"central"} and "adversary" not in central.parts["central"]
-        parts[run] = {e: checkpoint.load(folder / "edges" / e / "step_00000020").parts[e] for e in ("edge1", "edge2")}
+        parts[run] = {e: checkpoint.load(folder / "edges" / e / "step_00000008").parts[e] for e in ("edge1", "edge2")}
     for edge in ("edge1", "edge2"):
         a, b = parts["a"][edge], parts["b"][edge]
         for key in a["module"]:

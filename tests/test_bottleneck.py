@@ -25,7 +25,7 @@ MNIST = {"in_channels": 1, "image_size": 28, "num_classes": 10}
 def test_the_cut_carries_the_bottlenecks_bytes_and_the_run_learns(loopback, tmp_path, shape):
     """k=8 after pool: 8x12x12 float32 per sample each way (64x12x12 without), on the edge->central
     cut only: the U-shaped plan's central->edge cut still carries fc1's 128 values."""
-    steps, k = 40, 8
+    steps, k = 24, 8
     placement = "edge" if shape == "u-shaped" else "central"
     summary = loopback(tmp_path, 2, **PLANS[shape], **{"train.max_steps": steps, "model.bottleneck": k,
                                                       "data.placement": placement})

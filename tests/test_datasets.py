@@ -53,19 +53,19 @@ def test_the_mnist_family_loads_from_its_idx_files(tmp_path, name, layout, compr
     assert y.tolist() == [i % classes for i in range(8)]
 
 
-def test_real_mnist_from_gzip_files(mnist_root):
-    train, test, spec = load(DataConfig(root=str(mnist_root)))
+def test_real_mnist_from_gzip_files(mnist_gz):
+    train, test, spec = load(DataConfig(root=str(mnist_gz)))
     assert train.data.shape == (60000, 1, 28, 28) and train.data.dtype == torch.uint8 and len(test) == 10000
     assert torch.bincount(test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     x, _ = train.batch(torch.arange(60000))
     assert abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1) < 0.01  # the MNIST mean and std
 
 
-def test_torchvision_raw_layout(mnist_root, tmp_path):
+def test_torchvision_raw_layout(mnist_gz, tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in MNIST_FILES:
-        with gzip.open(mnist_root / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
+        with gzip.open(mnist_gz / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
             shutil.copyfileobj(src, dst)
     train, test, _ = load(DataConfig(root=str(tmp_path), limit_train=100, limit_test=10, download=False))
     assert len(train) == 100 and len(test) == 10

@@ -15,7 +15,7 @@ from split_trainer.model.plan import plan_for
 from split_trainer.records import checkpoint
 from split_trainer.training.local_loss import EdgeHead
 
-from conftest import THREADS, quick_overrides
+from conftest import QUICK_TEST, THREADS, quick_overrides
 
 EXACT = {"train.threads": THREADS, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05,
          "model.dropout": "false",
@@ -65,8 +65,8 @@ def test_local_loss_training_equals_its_single_process_reference(loopback, tmp_p
         torch.testing.assert_close(split[key], expected[key], rtol=0, atol=1e-5, msg=key)
     labels = summary["bytes"]["per_edge"]["edge1"]["sent" if placement == "central" else "received"]["labels"]
     # Central placement: down, for the edge's head; edge placement: up, for the central's loss and
-    # its score of the 1,000 test images.
-    assert labels == 12 * 64 * 8 + (1000 * 8 if placement == "edge" else 0)
+    # its score of the test images.
+    assert labels == 12 * 64 * 8 + (QUICK_TEST * 8 if placement == "edge" else 0)
 
 
 def test_only_activations_cross_one_way_in_the_wire_type_and_bottleneck(loopback, tmp_path):
@@ -88,14 +88,14 @@ def test_only_activations_cross_one_way_in_the_wire_type_and_bottleneck(loopback
 
 
 def test_a_local_loss_run_stopped_at_a_checkpoint_resumes_to_the_untouched_run(loopback, tmp_path):
-    """2 edges keeping their own weights, dropout on, three in flight: 10 steps, then on to 20, ends
+    """2 edges keeping their own weights, dropout on, three in flight: 6 steps, then on to 12, ends
     with the untouched run's test loss; each edge's own part holds its head."""
     keys = {"train.edge_loss": "local", "train.in_flight": 3, "data.placement": "edge",
-            "privacy.edge_weights": "edges", "train.edge_sync_every": 5, "checkpoint.every_steps": 5, "train.seed": 3}
-    untouched = loopback(tmp_path / "a", 2, "--resume", "never", **keys, **{"train.max_steps": 20})
-    loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 10})
-    resumed = loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 20})
-    assert resumed["resumed_from_step"] == 10 and resumed["steps"] == 20
+            "privacy.edge_weights": "edges", "train.edge_sync_every": 3, "checkpoint.every_steps": 3, "train.seed": 3}
+    untouched = loopback(tmp_path / "a", 2, "--resume", "never", **keys, **{"train.max_steps": 12})
+    loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 6})
+    resumed = loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 12})
+    assert resumed["resumed_from_step"] == 6 and resumed["steps"] == 12
     assert resumed["test_loss"] == pytest.approx(untouched["test_loss"], abs=1e-6)
     for name in ("edge1", "edge2"):
         a, b = (checkpoint.find_resumable(tmp_path / run / "checkpoints" / "edges" / name, warn=pytest.fail).parts[name]

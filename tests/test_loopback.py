@@ -87,18 +87,19 @@ def test_wire_types_and_batches_in_flight_count_their_bytes_and_learn(loopback, 
 
 
 def test_a_run_stopped_at_a_checkpoint_resumes_to_the_untouched_run(loopback, tmp_path):
-    """2 edges, dropout on, edge-held data: 10 steps, then the same command again to 20 steps,
-    ends with the parameters and the final test loss of one run of 20 steps."""
-    keys = {"data.placement": "edge", "train.edge_sync_every": 5, "checkpoint.every_steps": 5, "train.seed": 3}
-    untouched = loopback(tmp_path / "a", 2, "--resume", "never", **keys, **{"train.max_steps": 20})
-    loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 10})
-    resumed = loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 20})
-    assert resumed["resumed_from_step"] == 10 and resumed["steps"] == 20
+    """2 edges, dropout on, edge-held data: 6 steps, then the same command again to 12 steps,
+    ends with the parameters and the final test loss of one run of 12 steps."""
+    keys = {"data.placement": "edge", "train.edge_sync_every": 3, "checkpoint.every_steps": 3, "train.seed": 3,
+            "logging.every_steps": 3}
+    untouched = loopback(tmp_path / "a", 2, "--resume", "never", **keys, **{"train.max_steps": 12})
+    loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 6})
+    resumed = loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 12})
+    assert resumed["resumed_from_step"] == 6 and resumed["steps"] == 12
     assert resumed["test_loss"] == pytest.approx(untouched["test_loss"], abs=1e-6)
     a, b = model_of(tmp_path / "a"), model_of(tmp_path / "b")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
-    assert [r["step"] for r in records(tmp_path / "b") if "loss" in r] == [5, 10, 15, 20]  # each step once
+    assert [r["step"] for r in records(tmp_path / "b") if "loss" in r] == [3, 6, 9, 12]  # each step once
 
 
 def test_a_checkpoint_of_another_plan_is_refused_before_anything_runs(loopback, in_process, mnist_root, tmp_path):

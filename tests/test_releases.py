@@ -82,20 +82,20 @@ def test_free_first_counts_the_passes_an_edge_starts_inside_an_epoch(train, tmp_
 
 
 def test_an_edge_away_keeps_its_count_while_the_others_go_round_their_shards(train, tmp_path, monkeypatch):
-    """Two edges of 16 batches (an epoch of 32 steps): 16 steps with both, then edge2 is away and
-    edge1 trains alone to step 48: it starts a third pass in the run's second epoch."""
-    keys = {**NOISE, **EDGE_DATA, "topology.min_edges": 1, "checkpoint.every_steps": 8}
-    code, out = train(tmp_path, 2, **keys, **{"train.max_steps": 16})
+    """Two edges of 8 batches (an epoch of 16 steps): 8 steps with both, then edge2 is away and
+    edge1 trains alone to step 24: it starts a third pass in the run's second epoch."""
+    keys = {**NOISE, **EDGE_DATA, "topology.min_edges": 1, "checkpoint.every_steps": 4, "data.limit_train": 1024}
+    code, out = train(tmp_path, 2, **keys, **{"train.max_steps": 8})
     assert code == 0, out[-3000:]
     batches = _shard_batches(tmp_path)
     _check(_summary(tmp_path), {"edge1": 1, "edge2": 1})
 
     monkeypatch.setattr(LoopbackTransport, "members", lambda self: ["edge1"])  # the rendezvous brought edge1 only
-    code, out = train(tmp_path, 2, **keys, **{"train.max_steps": 48})
+    code, out = train(tmp_path, 2, **keys, **{"train.max_steps": 24})
     assert code == 0, out[-3000:]
-    assert "edge2 left at step 16" in out
-    served = _served(tmp_path, 48)
-    assert served == {"edge1": 40, "edge2": 8}
+    assert "edge2 left at step 8" in out
+    served = _served(tmp_path, 24)
+    assert served == {"edge1": 20, "edge2": 4}
     true = {name: -(-served[name] // batches[name]) for name in served}
     assert true == {"edge1": 3, "edge2": 1}  # two epochs started; edge1's samples went out three times
     _check(_summary(tmp_path), true)

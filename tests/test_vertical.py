@@ -17,9 +17,10 @@ from split_trainer.data.vertical import kept, party_inputs, regions
 from split_trainer.model.vertical import merge, vertical_plan
 from split_trainer.records import checkpoint
 
-from conftest import MNIST, THREADS, child_env, quick_overrides, run, torchrun_cmd
+from conftest import THREADS, child_env, quick_overrides, run, torchrun_cmd
 
-VERTICAL = {"data.placement": "vertical", "data.missing": 0.05}
+# 1,024 records: each run aligns every party's ids by PSI (elliptic-curve work per id) before it trains
+VERTICAL = {"data.placement": "vertical", "data.missing": 0.05, "data.limit_train": 1024}
 EXACT = {"train.threads": THREADS, **VERTICAL, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05,
          "model.dropout": "false",
          "train.max_steps": 12, "train.seed": 5}
@@ -76,7 +77,8 @@ def test_no_feature_and_no_id_outside_the_intersection_crosses(loopback, tmp_pat
     each party receives the PSI request and the shared ids, nothing more, and the central receives
     only the parties' encrypted answers."""
     steps = 20
-    summary = loopback(tmp_path, 3, **VERTICAL, **{"rpc.activation_dtype": "int8", "train.max_steps": steps})
+    summary = loopback(tmp_path, 3, **{**VERTICAL, "rpc.activation_dtype": "int8", "train.max_steps": steps,
+                                       "data.limit_train": 2048})  # 20 whole batches in one epoch
     cfg = load_config(tmp_path / "config.yaml")
     widths = {"edge1": 64 * 2 * 12, "edge2": 64 * 3 * 12, "edge3": 64 * 2 * 12}  # pool of (rows - 4) // 2 x 12
     train, test, _ = load(cfg.data)
@@ -162,15 +164,16 @@ def test_a_bad_table_is_one_line_before_anything_is_written(in_process, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_a_vertical_run_resumes_exactly_and_its_checkpoint_is_audited_per_party(loopback, in_process, tmp_path):
+def test_a_vertical_run_resumes_exactly_and_its_checkpoint_is_audited_per_party(loopback, in_process, mnist_root,
+                                                                                 tmp_path):
     """Stopped at a checkpoint and resumed, each party's part on its own disk: the untouched run's
     test loss. evaluate and export refuse the checkpoint (one first segment per party), and the
     audit attacks each party on its own region."""
-    keys = {**VERTICAL, "data.limit_train": 1024, "checkpoint.every_steps": 10, "privacy.edge_weights": "edges"}
-    untouched = loopback(tmp_path / "a", 2, **keys, **{"train.max_steps": 30})
-    loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 15})
-    resumed = loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 30})
-    assert resumed["resumed_from_step"] == 15
+    keys = {**VERTICAL, "checkpoint.every_steps": 6, "privacy.edge_weights": "edges"}
+    untouched = loopback(tmp_path / "a", 2, **keys, **{"train.max_steps": 16})
+    loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 8})
+    resumed = loopback(tmp_path / "b", 2, **keys, **{"train.max_steps": 16})
+    assert resumed["resumed_from_step"] == 8
     assert abs(resumed["test_loss"] - untouched["test_loss"]) < 1e-6
 
     checkpoints = tmp_path / "a" / "checkpoints"
@@ -182,7 +185,7 @@ def test_a_vertical_run_resumes_exactly_and_its_checkpoint_is_audited_per_party(
              "--decoder-epochs", "1", "--inversions", "2", "--inversion-steps", "3", "--unsplit", "2",
              "--unsplit-rounds", "1"]
     code, out, err = in_process("audit", "--checkpoint", str(checkpoints), "--out", str(tmp_path / "audit"), *small,
-                                "--set", f"data.root={MNIST}")
+                                "--set", f"data.root={mnist_root}")
     assert code == 0, (out + err)[-3000:]
     report = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert list(report["cuts"]) == ["edge1 after pool", "edge2 after pool"]
@@ -214,7 +217,7 @@ def test_a_killed_party_resumes_to_the_untouched_runs_end(loopback, mnist_root, 
     is the RPC run, tests/test_loopback.py)."""
     # 1,024 records, 926 shared: 15 steps an epoch; flushes at 15, 16, 30 and 32. One training call a
     # batch and one more at each flush, so edge2's 24th call falls between steps 16 and 30.
-    keys = {**VERTICAL, "data.limit_train": 1024, "train.max_steps": 32, "checkpoint.every_steps": 16,
+    keys = {**VERTICAL, "train.max_steps": 32, "checkpoint.every_steps": 16,
             "rpc.activation_dtype": "int8", "train.threads": 1}  # one thread per rank: reductions follow it
     reference = loopback(tmp_path / "a", 2, **keys)
     killed = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path / "b", edges=2, **keys), max_restarts=2),
