@@ -51,7 +51,7 @@ def mnist_gz() -> Path:
 
 @pytest.fixture(scope="session")
 def mnist_root(mnist_gz, tmp_path_factory) -> Path:
-    """The same files decompressed once per session into a temporary folder (never beside the
+    """The same files decompressed once per test process into a temporary folder (never beside the
     originals): every run of the suite reads MNIST, and gunzip costs a third of a second a run."""
     root = tmp_path_factory.mktemp("mnist")
     for name in MNIST_FILES:

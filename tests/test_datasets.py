@@ -61,12 +61,11 @@ def test_real_mnist_from_gzip_files(mnist_gz):
     assert abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1) < 0.01  # the MNIST mean and std
 
 
-def test_torchvision_raw_layout(mnist_gz, tmp_path):
+def test_torchvision_raw_layout(mnist_root, tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in MNIST_FILES:
-        with gzip.open(mnist_gz / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    for name in MNIST_FILES:  # mnist_root holds them decompressed
+        shutil.copyfile(mnist_root / name, raw / name)
     train, test, _ = load(DataConfig(root=str(tmp_path), limit_train=100, limit_test=10, download=False))
     assert len(train) == 100 and len(test) == 10
 
