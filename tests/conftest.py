@@ -142,6 +142,18 @@ def quick_overrides(mnist: Path, run_dir: Path, edges: int, **keys: object) -> l
     return ["--set", *(f"{k}={v}" for k, v in base.items())]
 
 
+def loopback_overrides(mnist: Path, run_dir: Path, edges: int, **keys: object) -> list[str]:
+    """quick_overrides with the whole fleet in one process (topology.transport=loopback): the run a
+    torchrun job of the same config makes (test_loopback's slow test holds the two to 1e-6), for
+    what need not pay for a rank per edge (each rank's start costs seconds of imports)."""
+    return quick_overrides(mnist, run_dir, edges, **{"topology.transport": "loopback", **keys})
+
+
+def loopback_cmd(mnist: Path, run_dir: Path, edges: int, *args: str, **keys: object) -> list[str]:
+    """``python -m split_trainer ARGS`` with loopback_overrides, for a run in a process of its own."""
+    return [sys.executable, "-m", "split_trainer", *args, *loopback_overrides(mnist, run_dir, edges, **keys)]
+
+
 def rank_pid(torchrun_pid: int, rank: int) -> int:
     """The pid of the worker that torchrun started with RANK=rank."""
     children = [c for task in Path(f"/proc/{torchrun_pid}/task").iterdir() for c in (task / "children").read_text().split()]
@@ -256,8 +268,7 @@ def in_process(capsys, monkeypatch) -> Callable[..., tuple[int, str, str]]:
 def loopback(in_process, mnist_root):
     """``loopback(run_dir, edges, *argv, **keys)``: one run in this process; its summary."""
     def train(run_dir: Path, edges: int, *argv: str, **keys) -> dict:
-        code, out, err = in_process(*argv, *quick_overrides(mnist_root, run_dir, edges,
-                                                            **{"topology.transport": "loopback", **keys}))
+        code, out, err = in_process(*argv, *loopback_overrides(mnist_root, run_dir, edges, **keys))
         assert code == 0, (out + err)[-3000:]
         return json.loads((run_dir / "summary.json").read_text())
     return train

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from conftest import Lines, child_env, end_tree, free_port, launch, quick_overrides, run, torchrun_cmd
+from conftest import (Lines, child_env, end_tree, free_port, launch, loopback_overrides, quick_overrides, run,
+                      torchrun_cmd)
 
 pytestmark = pytest.mark.slow
 
@@ -85,16 +86,17 @@ def test_free_first_lets_a_slow_edge_take_fewer_batches_and_learns_as_well(slow_
     assert accuracy["free_first"] > 0.8 and abs(accuracy["free_first"] - accuracy["round_robin"]) < 0.05, accuracy
 
 
-def test_a_checkpoint_of_three_edges_resumes_on_two_and_on_four(mnist_root, slow_edge_runs, tmp_path):
+def test_a_checkpoint_of_three_edges_resumes_on_two_and_on_four(in_process, mnist_root, slow_edge_runs, tmp_path):
+    """The torchrun job's checkpoint, resumed by fleets of another size in one process (loopback)."""
     saved = slow_edge_runs["round_robin"] / "checkpoints" / "step_00000032"  # the end of epoch 1
     for edges, change in ((2, "edge3 left"), (4, "edge4 joined")):
-        result = run(torchrun_cmd(edges + 1, "--resume", str(saved), *quick_overrides(
-            mnist_root, tmp_path / str(edges), edges=edges, **{"train.epochs": 2, "train.max_steps": 40})))
-        assert result.returncode == 0, result.stdout[-3000:]
-        lines = [line for line in result.stdout.splitlines() if line.startswith("membership: ")]
+        code, out, err = in_process("--resume", str(saved), *loopback_overrides(
+            mnist_root, tmp_path / str(edges), edges, **{"train.epochs": 2, "train.max_steps": 40}))
+        assert code == 0, (out + err)[-3000:]
+        lines = [line for line in out.splitlines() if line.startswith("membership: ")]
         assert lines == [f"membership: {edges} edges present; {change} at step 32 (was edge1, edge2, edge3)"
                          + ("; edge4 from the average of the checkpoint's edge weights, optimizer fresh"
-                            if edges == 4 else "")], result.stdout[-3000:]
+                            if edges == 4 else "")], (out + err)[-3000:]
         summary = json.loads((tmp_path / str(edges) / "summary.json").read_text())
         assert summary["resumed_from_step"] == 32 and summary["steps"] == 40 and summary["edges"] == edges
         assert all(edge["batches"] > 0 for edge in summary["bytes"]["per_edge"].values())

@@ -1,10 +1,12 @@
 """What survives what (docs/checkpoints-and-faults.md, the table names each test). Each fault is a
 real SIGKILL or SIGSTOP at an exact point of a real torchrun job (split_trainer.training.faults), on
 the tutorial's alternating plan (three cuts), under --max-restarts; the job must finish by itself
-and end where an untouched run ends: the same parameters (1e-6), test loss (1e-6) and accuracy."""
+and end where an untouched run ends: the same parameters (1e-6), test loss (1e-6) and accuracy.
+The untouched run is the same config in one process (loopback), the run torchrun's would be."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -15,7 +17,8 @@ import torch
 
 from split_trainer.records import checkpoint
 
-from conftest import ROOT, TUTORIAL_PLAN, Lines, child_env, end_tree, quick_overrides, rank_pid, run, torchrun_cmd
+from conftest import (ROOT, TUTORIAL_PLAN, Lines, child_env, end_tree, loopback_cmd, quick_overrides, rank_pid, run,
+                      torchrun_cmd)
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +29,17 @@ KEYS = {"model.name": "tutorial_cnn", "model.plan": TUTORIAL_PLAN, "data.limit_t
         "train.seed": 3, "data.augment": "crop_flip"}
 
 
-def _job(mnist: Path, run_dir: Path, fault: str = "", max_restarts: int = 2, **keys) -> subprocess.CompletedProcess:
-    cmd = torchrun_cmd(3, *quick_overrides(mnist, run_dir, edges=2, **{**KEYS, **keys}), max_restarts=max_restarts)
+def _job(mnist: Path, run_dir: Path, fault: str = "", *args: str, max_restarts: int = 2,
+         **keys) -> subprocess.CompletedProcess:
+    cmd = torchrun_cmd(3, *args, *quick_overrides(mnist, run_dir, edges=2, **{**KEYS, **keys}),
+                       max_restarts=max_restarts)
     return run(cmd, timeout=400, env=child_env(SPLIT_TRAINER_FAULT=fault))
 
 
 @pytest.fixture(scope="module")
 def untouched(mnist_root, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("untouched")
-    result = _job(mnist_root, run_dir)
+    result = run(loopback_cmd(mnist_root, run_dir, 2, **KEYS))
     assert result.returncode == 0, result.stdout[-3000:]
     return run_dir
 
@@ -57,8 +62,10 @@ def _ends_like(run_dir: Path, untouched: Path) -> dict:
     return summary
 
 
-CASES = {  # fault, restarts, the step the (first) resume must come from (None: whichever)
-    "a: edge killed in a training step": ("edge2:train:45:kill", 1, None, {}),
+CASES = {  # fault, restarts, the step the (first) resume must come from (None: whichever), keys
+    # Started over (--resume never) in the folder of the finished untouched run: the restart must
+    # take this job's own newest checkpoint, not the finished run's step 64.
+    "a: edge killed in a training step, over a finished run": ("edge2:train:45:kill", 1, 20, {}),
     "b: edge killed during a replica sync": ("edge1:sync:3:kill", 1, None, {}),
     "c: edge killed during evaluation": ("edge2:eval:2:kill", 1, None, {}),
     # The step-40 checkpoint is being gathered when edge1 dies in its call: it never lands.
@@ -72,14 +79,18 @@ CASES = {  # fault, restarts, the step the (first) resume must come from (None: 
 @pytest.mark.parametrize("case", CASES)
 def test_the_job_survives_and_ends_like_an_untouched_run(mnist_root, untouched, tmp_path, case):
     fault, restarts, resumed_from, keys = CASES[case]
-    result = _job(mnist_root, tmp_path, fault, **keys)
+    over_a_finished_run = case.endswith("over a finished run")
+    if over_a_finished_run:
+        shutil.copytree(untouched, tmp_path, dirs_exist_ok=True)
+    result = _job(mnist_root, tmp_path, fault, *(["--resume", "never"] if over_a_finished_run else []), **keys)
     assert result.returncode == 0, result.stdout[-4000:]
     assert result.stdout.count("resumed from") == restarts, result.stdout[-4000:]
     summary = _ends_like(tmp_path, untouched)
     assert summary["restarts"] == restarts
+    resumes = [r for r in _records(tmp_path) if r.get("event") == "resume"]
+    assert [r["attempt"] for r in resumes] == list(range(1, restarts + 1)), resumes
     if resumed_from is not None:
-        first = next(r for r in _records(tmp_path) if r.get("event") == "resume")
-        assert first["step"] == resumed_from, first
+        assert resumes[0]["step"] == resumed_from, resumes
 
 
 def test_the_central_killed_in_the_middle_of_a_checkpoint_write(mnist_root, untouched, tmp_path):
@@ -187,7 +198,7 @@ def test_an_edge_killed_in_edge_placement_resumes_at_its_own_position(mnist_root
     position (part of its checkpoint) and the run ends where an untouched one ends."""
     keys = {"model.name": "mnist_cnn", "model.split": "pool", "model.plan": "null", "data.placement": "edge",
             "data.partition": "dirichlet"}
-    untouched = _job(mnist_root, tmp_path / "a", **keys)
+    untouched = run(loopback_cmd(mnist_root, tmp_path / "a", 2, **{**KEYS, **keys}))
     assert untouched.returncode == 0, untouched.stdout[-3000:]
     killed = _job(mnist_root, tmp_path / "b", "edge2:train:25:kill", **keys)
     assert killed.returncode == 0, killed.stdout[-4000:]

@@ -14,7 +14,7 @@ import torch
 from split_trainer.config import ConfigError, load_config
 from split_trainer.transport.wire import pack, unpack
 
-from conftest import ROOT, TUTORIAL_PLAN, child_env, quick_overrides, run, torchrun_cmd
+from conftest import ROOT, TUTORIAL_PLAN, child_env, loopback_cmd, quick_overrides, run, torchrun_cmd
 
 # The tutorial's plan at batch 64: values per sample at its three cuts (16x7x7, 32x2x2, 64x1x1).
 TUTORIAL_CUTS = {"after pool0": 784, "after pool1": 128, "after relu2": 64}
@@ -78,9 +78,9 @@ IN_FLIGHT = {"train.in_flight": 2, "data.limit_train": 4096, "train.epochs": 1, 
 def test_batches_in_flight_learn_and_resume_exactly(mnist_root, tmp_path, loss, falls_to, accuracy, fault):
     """Edge placement, int8, two batches in flight per edge (a local loss: four, and no gradient
     byte comes down): an edge killed mid-span under --max-restarts; the job resumes from its
-    checkpoint and ends where the untouched run ends."""
+    checkpoint and ends where the untouched run (the same config in one process) ends."""
     keys = {**IN_FLIGHT, **loss}
-    untouched = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path / "a", edges=2, **keys)))
+    untouched = run(loopback_cmd(mnist_root, tmp_path / "a", 2, **keys))
     assert untouched.returncode == 0, untouched.stdout[-3000:]
     reference = json.loads((tmp_path / "a" / "summary.json").read_text())
     losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
@@ -88,13 +88,13 @@ def test_batches_in_flight_learn_and_resume_exactly(mnist_root, tmp_path, loss, 
     learnt = reference["test_accuracy"]
     assert losses[-1] < falls_to * losses[0] and learnt > accuracy, (losses, learnt)
 
-    if loss:
-        assert reference["bytes"]["per_cut"]["after pool"]["backward"] == 0
-        assert all(edge["sent"]["activation_grads"] == 0 for edge in reference["bytes"]["per_edge"].values())
     killed = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path / "b", edges=2, **keys), max_restarts=2),
                  env=child_env(SPLIT_TRAINER_FAULT=fault))
     assert killed.returncode == 0, killed.stdout[-4000:]
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    if loss:
+        assert summary["bytes"]["per_cut"]["after pool"]["backward"] == 0
+        assert all(edge["sent"]["activation_grads"] == 0 for edge in summary["bytes"]["per_edge"].values())
     assert summary["restarts"] == 1 and summary["resumed_from_step"] > 0 and summary["steps"] == 64
     assert abs(summary["test_loss"] - reference["test_loss"]) < 1e-6
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True)["state_dict"] for d in ("a", "b"))

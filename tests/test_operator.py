@@ -13,7 +13,7 @@ from split_trainer.config import DataConfig, ModelConfig
 from split_trainer.data.datasets import load
 from split_trainer.model.models import build_full
 
-from conftest import ROOT, child_env, quick_overrides, run, torchrun_cmd
+from conftest import ROOT, child_env, loopback_overrides, quick_overrides, torchrun_cmd
 
 ACTIVATION_BYTES = 64 * 12 * 12 * 4  # per sample, each way, for the default split
 INPUT_BYTES = 28 * 28 * 4
@@ -52,11 +52,10 @@ def test_live_display_on_a_terminal(mnist_root, tmp_path):
     assert "\nstep 5/12" not in screen  # not the plain lines
 
 
-@pytest.mark.slow
-def test_quiet_prints_only_the_summary(mnist_root, tmp_path):
-    result = run(torchrun_cmd(2, "--quiet", *quick_overrides(mnist_root, tmp_path, edges=1, **{"train.max_steps": 6})))
-    assert result.returncode == 0, result.stdout[-3000:]
-    ours = [l for l in result.stdout.splitlines() if l.startswith(("step", "epoch", "checkpoint", "topology", "done"))]
+def test_quiet_prints_only_the_summary(in_process, mnist_root, tmp_path):
+    code, out, err = in_process("--quiet", *loopback_overrides(mnist_root, tmp_path, 1, **{"train.max_steps": 6}))
+    assert code == 0, (out + err)[-3000:]
+    ours = [l for l in (out + err).splitlines() if l.startswith(("step", "epoch", "checkpoint", "topology", "done"))]
     assert len(ours) == 1 and ours[0].startswith("done: steps 6")
     summary = json.loads((tmp_path / "summary.json").read_text())  # quiet, not idle: the run's files are all there
     assert summary["steps"] == 6 and (tmp_path / "model.pt").is_file() and (tmp_path / "metrics.jsonl").is_file()
@@ -121,17 +120,16 @@ def test_evaluate_bad_checkpoint_is_one_line(in_process, tmp_path):
     assert code == 2 and err.count("\n") == 1 and "not a split_trainer model file" in err
 
 
-@pytest.mark.slow
-def test_tensorboard_scalars_or_a_one_line_refusal(mnist_root, tmp_path):
-    result = run(torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **{"logging.tensorboard": "true",
-                                                                                   "train.max_steps": 10})))
+def test_tensorboard_scalars_or_a_one_line_refusal(in_process, mnist_root, tmp_path):
+    code, out, err = in_process(*loopback_overrides(mnist_root, tmp_path, 1, **{"logging.tensorboard": "true",
+                                                                             "train.max_steps": 10}))
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:  # CI's environment: the extra is not installed
-        assert "logging.tensorboard=true needs the tensorboard extra" in result.stdout
-        assert "exitcode  : 2" in result.stdout and not (tmp_path / "metrics.jsonl").exists()
+        assert code == 2 and "logging.tensorboard=true needs the tensorboard extra" in err, out + err
+        assert not (tmp_path / "metrics.jsonl").exists()
         return
-    assert result.returncode == 0, result.stdout[-3000:]
+    assert code == 0, (out + err)[-3000:]
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])

@@ -16,7 +16,7 @@ from split_trainer.records import checkpoint
 from split_trainer.training.engines import ENGINES
 from split_trainer.training.stage import Stage
 
-from conftest import child_env, quick_overrides, run, torchrun_cmd
+from conftest import child_env, loopback_cmd, quick_overrides, run, torchrun_cmd
 
 MNIST = {"in_channels": 1, "image_size": 28, "num_classes": 10}
 U_PLAN = "[{place: edge, until: pool}, {place: central, until: dropout2}, {place: edge}]"
@@ -193,25 +193,26 @@ def test_edge_held_weights_stay_on_the_edges_and_resume_exactly(mnist_root, tmp_
     """U-shaped, edge data, edge-held weights, the adversary on: nothing of an edge's data, weights
     or decoder reaches the central; each edge's parts (its decoder in them) are on its own disk; a
     killed edge resumes to the same end; the parts merge for export; and the audit's label attack
-    beats chance (no label defence)."""
-    untouched = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path / "a", edges=2, **EDGES)))
+    beats chance (no label defence). The untouched run is the same config in one process; what
+    crosses and what lands where is read from the killed torchrun job's."""
+    untouched = run(loopback_cmd(mnist_root, tmp_path / "a", 2, **EDGES))
     assert untouched.returncode == 0, untouched.stdout[-3000:]
     reference = json.loads((tmp_path / "a" / "summary.json").read_text())
-    for name, traffic in reference["bytes"]["per_edge"].items():
-        for kind in ("inputs", "labels", "edge_state"):
-            assert traffic["sent"][kind] == traffic["received"][kind] == 0, (name, kind)
-    checkpoints = tmp_path / "a" / "checkpoints"
-    assert sorted(p.name for p in (checkpoints / "step_00000064").iterdir()) == ["central.pt", "manifest.json"]
-    for edge in ("edge1", "edge2"):
-        part = checkpoint.load(checkpoints / "edges" / edge / "step_00000064").parts[edge]
-        assert set(part["adversary"]) == {"decoder", "optimizer"}
-    assert not (tmp_path / "a" / "model.pt").exists()
-
     killed = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path / "b", edges=2, **EDGES), max_restarts=2),
                  env=child_env(SPLIT_TRAINER_FAULT="edge1:train:45:kill"))
     assert killed.returncode == 0, killed.stdout[-4000:]
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["restarts"] == 1 and abs(summary["test_loss"] - reference["test_loss"]) < 1e-6
+
+    for name, traffic in summary["bytes"]["per_edge"].items():
+        for kind in ("inputs", "labels", "edge_state"):
+            assert traffic["sent"][kind] == traffic["received"][kind] == 0, (name, kind)
+    checkpoints = tmp_path / "b" / "checkpoints"
+    assert sorted(p.name for p in (checkpoints / "step_00000064").iterdir()) == ["central.pt", "manifest.json"]
+    for edge in ("edge1", "edge2"):
+        part = checkpoint.load(checkpoints / "edges" / edge / "step_00000064").parts[edge]
+        assert set(part["adversary"]) == {"decoder", "optimizer"}
+    assert not (tmp_path / "b" / "model.pt").exists()
 
     exported = run([sys.executable, "-m", "split_trainer", "export", "--checkpoint", str(checkpoints), "--out",
                     str(tmp_path / "model.pt")], timeout=120)

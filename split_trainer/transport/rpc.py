@@ -174,8 +174,12 @@ def serve_edge(topo: Topology, cfg: Config, host: Callable[[], Host]) -> None:
     started = time.monotonic()
     poll = min(5.0, cfg.rpc.timeout_s)
     while not _finished.wait(poll):
-        silent = time.monotonic() - (_served[0].last_seen if _served[0] else started)
-        if silent > cfg.rpc.timeout_s:
-            raise TimeoutError(f"no call from the central for {silent:.0f} s (rpc.timeout_s={cfg.rpc.timeout_s:g})")
+        # Until the central builds this edge, it is starting up (admission, its own segments, its
+        # data): a wait the central bounds by rpc.startup_timeout_s, so the edge does too.
+        key, limit, since = (("rpc.timeout_s", cfg.rpc.timeout_s, _served[0].last_seen) if _served[0] else
+                             ("rpc.startup_timeout_s", cfg.rpc.startup_timeout_s, started))
+        silent = time.monotonic() - since
+        if silent > limit:
+            raise TimeoutError(f"no call from the central for {silent:.0f} s ({key}={limit:g})")
     _edge_side[0].leave()  # refused (or the job stopped): one line, exit 2
     rpc.shutdown(graceful=True)
