@@ -62,27 +62,29 @@ def _ends_like(run_dir: Path, untouched: Path) -> dict:
     return summary
 
 
-CASES = {  # fault, restarts, the step the (first) resume must come from (None: whichever), keys
-    # Started over (--resume never) in the folder of the finished untouched run: the restart must
-    # take this job's own newest checkpoint, not the finished run's step 64.
-    "a: edge killed in a training step, over a finished run": ("edge2:train:45:kill", 1, 20, {}),
-    "b: edge killed during a replica sync": ("edge1:sync:3:kill", 1, None, {}),
-    "c: edge killed during evaluation": ("edge2:eval:2:kill", 1, None, {}),
+# Started over (--resume never) in a copy of the finished untouched run's folder: the restart must
+# take this job's own newest checkpoint, not the finished run's step 64.
+OVER_A_FINISHED_RUN = ("--resume", "never")
+
+CASES = {  # fault, restarts, the step the (first) resume must come from (None: whichever), keys, arguments
+    "a: edge killed in a training step, over a finished run": ("edge2:train:45:kill", 1, 20, {},
+                                                               OVER_A_FINISHED_RUN),
+    "b: edge killed during a replica sync": ("edge1:sync:3:kill", 1, None, {}, ()),
+    "c: edge killed during evaluation": ("edge2:eval:2:kill", 1, None, {}, ()),
     # The step-40 checkpoint is being gathered when edge1 dies in its call: it never lands.
-    "d: edge killed while a checkpoint is gathered": ("edge1:export:2:kill", 1, 20, {}),
-    "e: central killed in a training step": ("central:train:30:kill", 1, None, {}),
-    "f: a second failure right after the resume": ("edge1:train:45:kill:0,edge2:train:4:kill:1", 2, None, {}),
-    "g: edge frozen, caught by a small rpc.timeout_s": ("edge2:train:45:stop", 1, None, {"rpc.timeout_s": 5}),
+    "d: edge killed while a checkpoint is gathered": ("edge1:export:2:kill", 1, 20, {}, ()),
+    "e: central killed in a training step": ("central:train:30:kill", 1, None, {}, ()),
+    "f: a second failure right after the resume": ("edge1:train:45:kill:0,edge2:train:4:kill:1", 2, None, {}, ()),
+    "g: edge frozen, caught by a small rpc.timeout_s": ("edge2:train:45:stop", 1, None, {"rpc.timeout_s": 5}, ()),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_job_survives_and_ends_like_an_untouched_run(mnist_root, untouched, tmp_path, case):
-    fault, restarts, resumed_from, keys = CASES[case]
-    over_a_finished_run = case.endswith("over a finished run")
-    if over_a_finished_run:
+    fault, restarts, resumed_from, keys, args = CASES[case]
+    if args == OVER_A_FINISHED_RUN:
         shutil.copytree(untouched, tmp_path, dirs_exist_ok=True)
-    result = _job(mnist_root, tmp_path, fault, *(["--resume", "never"] if over_a_finished_run else []), **keys)
+    result = _job(mnist_root, tmp_path, fault, *args, **keys)
     assert result.returncode == 0, result.stdout[-4000:]
     assert result.stdout.count("resumed from") == restarts, result.stdout[-4000:]
     summary = _ends_like(tmp_path, untouched)
