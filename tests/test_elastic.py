@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from conftest import (Lines, child_env, end_tree, free_port, launch, loopback_overrides, quick_overrides, run,
-                      torchrun_cmd)
+from conftest import (Lines, child_env, end_tree, free_port, launch, loopback_cmd, loopback_overrides, quick_overrides,
+                      run, torchrun_cmd)
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +21,11 @@ def _records(run_dir, event=None):
 def test_an_edge_host_lost_mid_run_leaves_a_job_that_finishes_and_takes_it_back(mnist_root, tmp_path):
     """Edge host 2 (agent and worker) is killed with SIGKILL mid-run: the others meet again without
     it and go on; started again, it is admitted at the next rendezvous and trains."""
-    port, total = free_port(), 7 * 64
+    # 4 epochs: the job alone must still be training when the host that comes back has started and
+    # met the others (about 16 s here: it joined at step 64 of 256).
+    port, total = free_port(), 4 * 64
     common = ["--set", "topology.edges=2", f"data.root={mnist_root}", f"output.run_dir={tmp_path}",
-              "data.limit_train=4096", "data.limit_test=1000", "train.epochs=7", "checkpoint.every_steps=16",
+              "data.limit_train=4096", "data.limit_test=1000", "train.epochs=4", "checkpoint.every_steps=16",
               "logging.every_steps=8", "rpc.timeout_s=60"]
     elastic = ["--hosts", "1:2", "--addr", "127.0.0.1", "--max-restarts", "3"]
 
@@ -62,14 +64,16 @@ def test_an_edge_host_lost_mid_run_leaves_a_job_that_finishes_and_takes_it_back(
 
 @pytest.fixture(scope="module")
 def slow_edge_runs(mnist_root, tmp_path_factory) -> dict:
-    """1+3, 64 steps under each dispatch mode, edge3 spending 100 ms more on every training call."""
-    runs = {}
-    for mode in ("round_robin", "free_first"):
-        run_dir = tmp_path_factory.mktemp(mode)
-        result = run(torchrun_cmd(4, *quick_overrides(mnist_root, run_dir, edges=3, **{
-            "train.epochs": 2, "train.dispatch": mode})), env=child_env(SPLIT_TRAINER_FAULT="edge3:train:1:slow"))
-        assert result.returncode == 0, result.stdout[-3000:]
-        runs[mode] = run_dir
+    """1+3, 64 steps under each dispatch mode. free_first: a torchrun job, edge3 spending 100 ms
+    more on every training call. round_robin hands out batches whatever the edges' speeds: the
+    same config in one process (loopback)."""
+    runs = {mode: tmp_path_factory.mktemp(mode) for mode in ("round_robin", "free_first")}
+    keys = {"train.epochs": 2}
+    result = run(loopback_cmd(mnist_root, runs["round_robin"], 3, **keys, **{"train.dispatch": "round_robin"}))
+    assert result.returncode == 0, result.stdout[-3000:]
+    result = run(torchrun_cmd(4, *quick_overrides(mnist_root, runs["free_first"], edges=3, **keys, **{
+        "train.dispatch": "free_first"})), env=child_env(SPLIT_TRAINER_FAULT="edge3:train:1:slow"))
+    assert result.returncode == 0, result.stdout[-3000:]
     return runs
 
 
@@ -87,7 +91,7 @@ def test_free_first_lets_a_slow_edge_take_fewer_batches_and_learns_as_well(slow_
 
 
 def test_a_checkpoint_of_three_edges_resumes_on_two_and_on_four(in_process, mnist_root, slow_edge_runs, tmp_path):
-    """The torchrun job's checkpoint, resumed by fleets of another size in one process (loopback)."""
+    """The round-robin run's checkpoint, resumed by fleets of another size."""
     saved = slow_edge_runs["round_robin"] / "checkpoints" / "step_00000032"  # the end of epoch 1
     for edges, change in ((2, "edge3 left"), (4, "edge4 joined")):
         code, out, err = in_process("--resume", str(saved), *loopback_overrides(

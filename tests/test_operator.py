@@ -4,7 +4,6 @@ import json
 import os
 import pty
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -78,30 +77,25 @@ def test_wire_bytes_match_the_model(trained_run):
     assert set(steps[-1]["call_ms"]) == {"edge1", "edge2"}
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "split_trainer", *args], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.slow
-def test_evaluate_reports_the_runs_last_accuracy(trained_run, mnist_root):
+def test_evaluate_reports_the_runs_last_accuracy(trained_run, in_process, mnist_root):
     run_dir, _ = trained_run
     summary = json.loads((run_dir / "summary.json").read_text())
-    result = _cli("evaluate", "--checkpoint", str(run_dir / "checkpoints"), "--set", f"data.root={mnist_root}")
-    assert result.returncode == 0, result.stderr
-    words = result.stdout.split()
+    code, out, err = in_process("evaluate", "--checkpoint", str(run_dir / "checkpoints"), "--set",
+                                f"data.root={mnist_root}")
+    assert code == 0, err
+    words = out.split()
     assert float(words[words.index("test_accuracy") + 1]) == summary["test_accuracy"]
     assert abs(float(words[words.index("test_loss") + 1]) - summary["test_loss"]) < 1e-5
 
 
 @pytest.mark.slow
-def test_export_runs_without_the_topology(trained_run, mnist_root, tmp_path):
+def test_export_runs_without_the_topology(trained_run, in_process, mnist_root, tmp_path):
     run_dir, _ = trained_run
-    out = tmp_path / "model.pt"
-    result = _cli("export", "--checkpoint", str(run_dir / "checkpoints"), "--out", str(out))
-    assert result.returncode == 0, result.stderr
+    code, _, err = in_process("export", "--checkpoint", str(run_dir / "checkpoints"), "--out", str(tmp_path / "model.pt"))
+    assert code == 0, err
     # The README's three lines:
-    saved = torch.load(out, weights_only=True)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
     model = build_full(ModelConfig(**saved["model"]), saved["shape"]); model.load_state_dict(saved["state_dict"]); model.eval()
     _, test, _ = load(DataConfig(root=str(mnist_root), limit_test=1000))
     x, y = test.batch(torch.arange(1000))

@@ -3,7 +3,6 @@ never reach the central, and the audit finds the leaks it is there to find."""
 
 import json
 import pickle
-import sys
 
 import pytest
 import torch
@@ -115,16 +114,16 @@ def test_the_audit_refuses_counts_that_would_report_nan(in_process, tmp_path, ba
 
 
 @pytest.mark.slow
-def test_the_audit_finds_the_leak_of_an_undefended_cut(trained_run, mnist_root, tmp_path):
+def test_the_audit_finds_the_leak_of_an_undefended_cut(trained_run, in_process, mnist_root, tmp_path):
     run_dir, _ = trained_run
-    result = run([sys.executable, "-m", "split_trainer", "audit", "--checkpoint", str(run_dir / "checkpoints"), "--set",
-                  f"data.root={mnist_root}", "--out", str(tmp_path), *AUDIT], timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:]
+    code, out, err = in_process("audit", "--checkpoint", str(run_dir / "checkpoints"), "--set",
+                                f"data.root={mnist_root}", "--out", str(tmp_path), *AUDIT)
+    assert code == 0, (out + err)[-3000:]
     report = json.loads((tmp_path / "audit.json").read_text())
     decoder = report["cuts"]["after pool"]["decoder"]
     assert decoder["ssim"] > decoder["class_mean_ssim"] + 0.1, decoder
     assert decoder["reidentified"] > 10 * decoder["chance"], decoder
-    assert (tmp_path / "audit.png").stat().st_size > 1000 and "re-id" in result.stdout
+    assert (tmp_path / "audit.png").stat().st_size > 1000 and "re-id" in out
 
 
 def test_the_worst_case_decoder_is_the_one_that_reidentifies_most_then_the_sharpest():
@@ -189,7 +188,7 @@ EDGES = {"privacy.edge_weights": "edges", "data.placement": "edge", "model.plan"
 
 
 @pytest.mark.slow
-def test_edge_held_weights_stay_on_the_edges_and_resume_exactly(mnist_root, tmp_path):
+def test_edge_held_weights_stay_on_the_edges_and_resume_exactly(in_process, mnist_root, tmp_path):
     """U-shaped, edge data, edge-held weights, the adversary on: nothing of an edge's data, weights
     or decoder reaches the central; each edge's parts (its decoder in them) are on its own disk; a
     killed edge resumes to the same end; the parts merge for export; and the audit's label attack
@@ -214,15 +213,14 @@ def test_edge_held_weights_stay_on_the_edges_and_resume_exactly(mnist_root, tmp_
         assert set(part["adversary"]) == {"decoder", "optimizer"}
     assert not (tmp_path / "b" / "model.pt").exists()
 
-    exported = run([sys.executable, "-m", "split_trainer", "export", "--checkpoint", str(checkpoints), "--out",
-                    str(tmp_path / "model.pt")], timeout=120)
-    assert exported.returncode == 0, exported.stdout
+    code, out, err = in_process("export", "--checkpoint", str(checkpoints), "--out", str(tmp_path / "model.pt"))
+    assert code == 0, out + err
     state = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
     assert {"conv1.weight", "fc1.weight", "fc2.weight"} <= set(state)
 
-    audit = run([sys.executable, "-m", "split_trainer", "audit", "--checkpoint", str(checkpoints), "--set",
-                 f"data.root={mnist_root}", "--out", str(tmp_path / "audit"), *AUDIT], timeout=600)
-    assert audit.returncode == 0, audit.stdout[-3000:]
+    code, out, err = in_process("audit", "--checkpoint", str(checkpoints), "--set", f"data.root={mnist_root}", "--out",
+                                str(tmp_path / "audit"), *AUDIT)
+    assert code == 0, (out + err)[-3000:]
     labels = json.loads((tmp_path / "audit" / "audit.json").read_text())["labels"]
     assert labels["from the returned gradients"]["accuracy"] > labels["chance"] + 0.3, labels
 
