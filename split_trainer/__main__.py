@@ -1,5 +1,5 @@
 """Entry point: ``torchrun --nproc_per_node 4 -m split_trainer --config configs/mnist.yaml``, and
-the one-process commands ``evaluate``, ``export``, ``audit`` and ``config``."""
+the one-process commands ``evaluate``, ``export``, ``audit``, ``config`` and ``certs``."""
 
 from __future__ import annotations
 
@@ -107,7 +107,8 @@ def _shut_down(built: list) -> None:
         pass
 
 
-COMMANDS = {"evaluate": "cli.standalone", "export": "cli.standalone", "config": "cli.reference", "audit": "cli.audit"}
+COMMANDS = {"evaluate": "cli.standalone", "export": "cli.standalone", "config": "cli.reference", "audit": "cli.audit",
+            "certs": "cli.certs"}
 
 
 def _command(argv: list[str]) -> int:
