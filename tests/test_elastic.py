@@ -106,12 +106,13 @@ def test_a_checkpoint_of_three_edges_resumes_on_two_and_on_four(in_process, mnis
         assert all(edge["batches"] > 0 for edge in summary["bytes"]["per_edge"].values())
 
 
-def test_edge_held_data_of_an_edge_away_waits_for_it_where_it_stopped(mnist_root, tmp_path):
+def test_edge_held_data_of_an_edge_away_waits_for_it_where_it_stopped(in_process, mnist_root, tmp_path):
     """Edge placement: with edge2 away its shard is not trained on, evaluation covers edge1 only,
-    and when edge2 is back it continues in its shard where it stopped."""
-    common = ["--config", "configs/mnist_edge_data.yaml", "--resume", "auto", *quick_overrides(
-        mnist_root, tmp_path, edges=2, **{"data.partition": "iid", "checkpoint.every_steps": 8,
-                                          "topology.min_edges": 1})]
+    and when edge2 is back it continues in its shard where it stopped. The first 16 steps, both
+    edges present, run in one process (loopback); then torchrun jobs of one edge, then two."""
+    keys = {"data.partition": "iid", "checkpoint.every_steps": 8, "topology.min_edges": 1}
+    common = ["--config", "configs/mnist_edge_data.yaml", "--resume", "auto",
+              *quick_overrides(mnist_root, tmp_path, edges=2, **keys)]
 
     def until(nproc: int, steps: int) -> str:
         result = run(torchrun_cmd(nproc, *common, f"train.max_steps={steps}"))
@@ -122,7 +123,8 @@ def test_edge_held_data_of_an_edge_away_waits_for_it_where_it_stopped(mnist_root
         part = torch.load(tmp_path / "checkpoints" / f"step_{step:08d}" / "central.pt", weights_only=True)
         return part["progress"]["served"]
 
-    until(3, 16)
+    code, out, err = in_process(*common, "topology.transport=loopback", "train.max_steps=16")
+    assert code == 0, (out + err)[-3000:]
     assert served(16) == {"edge1": 8, "edge2": 8}
     away = until(2, 32)
     assert ("membership: 1 of 1..2 edges present; edge2 left at step 16 (was edge1, edge2); edge2's data is not "

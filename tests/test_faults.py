@@ -186,9 +186,10 @@ def test_a_full_disk_ends_the_job_with_one_line_and_keeps_the_previous_checkpoin
 
 def test_a_small_timeout_never_fails_a_healthy_job_on_a_loaded_machine(mnist_root, tmp_path):
     """rpc.timeout_s bounds a call's own work: nothing queues behind another call on its edge.
-    The full test set in 50 evaluation calls, the default model, and two busy processes competing
-    for the cores: if an edge's 25 calls queued, the later ones would wait far past the timeout."""
-    load = [subprocess.Popen(["python3", "-c", "while True: pass"]) for _ in range(2)]
+    The full test set in 50 evaluation calls, the default model, and a busy process competing for
+    the cores with the three ranks: if an edge's 25 calls queued, the later ones would wait far
+    past the timeout."""
+    load = [subprocess.Popen(["python3", "-c", "while True: pass"])]
     try:
         result = run(torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path, edges=2, **{
             "rpc.timeout_s": 5, "train.max_steps": 60, "checkpoint.every_steps": 20, "data.limit_train": "null",
@@ -202,16 +203,19 @@ def test_a_small_timeout_never_fails_a_healthy_job_on_a_loaded_machine(mnist_roo
     assert sum(e["received"]["eval"] for e in summary["bytes"]["per_edge"].values()) > 0
 
 
-def test_an_edge_killed_in_edge_placement_resumes_at_its_own_position(mnist_root, tmp_path):
-    """Each edge draws from its own Dirichlet shard; after the restart each continues at its own
-    position (part of its checkpoint) and the run ends where an untouched one ends."""
+def test_an_edge_killed_in_edge_placement_with_batches_in_flight_resumes_at_its_own_position(mnist_root, tmp_path):
+    """Each edge draws from its own Dirichlet shard, in int8, two batches in flight: an edge killed
+    mid-span; the checkpoints hold no batch in flight, each edge continues at its own position (part
+    of its checkpoint) and the run ends where an untouched one ends. (A local loss, in flight:
+    test_links.)"""
     keys = {"model.name": "mnist_cnn", "model.split": "pool", "model.plan": "null", "data.placement": "edge",
-            "data.partition": "dirichlet"}
+            "data.partition": "dirichlet", "train.in_flight": 2, "rpc.activation_dtype": "int8"}
     untouched = run(loopback_cmd(mnist_root, tmp_path / "a", 2, **{**KEYS, **keys}))
     assert untouched.returncode == 0, untouched.stdout[-3000:]
+    a = json.loads((tmp_path / "a" / "summary.json").read_text())
     killed = _job(mnist_root, tmp_path / "b", "edge2:train:25:kill", **keys)
     assert killed.returncode == 0, killed.stdout[-4000:]
-    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert b["restarts"] == 1 and b["resumed_from_step"] in (20, 40) and b["steps"] == a["steps"]
     assert abs(a["test_loss"] - b["test_loss"]) < 1e-6 and a["test_accuracy"] == b["test_accuracy"]
     first, second = (torch.load(tmp_path / d / "model.pt", weights_only=True)["state_dict"] for d in "ab")

@@ -41,11 +41,11 @@ def test_one_central_two_edges_trains_and_reports(trained_run):
 
 @pytest.mark.slow
 def test_a_killed_edge_ends_the_job_with_one_line(mnist_root, tmp_path):
-    cmd = torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path, edges=2, **{"train.epochs": 50}))
-    code, output = run_and_kill(cmd, after_line="step 10/", rank=2)
+    cmd = torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **{"train.epochs": 50}))
+    code, output = run_and_kill(cmd, after_line="step 10/", rank=1)
     assert code == 1, output[-3000:]  # torchrun's: a worker failed
     central_lines = [l for l in output.splitlines() if l.startswith("split_trainer: [central] error:")]
-    assert len(central_lines) == 1 and "edge2 failed" in central_lines[0], output[-3000:]
+    assert len(central_lines) == 1 and "edge1 failed" in central_lines[0], output[-3000:]
     assert "exitcode  : 1" in output  # the central's own code in torchrun's report
     assert "Traceback" not in output.split(central_lines[0])[0]  # torchrun's own report comes after ours
     assert not (tmp_path / "summary.json").exists()
@@ -54,7 +54,7 @@ def test_a_killed_edge_ends_the_job_with_one_line(mnist_root, tmp_path):
 @pytest.mark.slow
 def test_a_terminated_central_says_so_in_one_line(mnist_root, tmp_path):
     """SIGTERM is how torchrun and schedulers stop a job: one line, no traceback, no summary."""
-    cmd = torchrun_cmd(3, *quick_overrides(mnist_root, tmp_path, edges=2, **{"train.epochs": 50}))
+    cmd = torchrun_cmd(2, *quick_overrides(mnist_root, tmp_path, edges=1, **{"train.epochs": 50}))
     code, output = run_and_kill(cmd, after_line="step 10/", rank=0, sig=signal.SIGTERM)
     assert code == 1, output[-3000:]  # torchrun's: a worker failed
     central_lines = [l for l in output.splitlines() if l.startswith("split_trainer: [central] error:")]

@@ -158,18 +158,18 @@ def _read_idx(path: Path) -> Tensor:
     """An IDX file (gzip or raw): the MNIST family's format, uint8 data with big-endian int32 dims."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        data = f.read()
+        data = bytearray(f.read())  # writable, so the tensor below is a view of it, not a copy
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes")
     ndim = data[3]
+    start = 4 + 4 * ndim
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = data[4 + 4 * ndim:]
     expected = 1
     for d in dims:
         expected *= d
-    if len(body) != expected:
-        raise ValueError(f"{path}: {len(body)} bytes of data, the header says {expected}")
-    return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(*dims)
+    if len(data) - start != expected:
+        raise ValueError(f"{path}: {len(data) - start} bytes of data, the header says {expected}")
+    return torch.frombuffer(data, dtype=torch.uint8, offset=start, count=expected).view(*dims)
 
 
 _MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST", "emnist": "EMNIST"}
