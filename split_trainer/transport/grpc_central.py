@@ -137,6 +137,7 @@ class GrpcTransport:
         self._ids = itertools.count(CONNECT_ID + 1)
         self._server: Optional[grpc.Server] = None
         self.address: Optional[str] = None
+        self._connected = False
 
     # -- up and down -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -211,6 +212,7 @@ class GrpcTransport:
                 pending.wait()
             except Exception as exc:
                 raise JobError(f"{name} ({self.where(name)}) could not build its edge: {short(exc)}") from exc
+        self._connected = True
         return [GrpcRemote(self, name) for name in names]
 
     def call(self, name: str, method: str, args: tuple, timeout_s: float, seq: Optional[int]) -> _Pending:
@@ -237,7 +239,14 @@ class GrpcTransport:
         return nullcontext()
 
     def finish(self, timeout_s: float) -> None:
-        """Tell each attached edge the job is done, then end its stream (OK)."""
+        """Tell each attached edge the job is done, then end its stream (OK). A central that
+        connected none (its run had finished already) first waits for them to dial in, as the
+        edge ranks of its torchrun job do."""
+        if not self._connected:
+            try:
+                self.members()
+            except JobError:
+                pass
         with self._lock:
             peers = [self._peers[name] for name in self._attached()]
         waits = [(peer, self.call(peer.name, "finish", (), timeout_s, None)) for peer in peers]

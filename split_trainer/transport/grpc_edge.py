@@ -172,11 +172,15 @@ class _Session:
 
     def _serve(self, call: Call) -> None:
         try:
-            if self.edge is None:
-                raise RuntimeError(f"{self.name} has no edge object yet (no connect before {call.method})")
-            answer = Answer(call.id, self.edge.serve(call.method, call.args, call.seq))
-            if call.method == "finish":
+            if self.edge is None and call.method == "finish":  # a finished run's central releases its edges
+                answer = Answer(call.id)
                 self.finished.set()
+            elif self.edge is None:
+                raise RuntimeError(f"{self.name} has no edge object yet (no connect before {call.method})")
+            else:
+                answer = Answer(call.id, self.edge.serve(call.method, call.args, call.seq))
+                if call.method == "finish":
+                    self.finished.set()
         except Exception as exc:
             answer = Answer.failed(call.id, exc)
         try:
