@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -203,3 +204,60 @@ def test_a_torchrun_job_on_grpc_trains_to_completion(mnist_root, tmp_path):
         mnist_root, tmp_path, edges=2, **{"topology.transport": "grpc", "train.max_steps": 20})))
     assert result.returncode == 0, result.stdout[-3000:]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 20
+
+
+def test_a_silent_edge_is_dropped_within_the_timeout_with_one_line(tmp_path, capsys):
+    """An edge that attaches and then sends nothing, not even its heartbeat (a frozen process):
+    the central drops it after rpc.timeout_s, and its call in flight fails with the line."""
+    cfg = _cfg(tmp_path, **{"topology.edges": 1, "rpc.timeout_s": 1})
+    transport = GrpcTransport(cfg)
+    transport.start()
+    bundle = identity.load_bundle(tmp_path / CERTS_FOLDER / "edge1")
+    creds = grpc.ssl_channel_credentials(root_certificates=bundle.ca_pem, private_key=bundle.key_pem,
+                                         certificate_chain=bundle.cert_pem)
+    outbox: queue.Queue = queue.Queue()
+    try:
+        with grpc.secure_channel(transport.address, creds) as channel:
+            call = channel.stream_stream(PATH)(iter(outbox.get, None))
+            outbox.put(encode(Hello("edge1")))
+            next(call)
+            pending = transport.call("edge1", "rss", (), 30, None)
+            silent = r"edge1 .* fell silent: no message for \d+ s \(rpc.timeout_s=1\)"
+            with pytest.raises(ConnectionError, match=silent):
+                pending.wait()
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in call:
+                    pass
+            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        outbox.put(None)
+        transport.shutdown(graceful=False)
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if "fell silent" in line]) == 1, err
+
+
+def test_an_edge_ends_with_one_line_when_the_central_falls_silent(tmp_path):
+    """A server of the job's certificates that accepts the stream and then says nothing: the edge
+    gives up after rpc.startup_timeout_s (before its edge is built; rpc.timeout_s after)."""
+    identity.make_job(tmp_path / CERTS_FOLDER, ["edge1"])
+    central = identity.load_bundle(tmp_path / CERTS_FOLDER / "central")
+    quiet = threading.Event()
+
+    def attach(requests, context):
+        quiet.wait(10)  # holds the stream open, silent
+        return iter(())
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "split_trainer.Fleet", {"Attach": grpc.stream_stream_rpc_method_handler(attach)}),))
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(central.key_pem, central.cert_pem)], root_certificates=central.ca_pem, require_client_auth=True))
+    server.start()
+    try:
+        cfg = _cfg(tmp_path, **{"topology.edges": 1, "rpc.startup_timeout_s": 1})
+        with pytest.raises(JobError, match=r"no message from the central for \d+ s \(rpc.startup_timeout_s=1\)"):
+            serve_edge_grpc(lambda: f"127.0.0.1:{port}", identity.load_bundle(tmp_path / CERTS_FOLDER / "edge1"),
+                            _FakeHost(), cfg)
+    finally:
+        quiet.set()
+        server.stop(0).wait(5)
