@@ -4,6 +4,7 @@ is who the job's certificates say; a message that does not decode drops its send
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import threading
@@ -112,8 +113,9 @@ def _cfg(run_dir: Path, **keys: Any):
 
 
 def test_only_the_jobs_edges_attach_and_the_first_edge1_stays(tmp_path, capsys):
-    """Refused with one line each, and the job goes on: a second edge1, an edge3 of the same CA
-    outside topology.edges=2, and an edge1 of another job's CA."""
+    """Refused, and the job goes on: a second edge1 and an edge3 of the same CA outside
+    topology.edges=2 (one line each on the central, and on the client), and an edge1 of another
+    job's CA (the TLS handshake fails: one line on the client, gRPC's own on the central)."""
     cfg = _cfg(tmp_path)
     transport = GrpcTransport(cfg)
     transport.start()
@@ -129,9 +131,14 @@ def test_only_the_jobs_edges_attach_and_the_first_edge1_stays(tmp_path, capsys):
             serve_edge_grpc(address, identity.load_bundle(certs / "edge1"), _FakeHost(), cfg)
         with pytest.raises(ConfigError, match="certificate of 'edge3' is refused: the job's edges are edge1..edge2"):
             serve_edge_grpc(address, identity.load_bundle(certs / "edge3"), _FakeHost(), cfg)
-        with pytest.raises(JobError, match="cannot reach the central"):
-            serve_edge_grpc(address, identity.load_bundle(tmp_path / "other" / "edge1"), _FakeHost(),
-                            _cfg(tmp_path, **{"rpc.startup_timeout_s": 2}))
+        foreign = identity.load_bundle(tmp_path / "other" / "edge1")
+        with pytest.raises(ConfigError, match="TLS handshake with the central .* failed"):  # not its CA's central
+            serve_edge_grpc(address, foreign, _FakeHost(), cfg)
+        # It trusts the job's CA, but its own certificate is another's: the central closes the socket,
+        # which the client cannot tell from a central starting up, so it tries until its startup timeout.
+        with pytest.raises(JobError, match="cannot reach the central .* Socket closed"):
+            serve_edge_grpc(address, dataclasses.replace(foreign, ca_pem=identity.load_bundle(certs / "edge1").ca_pem),
+                            _FakeHost(), _cfg(tmp_path, **{"rpc.startup_timeout_s": 1}))
         assert transport.refusals["certificate"] == 2
         names = transport.admit(transport.members())
         remotes = transport.connect(names, cfg)

@@ -71,8 +71,12 @@ def serve_edge_grpc(address: Callable[[], str], bundle: identity.Bundle, host: H
             try:
                 return session.run(channel.stream_stream(PATH)(session.outgoing()), target)
             except _Unavailable as exc:
-                if time.monotonic() + backoff > deadline or _is_handshake(exc.details):
-                    raise JobError(f"cannot reach the central at {target}: {exc.details}") from None
+                if _is_handshake(exc.details):  # no retry changes a certificate: a refusal (exit 2)
+                    raise ConfigError(f"the TLS handshake with the central at {target} failed (are this bundle "
+                                      f"and the central's of one job's CA?): {exc.details}") from None
+                if time.monotonic() + backoff > deadline:
+                    raise JobError(f"cannot reach the central at {target} within rpc.startup_timeout_s="
+                                   f"{own.rpc.startup_timeout_s:g} s: {exc.details}") from None
             finally:
                 session.close()
         time.sleep(backoff)
@@ -141,7 +145,8 @@ class _Session:
 
     def _watch(self, call: Any) -> None:
         """A central that falls silent (no message, not even the heartbeat) ends this edge."""
-        while not self.done.wait(self.beat):
+        poll = min(self.beat, heartbeat_every(self.own.rpc.startup_timeout_s))
+        while not self.done.wait(poll):
             limit, key = ((self.own.rpc.timeout_s, "rpc.timeout_s") if self.edge is not None else
                           (self.own.rpc.startup_timeout_s, "rpc.startup_timeout_s"))
             silent = time.monotonic() - self.last_heard
