@@ -126,7 +126,7 @@ def test_only_the_jobs_edges_attach_and_the_first_edge1_stays(tmp_path, capsys):
         certs = tmp_path / CERTS_FOLDER
         identity.make_job(certs, ["edge3"])
         identity.make_job(tmp_path / "other", ["edge1"])
-        address = lambda: transport.address  # noqa: E731
+        address = lambda: transport.address
         with pytest.raises(ConfigError, match=r"second connection for edge1 .* \(the first connection stays\)"):
             serve_edge_grpc(address, identity.load_bundle(certs / "edge1"), _FakeHost(), cfg)
         with pytest.raises(ConfigError, match="certificate of 'edge3' is refused: the job's edges are edge1..edge2"):

@@ -31,9 +31,9 @@ import grpc
 from split_trainer.config import Config
 from split_trainer.core.errors import JobError, short
 from split_trainer.transport import identity
-from split_trainer.transport.codec import (LIMITS, Answer, Call, Connect, Heartbeat, Hello, decode, encode)
-from split_trainer.transport.grpc_common import (CERTS_FOLDER, CONNECT_ID, METHOD, SERVICE, channel_options,
-                                                 heartbeat_every, write_address, ADDRESS_FILE)
+from split_trainer.transport.codec import LIMITS, Answer, Call, Connect, Heartbeat, Hello, decode, encode
+from split_trainer.transport.grpc_common import (ADDRESS_FILE, CERTS_FOLDER, CONNECT_ID, METHOD, SERVICE,
+                                                 channel_options, heartbeat_every, write_address)
 from split_trainer.transport.schema import WireError, check_answer
 
 
