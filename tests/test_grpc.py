@@ -268,3 +268,24 @@ def test_an_edge_ends_with_one_line_when_the_central_falls_silent(tmp_path):
     finally:
         quiet.set()
         server.stop(0).wait(5)
+
+
+@pytest.mark.parametrize("min_edges", [None, 1])
+def test_the_central_waits_for_its_edges_within_the_startup_timeout(tmp_path, min_edges):
+    """Only edge1 of 2 dials in: a fixed fleet stops with one line after rpc.startup_timeout_s, an
+    elastic one (topology.min_edges=1) goes on with edge1."""
+    cfg = _cfg(tmp_path, **{"rpc.startup_timeout_s": 1, "topology.min_edges": "null" if min_edges is None else 1})
+    transport = GrpcTransport(cfg)
+    transport.start()
+    edge = _started(lambda: serve_edge_in_run_folder(tmp_path, "edge1", _FakeHost(), cfg), "edge1")
+    try:
+        if min_edges is None:
+            with pytest.raises(JobError, match=r"^edge2 did not dial in within rpc.startup_timeout_s=1 s \(1 of 2"):
+                transport.members()
+        else:
+            assert transport.admit(transport.members()) == ["edge1"]
+            transport.connect(["edge1"], cfg)
+        transport.finish(5)
+    finally:
+        transport.shutdown(graceful=True)
+        _joined([edge])

@@ -130,7 +130,8 @@ class GrpcTransport:
         self.run_dir = Path(cfg.output.run_dir) if run_dir is None else run_dir
         self.certs = self.run_dir / CERTS_FOLDER if certs is None else Path(certs)
         self.names = [f"edge{k}" for k in range(1, cfg.topology.edges + 1)]
-        self.beat = heartbeat_every(cfg.rpc.timeout_s)
+        # Often enough for an edge still waiting to be connected, which gives up after rpc.startup_timeout_s.
+        self.beat = heartbeat_every(min(cfg.rpc.timeout_s, cfg.rpc.startup_timeout_s))
         self.refusals: collections.Counter = collections.Counter()
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Condition()

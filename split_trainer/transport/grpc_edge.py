@@ -100,7 +100,7 @@ class _Session:
 
     def __init__(self, name: str, host: Host, own: Config):
         self.name, self.host, self.own = name, host, own
-        self.beat = heartbeat_every(own.rpc.timeout_s)
+        self.beat = heartbeat_every(min(own.rpc.timeout_s, own.rpc.startup_timeout_s))
         self.outbox: queue.Queue = queue.Queue()
         self.pool = ThreadPoolExecutor(own.rpc.num_worker_threads, thread_name_prefix=f"grpc-{name}")
         self.edge: Optional[Served] = None
@@ -145,8 +145,7 @@ class _Session:
 
     def _watch(self, call: Any) -> None:
         """A central that falls silent (no message, not even the heartbeat) ends this edge."""
-        poll = min(self.beat, heartbeat_every(self.own.rpc.startup_timeout_s))
-        while not self.done.wait(poll):
+        while not self.done.wait(self.beat):
             limit, key = ((self.own.rpc.timeout_s, "rpc.timeout_s") if self.edge is not None else
                           (self.own.rpc.startup_timeout_s, "rpc.startup_timeout_s"))
             silent = time.monotonic() - self.last_heard
