@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 import grpc
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from split_trainer.config import ConfigError, load_config
 from split_trainer.core.errors import JobError
@@ -254,12 +256,7 @@ def test_an_edge_ends_with_one_line_when_the_central_falls_silent(tmp_path):
         quiet.wait(10)  # holds the stream open, silent
         return iter(())
 
-    server = grpc.server(ThreadPoolExecutor(2))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "split_trainer.Fleet", {"Attach": grpc.stream_stream_rpc_method_handler(attach)}),))
-    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
-        [(central.key_pem, central.cert_pem)], root_certificates=central.ca_pem, require_client_auth=True))
-    server.start()
+    server, port = _fake_central(central, attach)
     try:
         cfg = _cfg(tmp_path, **{"topology.edges": 1, "rpc.startup_timeout_s": 1})
         with pytest.raises(JobError, match=r"no message from the central for \d+ s \(rpc.startup_timeout_s=1\)"):
@@ -289,3 +286,61 @@ def test_the_central_waits_for_its_edges_within_the_startup_timeout(tmp_path, mi
     finally:
         transport.shutdown(graceful=True)
         _joined([edge])
+
+
+def _fake_central(bundle: identity.Bundle, attach: Callable) -> tuple[grpc.Server, int]:
+    """A server of the job's central certificate whose one method is ``attach``."""
+    server = grpc.server(ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "split_trainer.Fleet", {"Attach": grpc.stream_stream_rpc_method_handler(attach)}),))
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(bundle.key_pem, bundle.cert_pem)], root_certificates=bundle.ca_pem, require_client_auth=True))
+    server.start()
+    return server, port
+
+
+@settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(garbage=st.binary(max_size=200))
+def test_random_bytes_from_the_central_end_an_edge_with_one_line(tmp_path_factory, garbage):
+    """Whatever the central sends that does not decode, the edge refuses with one line and ends:
+    no traceback, no hang."""
+    certs = tmp_path_factory.mktemp("certs")
+    identity.make_job(certs, ["edge1"])
+    server, port = _fake_central(identity.load_bundle(certs / "central"), lambda requests, context: iter([garbage]))
+    try:
+        with pytest.raises((JobError, ConfigError)) as ended:
+            serve_edge_grpc(lambda: f"127.0.0.1:{port}", identity.load_bundle(certs / "edge1"), _FakeHost(),
+                            _cfg(certs, **{"rpc.startup_timeout_s": 2}))
+        assert "\n" not in str(ended.value)
+        assert "refused" in str(ended.value) or "ended the stream" in str(ended.value)
+    finally:
+        server.stop(0).wait(5)
+
+
+@pytest.fixture(scope="module")
+def one_edge_central(tmp_path_factory):
+    """A central of one edge, up for the module's tests: (transport, edge1's credentials)."""
+    run_dir = tmp_path_factory.mktemp("central")
+    transport = GrpcTransport(_cfg(run_dir, **{"topology.edges": 1}))
+    transport.start()
+    bundle = identity.load_bundle(run_dir / CERTS_FOLDER / "edge1")
+    yield transport, grpc.ssl_channel_credentials(root_certificates=bundle.ca_pem, private_key=bundle.key_pem,
+                                                  certificate_chain=bundle.cert_pem)
+    transport.shutdown(graceful=False)
+
+
+@settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(garbage=st.binary(max_size=200))
+def test_random_bytes_from_an_edge_drop_it_with_one_line(one_edge_central, garbage):
+    """After its hello, whatever an edge sends that does not decode is refused, counted and ends
+    its stream with INVALID_ARGUMENT: no traceback, no hang."""
+    transport, creds = one_edge_central
+    before = transport.refusals["message"]
+    with grpc.secure_channel(transport.address, creds) as channel:
+        call = channel.stream_stream(PATH)(iter([encode(Hello("edge1")), garbage]))
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in call:
+                pass
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "\n" not in ended.value.details() and "refused" in ended.value.details()
+    assert transport.refusals["message"] == before + 1
