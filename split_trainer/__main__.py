@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = driver_for(cfg).plan(cfg, cfg.train.seed)  # an unknown model or a bad plan fails on every rank, now
         loopback = cfg.topology.transport == "loopback"
-        topo = loopback_topology() if loopback else topology_from_env(cfg)
+        # grpc without torchrun: the central alone, which the edges dial (with torchrun: rank 0)
+        alone = loopback or (cfg.topology.transport == "grpc" and "WORLD_SIZE" not in os.environ)
+        topo = loopback_topology() if alone else topology_from_env(cfg)
         where = f"[{topo.name}] "
         faults.arm(topo.name, topo.restart)
         role = "central" if topo.is_central else "edge"
@@ -67,9 +69,16 @@ def main(argv: list[str] | None = None) -> int:
             run_central(cfg, topo, plan, threads, transport_for, Console(quiet=args.quiet), args.resume)
         else:
             from split_trainer.training.hosting import EdgeHost
-            from split_trainer.transport.rpc import serve_edge
             from split_trainer.transport.topology import edge_number
-            serve_edge(topo, cfg, lambda: EdgeHost(cfg, [edge_number(topo.name)], topo.local_rank))
+
+            def host():
+                return EdgeHost(cfg, [edge_number(topo.name)], topo.local_rank)
+            if cfg.topology.transport == "grpc":
+                from split_trainer.transport.grpc_edge import serve_edge_rank
+                serve_edge_rank(topo.name, cfg, host)
+            else:
+                from split_trainer.transport.rpc import serve_edge
+                serve_edge(topo, cfg, host)
         return 0
     except ConfigError as exc:
         _say(where, str(exc))
@@ -91,6 +100,9 @@ def _transport(cfg, topo):
     if cfg.topology.transport == "loopback":
         from split_trainer.training.hosting import loopback_transport
         return loopback_transport(cfg)
+    if cfg.topology.transport == "grpc":  # on one machine: certificates and address in the run folder
+        from split_trainer.transport.grpc_central import GrpcTransport
+        return GrpcTransport(cfg)
     from split_trainer.transport.rpc import RpcTransport
     return RpcTransport(topo, cfg)
 

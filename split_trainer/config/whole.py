@@ -36,6 +36,8 @@ class Config:
                  "privacy.label_noise with train.engine=autograd needs topology.transport=rpc: on loopback the "
                  "noise would be drawn in the central's backward from the central's random stream, not the edge's; "
                  "use train.engine=relay")
+        if self.topology.transport == "grpc":
+            self._check_grpc()
         places = [segment.get("place") for segment in self.model.plan] if self.model.plan else ["edge", "central"]
         _require(self.train.edge_loss == "central" or places == ["edge", "central"],
                  f"train.edge_loss=local needs a single-cut plan (edge, then central), got "
@@ -50,6 +52,16 @@ class Config:
             _require(self.rpc.activation_dtype != "int8",
                      "rpc.activation_dtype=int8 needs train.engine=relay: distributed autograd sends a gradient "
                      "only for a floating-point tensor; use float8 (8 bits as well) or train.engine=relay")
+
+    def _check_grpc(self) -> None:
+        """What the grpc transport does not carry yet (issue 36)."""
+        _require(self.train.engine == "relay",
+                 "train.engine=autograd needs topology.transport=rpc or loopback: distributed autograd does not "
+                 "cross the grpc transport; use train.engine=relay")
+        _require(self.privacy.edge_weights == "central",
+                 "privacy.edge_weights=edges is not available on topology.transport=grpc yet (the sealed "
+                 "edge-to-edge relay through the central is not built): use privacy.edge_weights=central or "
+                 "topology.transport=rpc")
 
     def _check_vertical(self, places: list) -> None:
         """What a vertical fleet cannot do: every party holds a part of every batch."""

@@ -1,0 +1,344 @@
+"""The grpc transport's central side (issue 36, in progress): a gRPC server with mutual TLS on
+one port, which every edge dials (nothing listens on an edge). Each edge keeps one bidirectional
+stream (transport.grpc_common): the central's calls go down it as transport.codec ``Call``
+messages and each ``Answer`` comes up, matched to its call by id (an answer does not name its
+method: the central keeps it per id and checks the reply against it).
+
+An edge is who its client certificate says (transport.identity.peer_name; the TLS handshake has
+checked it against the job's CA). Refused with one line on the central's log and an error status
+to the edge, before anything of the job is sent: a name outside edge1..edgeN (topology.edges), and
+a second stream for a name already attached (the first stays). A message from an edge that does not
+decode, or that an edge may not send, is refused with one line, counted (``refusals``), and that
+edge is dropped: its calls in flight fail with the line.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import queue
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import grpc
+
+from split_trainer.config import Config
+from split_trainer.core.errors import JobError, short
+from split_trainer.transport import identity
+from split_trainer.transport.codec import LIMITS, Answer, Call, Connect, Heartbeat, Hello, decode, encode
+from split_trainer.transport.grpc_common import (ADDRESS_FILE, CERTS_FOLDER, CONNECT_ID, METHOD, SERVICE,
+                                                 channel_options, heartbeat_every, write_address)
+from split_trainer.transport.schema import WireError, check_answer
+
+
+@dataclass(frozen=True)
+class _End:
+    """Ends a stream from the central's side: with an error status (``code``) or, None, OK."""
+    code: Optional[grpc.StatusCode]
+    line: str
+
+
+class _Pending:
+    def __init__(self, fut: Future, timeout_s: float, name: str, method: str):
+        self.fut, self.deadline, self.name, self.method = fut, time.monotonic() + timeout_s, name, method
+        self.timeout_s = timeout_s
+
+    def wait(self) -> Any:
+        try:
+            return self.fut.result(timeout=max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            raise TimeoutError(f"call {self.method} to {self.name} ran for more than {self.timeout_s:g} s") from None
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        self.fut.add_done_callback(lambda done: done.exception() is not None and callback(done.exception()))
+
+
+class _Peer:
+    """One attached edge: its stream's outbox, its calls in flight (id -> method, future), and
+    when it was last heard."""
+
+    def __init__(self, name: str, address: str):
+        self.name, self.address = name, address
+        self.outbox: queue.Queue = queue.Queue()
+        self.calls: dict[int, tuple[Optional[str], Future]] = {}
+        self.lock = threading.Lock()
+        self.last_heard = time.monotonic()
+        self.closed: Optional[str] = None  # why the stream ended
+
+    def call(self, id: int, method: Optional[str], data: bytes) -> Future:
+        fut: Future = Future()
+        with self.lock:
+            if self.closed is not None:
+                fut.set_exception(ConnectionError(self.closed))
+                return fut
+            self.calls[id] = (method, fut)
+        self.outbox.put(data)
+        return fut
+
+    def answered(self, answer: Answer) -> None:
+        with self.lock:
+            method, fut = self.calls.pop(answer.id, (None, None))
+        if fut is None:  # a call that timed out already, or an id never sent: nothing waits for it
+            return
+        try:
+            if method is not None:
+                check_answer(answer, method)
+        except WireError as exc:
+            fut.set_exception(ConnectionError(str(exc)))
+            raise
+        if answer.error is not None:
+            fut.set_exception(RuntimeError(answer.error))
+        else:
+            fut.set_result(answer.result)
+
+    def close(self, line: str, code: Optional[grpc.StatusCode] = None) -> None:
+        """End this edge's stream: every call in flight fails with ``line``."""
+        with self.lock:
+            if self.closed is not None:
+                return
+            self.closed, calls, self.calls = line, self.calls, {}
+        for _, fut in calls.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(line))
+        self.outbox.put(_End(code, line))
+
+
+class GrpcRemote:
+    def __init__(self, transport: "GrpcTransport", name: str):
+        self.transport, self.name = transport, name
+
+    def send(self, method: str, args: tuple, timeout_s: float, seq: Optional[int] = None) -> _Pending:
+        return self.transport.call(self.name, method, args, timeout_s, seq)
+
+
+class GrpcTransport:
+    """The central's side. ``certs``: the job's certificates (made there when absent, as on one
+    machine); ``listen``: host:port (port 0: any free one); ``run_dir``: where ``grpc.address`` is
+    written for the ranks of one machine (None: not written)."""
+    name = "grpc"
+    autograd = None  # the autograd engine is refused on this transport (config.whole)
+
+    def __init__(self, cfg: Config, certs: Optional[Path] = None, listen: str = "127.0.0.1:0",
+                 run_dir: Optional[Path] = None):
+        self.cfg, self.listen = cfg, listen
+        self.run_dir = Path(cfg.output.run_dir) if run_dir is None else run_dir
+        self.certs = self.run_dir / CERTS_FOLDER if certs is None else Path(certs)
+        self.names = [f"edge{k}" for k in range(1, cfg.topology.edges + 1)]
+        # Often enough for an edge still waiting to be connected, which gives up after rpc.startup_timeout_s.
+        self.beat = heartbeat_every(min(cfg.rpc.timeout_s, cfg.rpc.startup_timeout_s))
+        self.refusals: collections.Counter = collections.Counter()
+        self._peers: dict[str, _Peer] = {}
+        self._lock = threading.Condition()
+        self._ids = itertools.count(CONNECT_ID + 1)
+        self._server: Optional[grpc.Server] = None
+        self.address: Optional[str] = None
+        self._connected = False
+
+    # -- up and down -------------------------------------------------------------------------------
+    def start(self) -> None:
+        bundle = identity.load_bundle(self._ensure_certs() / identity.CENTRAL)
+        (self.run_dir / ADDRESS_FILE).unlink(missing_ok=True)  # a stale one would send edges to a dead port
+        slots = len(self.names) + 4  # a stream holds a server thread while it lasts; refused ones end at once
+        self._server = grpc.server(ThreadPoolExecutor(slots, thread_name_prefix="grpc-central"),
+                                   options=channel_options(self.cfg.rpc.timeout_s, server=True),
+                                   maximum_concurrent_rpcs=slots)
+        handler = grpc.stream_stream_rpc_method_handler(self._attach)  # raw bytes both ways: no serializers
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
+        creds = grpc.ssl_server_credentials([(bundle.key_pem, bundle.cert_pem)], root_certificates=bundle.ca_pem,
+                                            require_client_auth=True)
+        host = self.listen.rsplit(":", 1)[0]
+        port = self._server.add_secure_port(self.listen, creds)
+        if port == 0:
+            raise JobError(f"the central cannot listen on {self.listen}")
+        self._server.start()
+        self.address = f"{host}:{port}"
+        write_address(self.run_dir, self.address)
+
+    def _ensure_certs(self) -> Path:
+        """The job's certificates: made now when absent (one machine: every rank reads its bundle
+        from the run folder), and any edge of the topology without a bundle issued."""
+        made = (self.certs / identity.CA / "ca.pem").exists()
+        missing = [name for name in self.names if not (self.certs / name).exists()] if made else self.names
+        if missing:
+            identity.make_job(self.certs, missing)
+        return self.certs
+
+    def shutdown(self, graceful: bool) -> None:
+        with self._lock:
+            peers = list(self._peers.values())
+        for peer in peers:
+            peer.close("the central shut down", None if graceful else grpc.StatusCode.UNAVAILABLE)
+        if self._server is not None:
+            self._server.stop(grace=1.0 if graceful else 0).wait(self.cfg.rpc.timeout_s)
+
+    # -- the Transport protocol ----------------------------------------------------------------------
+    def members(self) -> list[str]:
+        """The edges attached: every edge of the topology, waited for up to rpc.startup_timeout_s
+        (an elastic fleet goes on with topology.min_edges or more)."""
+        deadline = time.monotonic() + self.cfg.rpc.startup_timeout_s
+        with self._lock:
+            self._lock.wait_for(lambda: len(self._attached()) == len(self.names),
+                                max(0.0, deadline - time.monotonic()))
+            here = self._attached()
+        if len(here) < self.cfg.topology.fewest:
+            absent = [name for name in self.names if name not in here]
+            raise JobError(f"{', '.join(absent)} did not dial in within rpc.startup_timeout_s="
+                           f"{self.cfg.rpc.startup_timeout_s:g} s ({len(here)} of {len(self.names)} attached"
+                           f"{', need ' + str(self.cfg.topology.fewest) if self.cfg.topology.min_edges else ''})")
+        return here
+
+    def _attached(self) -> list[str]:
+        return [name for name in self.names if name in self._peers and self._peers[name].closed is None]
+
+    def admit(self, names: list[str]) -> list[str]:
+        """The certificate is the admission: the edges of ``names`` still attached."""
+        with self._lock:
+            here = [name for name in names if name in self._attached()]
+        if len(here) < self.cfg.topology.fewest:
+            raise JobError(f"{', '.join(n for n in names if n not in here)} left before the job began")
+        return here
+
+    def connect(self, names: list[str], cfg: Config) -> list[GrpcRemote]:
+        """Each edge builds its edge object from ``cfg``, one after the other (an edge process
+        seeds its model's initialisation from the config; in one process, edges take turns)."""
+        for name in names:
+            pending = self._send(name, None, Connect(name, cfg), CONNECT_ID, cfg.rpc.startup_timeout_s)
+            try:
+                pending.wait()
+            except Exception as exc:
+                raise JobError(f"{name} ({self.where(name)}) could not build its edge: {short(exc)}") from exc
+        self._connected = True
+        return [GrpcRemote(self, name) for name in names]
+
+    def call(self, name: str, method: str, args: tuple, timeout_s: float, seq: Optional[int]) -> _Pending:
+        id = next(self._ids)
+        return self._send(name, method, Call(id, method, tuple(args), float(timeout_s), seq), id, timeout_s)
+
+    def _send(self, name: str, method: Optional[str], message: Any, id: int, timeout_s: float) -> _Pending:
+        data = encode(message)  # a call the schema refuses fails here, on the central, before it is sent
+        with self._lock:
+            peer = self._peers.get(name)
+        if peer is None:
+            fut: Future = Future()
+            fut.set_exception(ConnectionError(f"{name} is not attached"))
+        else:
+            fut = peer.call(id, method, data)
+        return _Pending(fut, timeout_s, name, method or "connect")
+
+    def where(self, name: str) -> str:
+        with self._lock:
+            peer = self._peers.get(name)
+        return peer.address if peer is not None else "not attached"
+
+    def guard(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def finish(self, timeout_s: float) -> None:
+        """Tell each attached edge the job is done, then end its stream (OK). A central that
+        connected none (its run had finished already) first waits for them to dial in, as the
+        edge ranks of its torchrun job do."""
+        if not self._connected:
+            try:
+                self.members()
+            except JobError:
+                pass
+        with self._lock:
+            peers = [self._peers[name] for name in self._attached()]
+        waits = [(peer, self.call(peer.name, "finish", (), timeout_s, None)) for peer in peers]
+        for peer, pending in waits:
+            try:
+                pending.wait()
+            except Exception as exc:
+                self._say(f"{peer.name} did not hear the end of the job: {short(exc)}")
+            peer.close("the job is done")
+
+    # -- the streams -----------------------------------------------------------------------------------
+    def _attach(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """One edge's stream, for as long as it lasts: its messages are read on a thread of their
+        own; this generator sends the central's (and a heartbeat whenever there is nothing to send)."""
+        name, address = identity.peer_name(context), context.peer()
+        peer, refusal = self._register(name, address)
+        if peer is None:
+            self._refuse("certificate", refusal)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        threading.Thread(target=self._read, args=(peer, requests), name=f"grpc-read-{name}", daemon=True).start()
+        try:
+            yield encode(Heartbeat(time.time()))  # attached: the edge hears at once that it was not refused
+            while True:
+                try:
+                    item = peer.outbox.get(timeout=self.beat)
+                except queue.Empty:
+                    item = None
+                if isinstance(item, _End):
+                    if item.code is not None:
+                        context.abort(item.code, item.line)
+                    return
+                silent = time.monotonic() - peer.last_heard
+                if silent > self.cfg.rpc.timeout_s:
+                    self._drop(peer, f"{name} ({address}) fell silent: no message for {silent:.0f} s "
+                                     f"(rpc.timeout_s={self.cfg.rpc.timeout_s:g})", grpc.StatusCode.DEADLINE_EXCEEDED)
+                    continue
+                yield encode(Heartbeat(time.time())) if item is None else item
+        finally:
+            peer.close(f"the stream to {name} ({address}) ended")
+            with self._lock:
+                if self._peers.get(name) is peer:
+                    del self._peers[name]
+                self._lock.notify_all()
+
+    def _register(self, name: Optional[str], address: str) -> tuple[Optional[_Peer], str]:
+        with self._lock:
+            if name not in self.names:
+                return None, (f"a client from {address} with the certificate of {name!r} is refused: the job's "
+                              f"edges are {self.names[0]}..{self.names[-1]} (topology.edges={len(self.names)})")
+            if name in self._peers and self._peers[name].closed is None:
+                return None, (f"a second connection for {name} from {address} is refused: {name} is attached from "
+                              f"{self._peers[name].address} (the first connection stays)")
+            self._peers[name] = peer = _Peer(name, address)
+            self._lock.notify_all()
+            return peer, ""
+
+    def _read(self, peer: _Peer, requests: Iterator[bytes]) -> None:
+        try:
+            for data in requests:
+                peer.last_heard = time.monotonic()
+                self._receive(peer, data)
+        except WireError as exc:
+            line = f"{peer.name} ({peer.address}) sent a message that is refused, and is dropped: {exc}"
+            self._refuse("message", line)
+            self._drop(peer, line, grpc.StatusCode.INVALID_ARGUMENT, say=False)
+        except Exception as exc:  # the stream broke (the edge is gone): its calls fail with why
+            self._drop(peer, f"the stream to {peer.name} ({peer.address}) broke: {short(exc)}", None)
+        else:
+            self._drop(peer, f"{peer.name} ({peer.address}) ended its stream", None)
+
+    def _receive(self, peer: _Peer, data: bytes) -> None:
+        message = decode(data, LIMITS)
+        if isinstance(message, Answer):
+            peer.answered(message)
+        elif isinstance(message, Hello):
+            if message.name != peer.name:
+                raise WireError(f"hello names {message.name!r}, its certificate {peer.name!r}")
+        elif not isinstance(message, Heartbeat):
+            raise WireError(f"an edge may not send a {message.kind} message")
+
+    def _drop(self, peer: _Peer, line: str, code: Optional[grpc.StatusCode], say: bool = True) -> None:
+        if say and peer.closed is None and code is not None:
+            self._say(line)
+        peer.close(line, code)
+        with self._lock:
+            self._lock.notify_all()
+
+    def _refuse(self, what: str, line: str) -> None:
+        self.refusals[what] += 1
+        self._say(f"{line} (refusal {sum(self.refusals.values())} of this job)")
+
+    @staticmethod
+    def _say(line: str) -> None:
+        print(f"split_trainer: [central] warning: {line}", file=sys.stderr, flush=True)
