@@ -84,7 +84,7 @@ def test_the_adversary_needs_edge_held_weights():
         load_config(None, ["privacy.adversary=1"])
 
 
-@pytest.mark.parametrize("engine, in_flight", [("relay", 2), ("autograd", 1)])
+@pytest.mark.parametrize("engine, in_flight", [("relay", 2), pytest.param("autograd", 1, marks=pytest.mark.slow)])
 def test_a_run_with_the_adversary_resumes_to_the_untouched_run_and_keeps_its_decoder_home(
         in_process, mnist_root, tmp_path, engine, in_flight):
     """2 edges, edge data, U-shaped, dropout on: 4 steps, then the same command to 8, ends with the

@@ -21,7 +21,7 @@ from test_loopback import EXACT, PLANS, model_of, records
 MNIST = {"in_channels": 1, "image_size": 28, "num_classes": 10}
 
 
-@pytest.mark.parametrize("shape", ["single cut", "u-shaped"])
+@pytest.mark.parametrize("shape", [pytest.param("single cut", marks=pytest.mark.slow), "u-shaped"])
 def test_the_cut_carries_the_bottlenecks_bytes_and_the_run_learns(loopback, tmp_path, shape):
     """k=8 after pool: 8x12x12 float32 per sample each way (64x12x12 without), on the edge->central
     cut only: the U-shaped plan's central->edge cut still carries fc1's 128 values."""

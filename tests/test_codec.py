@@ -16,11 +16,9 @@ from importlib import import_module
 import msgpack
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import split_trainer.data
-from conftest import ROOT
 from split_trainer.config import Config, load_config
 from split_trainer.core.hops import Hop, HopKind
 from split_trainer.data.shards import ShardBatch
@@ -29,6 +27,8 @@ from split_trainer.transport.codec import (TENSOR, TUPLE, Answer, Call, Connect,
                                            decode, decode_answer, encode)
 from split_trainer.transport.schema import RECORDS, SCHEMAS
 from split_trainer.transport.wire import Packed, Reply, pack
+
+from conftest import ROOT
 
 FEW = settings(max_examples=6, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 TAG = {code: msgpack.ExtType(code, b"") for code in (codec.TUPLE, codec.TENSOR, codec.ENUM, codec.RECORD)}

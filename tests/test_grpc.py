@@ -15,8 +15,7 @@ from typing import Any, Callable, Optional
 import grpc
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from split_trainer.config import ConfigError, load_config
 from split_trainer.core.errors import JobError

@@ -65,6 +65,7 @@ def _check(summary: dict, releases: dict[str, int]) -> None:
         assert privacy["per_edge"][name]["epsilon"] == pytest.approx(_accountant(count), rel=1e-3)
 
 
+@pytest.mark.slow  # 33 steps of three edges
 def test_free_first_counts_the_passes_an_edge_starts_inside_an_epoch(train, tmp_path):
     """Dirichlet shards of 15, 16 and 2 batches, one epoch of 33 steps, free_first: edge3 takes
     about a third of the steps and goes round its two batches several times in the epoch."""
@@ -81,6 +82,7 @@ def test_free_first_counts_the_passes_an_edge_starts_inside_an_epoch(train, tmp_
     assert "planned: epsilon" in out  # the banner's figure is the plan's, and says so
 
 
+@pytest.mark.slow  # runs of their own: the fast tier's budget
 def test_an_edge_away_keeps_its_count_while_the_others_go_round_their_shards(train, tmp_path, monkeypatch):
     """Two edges of 8 batches (an epoch of 16 steps): 8 steps with both, then edge2 is away and
     edge1 trains alone to step 24: it starts a third pass in the run's second epoch."""
@@ -101,6 +103,7 @@ def test_an_edge_away_keeps_its_count_while_the_others_go_round_their_shards(tra
     _check(_summary(tmp_path), true)
 
 
+@pytest.mark.slow  # runs of their own: the fast tier's budget
 def test_batches_redone_after_a_failure_count_again(train, tmp_path, monkeypatch):
     """Two edges of 16 batches, spans of 8 steps: the checkpoint at step 16 fails (a full disk)
     after the span 8..16 went out; the resumed run sends batches 4..7 of each edge's first pass

@@ -55,7 +55,7 @@ def reference(cfg, steps: int) -> tuple[list[dict], dict]:
 
 
 @pytest.mark.parametrize("edges, engine, how", [(2, "relay", "concat"), (2, "autograd", "mean"),
-                                                (4, "relay", "sum")])
+                                                pytest.param(4, "relay", "sum", marks=pytest.mark.slow)])
 def test_vertical_training_equals_its_single_process_reference(loopback, tmp_path, edges, engine, how):
     """No dropout, plain SGD: every party's segment and the central's equal the reference on the
     same shared records, for each merge and both engines (so each party got its own part's gradient)."""
@@ -164,6 +164,7 @@ def test_a_bad_table_is_one_line_before_anything_is_written(in_process, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # three runs and an audit: the fast tier's longest
 def test_a_vertical_run_resumes_exactly_and_its_checkpoint_is_audited_per_party(loopback, in_process, mnist_root,
                                                                                  tmp_path):
     """Stopped at a checkpoint and resumed, each party's part on its own disk: the untouched run's

@@ -14,6 +14,8 @@ Another transport (torch.distributed point-to-point, say) is one more class with
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Mapping, Optional, Protocol
 
@@ -28,6 +30,24 @@ class Pending(Protocol):
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         """Call ``callback(error)`` on the thread that completes the call, if it fails."""
+
+
+class FuturePending:
+    """A Pending whose result a Future brings (from a thread of the transport's), bounded by
+    ``timeout_s`` from when it was sent."""
+
+    def __init__(self, fut: Future, timeout_s: float, name: str, method: str):
+        self.fut, self.deadline, self.name, self.method = fut, time.monotonic() + timeout_s, name, method
+        self.timeout_s = timeout_s
+
+    def wait(self) -> Any:
+        try:
+            return self.fut.result(timeout=max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            raise TimeoutError(f"call {self.method} to {self.name} ran for more than {self.timeout_s:g} s") from None
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        self.fut.add_done_callback(lambda done: done.exception() is not None and callback(done.exception()))
 
 
 class Remote(Protocol):

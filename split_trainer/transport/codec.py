@@ -21,8 +21,7 @@ from split_trainer.core.errors import short
 from split_trainer.model.models import check_named
 from split_trainer.transport.schema import (DTYPE_NAMES, DTYPES, ENUM_NAMES, ENUMS, ITEMSIZE, MAX_DIMS, RECORD_NAMES,
                                             RECORDS, SCHEMAS, Count, Leaf, Maybe, Number, Plain, Refused, Shape, Str,
-                                            WireError, check_answer, check_call, checked, dtype_name, each,
-                                            int64)
+                                            WireError, check_answer, check_call, checked, dtype_name, each, int64)
 
 VERSION = 1
 ERROR_CHARS = 1000  # an answer's error is one line: core.errors.short gives 300

@@ -24,13 +24,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import grpc
 
 from split_trainer.config import Config
 from split_trainer.core.errors import JobError, short
 from split_trainer.transport import identity
+from split_trainer.transport.base import FuturePending
 from split_trainer.transport.codec import LIMITS, Answer, Call, Connect, Heartbeat, Hello, decode, encode
 from split_trainer.transport.grpc_common import (ADDRESS_FILE, CERTS_FOLDER, CONNECT_ID, METHOD, SERVICE,
                                                  channel_options, heartbeat_every, write_address)
@@ -42,21 +43,6 @@ class _End:
     """Ends a stream from the central's side: with an error status (``code``) or, None, OK."""
     code: Optional[grpc.StatusCode]
     line: str
-
-
-class _Pending:
-    def __init__(self, fut: Future, timeout_s: float, name: str, method: str):
-        self.fut, self.deadline, self.name, self.method = fut, time.monotonic() + timeout_s, name, method
-        self.timeout_s = timeout_s
-
-    def wait(self) -> Any:
-        try:
-            return self.fut.result(timeout=max(0.0, self.deadline - time.monotonic()))
-        except TimeoutError:
-            raise TimeoutError(f"call {self.method} to {self.name} ran for more than {self.timeout_s:g} s") from None
-
-    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
-        self.fut.add_done_callback(lambda done: done.exception() is not None and callback(done.exception()))
 
 
 class _Peer:
@@ -113,7 +99,7 @@ class GrpcRemote:
     def __init__(self, transport: "GrpcTransport", name: str):
         self.transport, self.name = transport, name
 
-    def send(self, method: str, args: tuple, timeout_s: float, seq: Optional[int] = None) -> _Pending:
+    def send(self, method: str, args: tuple, timeout_s: float, seq: Optional[int] = None) -> FuturePending:
         return self.transport.call(self.name, method, args, timeout_s, seq)
 
 
@@ -216,11 +202,11 @@ class GrpcTransport:
         self._connected = True
         return [GrpcRemote(self, name) for name in names]
 
-    def call(self, name: str, method: str, args: tuple, timeout_s: float, seq: Optional[int]) -> _Pending:
+    def call(self, name: str, method: str, args: tuple, timeout_s: float, seq: Optional[int]) -> FuturePending:
         id = next(self._ids)
         return self._send(name, method, Call(id, method, tuple(args), float(timeout_s), seq), id, timeout_s)
 
-    def _send(self, name: str, method: Optional[str], message: Any, id: int, timeout_s: float) -> _Pending:
+    def _send(self, name: str, method: Optional[str], message: Any, id: int, timeout_s: float) -> FuturePending:
         data = encode(message)  # a call the schema refuses fails here, on the central, before it is sent
         with self._lock:
             peer = self._peers.get(name)
@@ -229,7 +215,7 @@ class GrpcTransport:
             fut.set_exception(ConnectionError(f"{name} is not attached"))
         else:
             fut = peer.call(id, method, data)
-        return _Pending(fut, timeout_s, name, method or "connect")
+        return FuturePending(fut, timeout_s, name, method or "connect")
 
     def where(self, name: str) -> str:
         with self._lock:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -26,7 +25,7 @@ import torch
 
 from split_trainer.config import Config
 from split_trainer.transport import admission
-from split_trainer.transport.base import Host, Served
+from split_trainer.transport.base import FuturePending, Host, Served
 from split_trainer.transport.topology import edge_number
 
 
@@ -57,21 +56,6 @@ class _Grads:
         return param.grad
 
 
-class _Pending:
-    def __init__(self, fut: Future, timeout_s: float, name: str, method: str):
-        self.fut, self.deadline, self.name, self.method = fut, time.monotonic() + timeout_s, name, method
-        self.timeout_s = timeout_s
-
-    def wait(self) -> Any:
-        try:
-            return self.fut.result(timeout=max(0.0, self.deadline - time.monotonic()))
-        except TimeoutError:
-            raise TimeoutError(f"call {self.method} to {self.name} ran for more than {self.timeout_s:g} s") from None
-
-    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
-        self.fut.add_done_callback(lambda done: done.exception() is not None and callback(done.exception()))
-
-
 class _Now:
     """A call made at once, on this thread (admission comes before an edge has threads of its own)."""
 
@@ -91,8 +75,8 @@ class LoopbackRemote:
     def __init__(self, edge: Served, pool: ThreadPoolExecutor):
         self.edge, self.pool = edge, pool
 
-    def send(self, method: str, args: tuple, timeout_s: float, seq: Optional[int] = None) -> _Pending:
-        return _Pending(self.pool.submit(self.edge.serve, method, args, seq), timeout_s, self.edge.name, method)
+    def send(self, method: str, args: tuple, timeout_s: float, seq: Optional[int] = None) -> FuturePending:
+        return FuturePending(self.pool.submit(self.edge.serve, method, args, seq), timeout_s, self.edge.name, method)
 
 
 class LoopbackTransport:
