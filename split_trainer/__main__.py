@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.topology.transport == "grpc":
                 from split_trainer.transport.grpc_edge import serve_edge_rank
                 serve_edge_rank(topo.name, cfg, host)
+                # Done: gRPC's threads can abort a finished edge in the interpreter's teardown
+                # ("terminate called without an active exception", 1 run in 3 under load).
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
             else:
                 from split_trainer.transport.rpc import serve_edge
                 serve_edge(topo, cfg, host)
@@ -140,7 +145,5 @@ if __name__ == "__main__":
         code = 143
     sys.stdout.flush()
     sys.stderr.flush()
-    # The outcome is decided and every file written: RPC and loader threads can keep a failed
-    # process alive, and gRPC's can abort one in the interpreter's teardown ("terminate called
-    # without an active exception", SIGABRT, after a finished run).
-    os._exit(code)
+    # RPC and loader threads can keep a failed process alive; the outcome is already decided.
+    os._exit(code) if code else sys.exit(0)
