@@ -162,9 +162,7 @@ def test_a_message_that_does_not_decode_drops_its_sender_with_one_line(tmp_path,
     cfg = _cfg(tmp_path, **{"topology.edges": 1})
     transport = GrpcTransport(cfg)
     transport.start()
-    bundle = identity.load_bundle(tmp_path / CERTS_FOLDER / "edge1")
-    creds = grpc.ssl_channel_credentials(root_certificates=bundle.ca_pem, private_key=bundle.key_pem,
-                                         certificate_chain=bundle.cert_pem)
+    creds = _edge_credentials(tmp_path, "edge1")
     outbox: queue.Queue = queue.Queue()
     try:
         with grpc.secure_channel(transport.address, creds) as channel:
@@ -220,9 +218,7 @@ def test_a_silent_edge_is_dropped_within_the_timeout_with_one_line(tmp_path, cap
     cfg = _cfg(tmp_path, **{"topology.edges": 1, "rpc.timeout_s": 1})
     transport = GrpcTransport(cfg)
     transport.start()
-    bundle = identity.load_bundle(tmp_path / CERTS_FOLDER / "edge1")
-    creds = grpc.ssl_channel_credentials(root_certificates=bundle.ca_pem, private_key=bundle.key_pem,
-                                         certificate_chain=bundle.cert_pem)
+    creds = _edge_credentials(tmp_path, "edge1")
     outbox: queue.Queue = queue.Queue()
     try:
         with grpc.secure_channel(transport.address, creds) as channel:
@@ -287,6 +283,13 @@ def test_the_central_waits_for_its_edges_within_the_startup_timeout(tmp_path, mi
         _joined([edge])
 
 
+def _edge_credentials(run_dir: Path, name: str) -> grpc.ChannelCredentials:
+    """What edge ``name`` dials with: its bundle from the run folder's certificates."""
+    bundle = identity.load_bundle(run_dir / CERTS_FOLDER / name)
+    return grpc.ssl_channel_credentials(root_certificates=bundle.ca_pem, private_key=bundle.key_pem,
+                                        certificate_chain=bundle.cert_pem)
+
+
 def _fake_central(bundle: identity.Bundle, attach: Callable) -> tuple[grpc.Server, int]:
     """A server of the job's central certificate whose one method is ``attach``."""
     server = grpc.server(ThreadPoolExecutor(2))
@@ -322,9 +325,7 @@ def one_edge_central(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("central")
     transport = GrpcTransport(_cfg(run_dir, **{"topology.edges": 1}))
     transport.start()
-    bundle = identity.load_bundle(run_dir / CERTS_FOLDER / "edge1")
-    yield transport, grpc.ssl_channel_credentials(root_certificates=bundle.ca_pem, private_key=bundle.key_pem,
-                                                  certificate_chain=bundle.cert_pem)
+    yield transport, _edge_credentials(run_dir, "edge1")
     transport.shutdown(graceful=False)
 
 
