@@ -5,14 +5,16 @@
     sudo python benchmarks/links.py --rate 1gbit                           # where compute takes over
     sudo python benchmarks/links.py --rate 20mbit --edge-loss local --dtypes int8 --in-flight 4 \
         --set model.bottleneck=8                                           # nothing comes back down
+    sudo python benchmarks/links.py --rate 20mbit --transports rpc grpc   # torch RPC against gRPC + mutual TLS
 
 Each host is a network namespace joined to the others by a veth pair on a bridge (in a namespace
 of its own: nothing changes outside the namespaces this script makes). Each edge host's link is
 shaped with ``tc tbf`` at ``--rate`` in both directions; the central's link is not shaped. The
-hosts start as a user would start them, with launch/central.sh and launch/edge.sh, in edge
-placement, with ``rpc.channels=[basic]`` so that tensor payloads cross the veths (between
-processes of one machine TensorPipe would otherwise move them by cross-memory attach, outside any
-network: docs/performance.md).
+hosts start as a user would start them, in edge placement: on the rpc transport with
+launch/central.sh and launch/edge.sh and ``rpc.channels=[basic]``, so that tensor payloads cross
+the veths (between processes of one machine TensorPipe would otherwise move them by cross-memory
+attach, outside any network: docs/performance.md); on grpc with the ``serve`` and ``edge``
+commands (every byte goes through the TLS socket).
 
 Reports, per setting: samples/s after the warm-up; the tensor bytes per sample each way (wire
 accounting); and each edge link's utilisation, the bytes the interface really moved per second
@@ -51,6 +53,21 @@ def _ip(*args: str, ns: str | None = None) -> str:
     return done.stdout
 
 
+def refuse_inbound(ns: str) -> None:
+    """A firewall in host ``ns`` that drops every new inbound TCP connection (an edge behind NAT or
+    a site firewall): a SYN without ACK arriving on ``v0`` is redirected into a veth whose peer is
+    down, where it is dropped. Outbound connections and their replies pass. (This machine has no
+    iptables or nft, and no tc gact; tc's u32 and mirred are what it has.)"""
+    _ip("link", "add", "sink", "type", "veth", "peer", "name", "sink1", ns=ns)
+    _ip("link", "set", "sink", "up", ns=ns)
+    _tc(ns, "qdisc", "add", "dev", "v0", "ingress")
+    _tc(ns, "filter", "add", "dev", "v0", "parent", "ffff:", "protocol", "ip", "prio", "1", "u32",
+        "match", "ip", "protocol", "6", "0xff",  # TCP
+        "match", "u8", "0x05", "0x0f", "at", "0",  # an IP header of 20 bytes, so the TCP flags are at 33
+        "match", "u8", "0x02", "0x12", "at", "33",  # SYN set, ACK clear: a new connection
+        "action", "mirred", "egress", "redirect", "dev", "sink")
+
+
 def _tc(ns: str, *args: str) -> None:
     done = subprocess.run(["ip", "netns", "exec", ns, "tc", *args], capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
@@ -81,8 +98,8 @@ class Hosts:
     """A central host and ``edges`` edge hosts, each a namespace with one veth (``v0``) on a bridge
     in a switch namespace; edge hosts' links shaped both ways at ``rate`` (None: unshaped)."""
 
-    def __init__(self, prefix: str, edges: int, rate: str | None, queue_ms: float = 50):
-        self.prefix, self.rate, self.queue_ms = prefix, rate, queue_ms
+    def __init__(self, prefix: str, edges: int, rate: str | None, queue_ms: float = 50, inbound: bool = True):
+        self.prefix, self.rate, self.queue_ms, self.inbound = prefix, rate, queue_ms, inbound
         self.names = [f"{prefix}c", *(f"{prefix}e{k}" for k in range(1, edges + 1))]
         self.switch = f"{prefix}sw"
         self.address = {name: f"10.231.0.{i + 1}" for i, name in enumerate(self.names)}
@@ -104,6 +121,8 @@ class Hosts:
                 for ns, dev in ((name, "v0"), (self.switch, port)):
                     _tc(ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate, "burst", "32kb",
                         "latency", f"{self.queue_ms:g}ms")
+            if not self.inbound and i > 0:
+                refuse_inbound(name)
 
     def down(self) -> None:
         """Every process still in a namespace killed (torchrun starts its workers in sessions of
@@ -124,9 +143,9 @@ class Hosts:
 
 
 @contextmanager
-def hosts(prefix: str, edges: int, rate: str | None, queue_ms: float = 50) -> Iterator[Hosts]:
+def hosts(prefix: str, edges: int, rate: str | None, queue_ms: float = 50, inbound: bool = True) -> Iterator[Hosts]:
     """Namespaces that exist only inside the block, whatever happens in it (SIGTERM included)."""
-    made = Hosts(prefix, edges, rate, queue_ms)
+    made = Hosts(prefix, edges, rate, queue_ms, inbound)
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         made.up()
@@ -136,26 +155,41 @@ def hosts(prefix: str, edges: int, rate: str | None, queue_ms: float = 50) -> It
         signal.signal(signal.SIGTERM, previous)
 
 
-def _spawn(ns: str, cmd: list[str], log: Path) -> subprocess.Popen:
+def spawn(ns: str, cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT),
-           "IFNAME": "v0"}
-    return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], cwd=ROOT, env=env, stdout=log.open("w"),
+           "IFNAME": "v0", **env}
+    return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], cwd=ROOT, env=env, stdout=log.open("a"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def run_job(net: Hosts, overrides: list[str], run_dir: Path, timeout: float) -> dict:
-    """One job over the namespaces: the central and one edge per edge host, each started with its
-    launch script; interface counters sampled while it runs. Returns its records and samples."""
-    edges = len(net.names) - 1
+def commands(net: Hosts, transport: str, overrides: list[str], run_dir: Path) -> list[tuple[str, list[str], Path]]:
+    """How each host starts its part of one job, as a user would start it: (namespace, command,
+    log). rpc: launch/central.sh and launch/edge.sh (a torchrun group); grpc: ``serve`` on the
+    central's host and ``edge`` on each edge host, with certificates made for the job first."""
+    edges, central = len(net.names) - 1, net.address[net.names[0]]
     common = ["--config", "configs/mnist_edge_data.yaml", "--quiet", "--set", f"topology.edges={edges}",
               f"output.run_dir={run_dir}", *overrides]
+    log = run_dir.parent / f"{run_dir.name}-central.log"
+    logs = [run_dir.parent / f"{run_dir.name}-edge{k}.log" for k in range(1, edges + 1)]
+    if transport == "rpc":
+        return [(net.names[0], ["bash", "launch/central.sh", "--hosts", str(edges), "--port", str(PORT), *common], log),
+                *((name, ["bash", "launch/edge.sh", "--central", f"{central}:{PORT}", "--hosts", str(edges), "--node",
+                          str(k), "--edges", "1", *common], logs[k - 1]) for k, name in enumerate(net.names[1:], 1))]
+    certs = run_dir.parent / f"{run_dir.name}-certs"
+    subprocess.run([sys.executable, "-m", "split_trainer", "certs", "--out", str(certs), "--edges", str(edges),
+                    "--central-host", central], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    return [(net.names[0], [sys.executable, "-m", "split_trainer", "serve", "--listen", f"{central}:{PORT}",
+                            "--certs", str(certs / "central"), *common], log),
+            *((name, [sys.executable, "-m", "split_trainer", "edge", "--central", f"{central}:{PORT}", "--certs",
+                      str(certs / f"edge{k}"), *common, f"output.run_dir={run_dir}-edge{k}"], logs[k - 1])
+              for k, name in enumerate(net.names[1:], 1))]
+
+
+def run_job(net: Hosts, overrides: list[str], run_dir: Path, timeout: float, transport: str = "rpc") -> dict:
+    """One job over the namespaces, each host started as ``commands`` says; interface counters
+    sampled while it runs. Returns its records and samples."""
     samples: list[tuple[float, list[tuple[int, int]]]] = [(time.time(), [net.counters(n) for n in net.names[1:]])]
-    procs = [_spawn(net.names[0], ["bash", "launch/central.sh", "--hosts", str(edges), "--port", str(PORT), *common],
-                    run_dir.parent / f"{run_dir.name}-central.log")]
-    for k, name in enumerate(net.names[1:], 1):
-        procs.append(_spawn(name, ["bash", "launch/edge.sh", "--central", f"{net.address[net.names[0]]}:{PORT}",
-                                   "--hosts", str(edges), "--node", str(k), "--edges", "1", *common],
-                            run_dir.parent / f"{run_dir.name}-edge{k}.log"))
+    procs = [spawn(ns, cmd, log) for ns, cmd, log in commands(net, transport, overrides, run_dir)]
     stop = threading.Event()
 
     def sample() -> None:
@@ -238,6 +272,9 @@ def main() -> int:
                         help="train.edge_loss values to run (local: nothing comes back down)")
     parser.add_argument("--channels", nargs="+", default=["basic"], choices=["basic", "auto"],
                         help="rpc.channels: basic (payloads cross the veths) or auto (TensorPipe's choice)")
+    parser.add_argument("--transports", nargs="+", default=["rpc"], choices=["rpc", "grpc"],
+                        help="topology.transport values to run: rpc (launch/central.sh, launch/edge.sh) or grpc "
+                             "(the serve and edge commands, mutual TLS)")
     parser.add_argument("--steps", type=int, default=150, help="steps in all, warm-up included")
     parser.add_argument("--warmup", type=int, default=30, help="steps left out of the measurement")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MNIST IDX files (every edge host's data.root)")
@@ -259,18 +296,21 @@ def main() -> int:
     runs.mkdir(parents=True)
     try:
         with hosts(args.prefix, args.edges, None if rate is None else args.rate, args.queue_ms) as net:
-            for channels, loss, dtype, in_flight in itertools.product(args.channels, args.edge_loss, args.dtypes,
-                                                                       args.in_flight):
-                row = {"rate": args.rate, "edges": args.edges, "channels": channels, "edge_loss": loss, "dtype": dtype,
-                       "in_flight": in_flight}
+            settings = [(t, c) for t in args.transports for c in (args.channels if t == "rpc" else ["-"])]
+            for (transport, channels), loss, dtype, in_flight in itertools.product(settings, args.edge_loss,
+                                                                                   args.dtypes, args.in_flight):
+                row = {"rate": args.rate, "edges": args.edges, "transport": transport, "channels": channels,
+                       "edge_loss": loss, "dtype": dtype, "in_flight": in_flight}
                 run_dir = runs / "-".join(str(v) for v in row.values())
                 overrides = [f"data.root={args.data}", "data.partition=iid", "data.limit_test=2000",
                              f"train.max_steps={args.steps}", "logging.every_steps=20",
                              "checkpoint.every_steps=100000", f"rpc.activation_dtype={dtype}",
                              f"train.in_flight={in_flight}", f"train.edge_loss={loss}",
-                             f"rpc.channels={'null' if channels == 'auto' else f'[{channels}]'}", *args.overrides]
+                             *([f"rpc.channels={'null' if channels == 'auto' else f'[{channels}]'}"]
+                               if transport == "rpc" else []), *args.overrides]
                 row["set"] = args.overrides
-                row.update(measure(run_job(net, overrides, run_dir, args.timeout), args.warmup, 64, rate))
+                job = run_job(net, overrides, run_dir, args.timeout, transport)
+                row.update(measure(job, args.warmup, 64, rate))
                 rows.append(row)
                 print(_line(row), flush=True)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
@@ -286,7 +326,7 @@ def _line(row: dict) -> str:
     used = (f" utilisation up {min(util['up']):.0%}-{max(util['up']):.0%} down {min(util['down']):.0%}-"
             f"{max(util['down']):.0%}") if util else ""
     more = "".join(f" {o}" for o in row["set"])
-    return (f"{row['rate']} 1+{row['edges']} {row['channels']} edge_loss {row['edge_loss']} {row['dtype']} "
+    return (f"{row['rate']} 1+{row['edges']} {row['transport']} {row['channels']} edge_loss {row['edge_loss']} {row['dtype']} "
             f"in_flight {row['in_flight']}{more}: "
             f"{row['samples_per_s']:.0f} samples/s, accounted B/sample up {row['accounted_bytes_per_sample']['up']:,.0f}"
             f" down {row['accounted_bytes_per_sample']['down']:,.0f}, on the link up "

@@ -1,21 +1,26 @@
-"""Entry point: ``torchrun --nproc_per_node 4 -m split_trainer --config configs/mnist.yaml``, and
-the one-process commands ``evaluate``, ``export``, ``audit``, ``config`` and ``certs``."""
+"""Entry point: ``torchrun --nproc_per_node 4 -m split_trainer --config configs/mnist.yaml``; the
+grpc transport's two commands across machines, ``serve`` (the central) and ``edge``; and the
+one-process commands ``evaluate``, ``export``, ``audit``, ``config`` and ``certs``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
 
 from split_trainer.config import ConfigError, load_config
 from split_trainer.core import faults
-from split_trainer.core.errors import short
+from split_trainer.core.errors import JobError, short
 from split_trainer.training.failures import Terminated
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m split_trainer", description="Split-learning trainer.")
+def parse_args(argv: list[str] | None, mode: str | None = None) -> argparse.Namespace:
+    from split_trainer.cli.launchers import add_arguments
+
+    prog = "python -m split_trainer" + (f" {mode}" if mode else "")
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTIONS[mode])
     parser.add_argument("--config", help="YAML config file (defaults apply to keys it omits)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.max_steps=60 data.root=DIR")
@@ -23,67 +28,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="auto: newest complete checkpoint, else a fresh start (default); never; or a "
                              "checkpoint folder")
     parser.add_argument("--quiet", action="store_true", help="print only errors and the final summary")
+    add_arguments(parser, mode)
     return parser.parse_args(argv)
 
 
-def _say(where: str, message: str) -> None:
-    print(f"split_trainer: {where}error: {message}", file=sys.stderr, flush=True)
+DESCRIPTIONS = {None: "Split-learning trainer.",
+                "serve": "The central of a grpc job across machines: it listens, and the edges dial it.",
+                "edge": "One edge of a grpc job across machines: it dials the central; it is who its certificate says."}
+
+
+def _say(where: str, message: str, level: str = "error") -> None:
+    print(f"split_trainer: {where}{level}: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
         return _command(argv)
-    args = parse_args(argv)
+    mode = argv[0] if argv and argv[0] in ("serve", "edge") else None
+    args = parse_args(argv[1:] if mode else argv, mode)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file or pipe as they happen
     # torch's C++ side logs every torn pipe with a stack of frames when a peer dies; the central's
     # one-line reason says it better. TORCH_CPP_LOG_LEVEL=INFO brings them back.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     where, built = "", []
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*args.overrides, *(["topology.transport=grpc"] if mode else [])])
         # torch imports after argument checks
+        from split_trainer.cli.launchers import launcher_for
         from split_trainer.training.drivers import driver_for
-        from split_trainer.transport.topology import device_for, loopback_topology, set_threads, topology_from_env
+        from split_trainer.transport.topology import device_for, set_threads
 
+        launcher = launcher_for(cfg, mode, args)  # who this process is, chosen once
         plan = driver_for(cfg).plan(cfg, cfg.train.seed)  # an unknown model or a bad plan fails on every rank, now
-        loopback = cfg.topology.transport == "loopback"
-        # grpc without torchrun: the central alone, which the edges dial (with torchrun: rank 0)
-        alone = loopback or (cfg.topology.transport == "grpc" and "WORLD_SIZE" not in os.environ)
-        topo = loopback_topology() if alone else topology_from_env(cfg)
+        topo = launcher.topology(cfg)
         where = f"[{topo.name}] "
         faults.arm(topo.name, topo.restart)
         role = "central" if topo.is_central else "edge"
         device_for(getattr(cfg.train, f"{role}_device"), f"train.{role}_device", topo.local_rank)  # one line, now
-        if loopback:  # the edges are in this process too
+        if launcher.edges_here:
             device_for(cfg.train.edge_device, "train.edge_device", 0)
         threads = set_threads(cfg.train.threads, topo)
         if topo.is_central:
-            from split_trainer.cli.console import Console
-            from split_trainer.training.central import run_central
-
-            def transport_for():
-                built.append(_transport(cfg, topo))
-                return built[-1]
-
-            run_central(cfg, topo, plan, threads, transport_for, Console(quiet=args.quiet), args.resume)
+            _central(cfg, topo, plan, threads, launcher, args, built)
         else:
             from split_trainer.training.hosting import EdgeHost
             from split_trainer.transport.topology import edge_number
 
-            def host():
-                return EdgeHost(cfg, [edge_number(topo.name)], topo.local_rank)
-            if cfg.topology.transport == "grpc":
-                from split_trainer.transport.grpc_edge import serve_edge_rank
-                serve_edge_rank(topo.name, cfg, host)
-                # Done: gRPC's threads can abort a finished edge in the interpreter's teardown
-                # ("terminate called without an active exception", 1 run in 3 under load).
+            launcher.serve(cfg, topo, lambda: EdgeHost(cfg, [edge_number(topo.name)], topo.local_rank))
+            if launcher.exit_hard:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(0)
-            else:
-                from split_trainer.transport.rpc import serve_edge
-                serve_edge(topo, cfg, host)
         return 0
     except ConfigError as exc:
         _say(where, str(exc))
@@ -101,15 +97,28 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(exc, Terminated) else 1
 
 
-def _transport(cfg, topo):
-    if cfg.topology.transport == "loopback":
-        from split_trainer.training.hosting import loopback_transport
-        return loopback_transport(cfg)
-    if cfg.topology.transport == "grpc":  # on one machine: certificates and address in the run folder
-        from split_trainer.transport.grpc_central import GrpcTransport
-        return GrpcTransport(cfg)
-    from split_trainer.transport.rpc import RpcTransport
-    return RpcTransport(topo, cfg)
+def _central(cfg, topo, plan, threads: int, launcher, args: argparse.Namespace, built: list) -> None:
+    """Train, and where the launcher allows it (serve), resume in this process after an attempt
+    fails: the transport stays up and the edges that are left, or that dial again, go on."""
+    from split_trainer.cli.console import Console
+    from split_trainer.training.central import run_central
+
+    def transport_for():
+        if not built:
+            built.append(launcher.transport(cfg, topo))
+        return built[0]
+
+    for attempt in range(launcher.restarts + 1):
+        try:
+            run_central(cfg, dataclasses.replace(topo, restart=attempt), plan, threads, transport_for,
+                        Console(quiet=args.quiet), args.resume)
+            return
+        except JobError as exc:
+            if attempt == launcher.restarts:
+                raise
+            _say("[central] ", f"{short(exc)}; attempt {attempt + 2} of {launcher.restarts + 1} resumes from the "
+                               f"newest checkpoint once the edges are back (within rpc.startup_timeout_s)", "warning")
+            faults.arm(topo.name, attempt + 1)
 
 
 def _shut_down(built: list) -> None:

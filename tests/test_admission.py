@@ -3,6 +3,7 @@ holds the job's secret (and the central proves it back). A host that cannot is r
 line on both sides; a fixed fleet stops, an elastic one goes on without it. In one process on the
 loopback transport (fast), and through the launch scripts with real torchrun hosts (slow)."""
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-import split_trainer.__main__ as entry
+from split_trainer.cli import launchers
 from split_trainer.config import ConfigError
 from split_trainer.training.hosting import loopback_transport
 from split_trainer.transport import admission
@@ -47,8 +48,9 @@ def hosts(in_process, monkeypatch):
     def arrange(central, edges):
         if central is not None:
             monkeypatch.setenv(admission.SECRET, central)
-        monkeypatch.setattr(entry, "_transport", lambda cfg, topo: built.append(loopback_transport(cfg, edges))
-                            or built[-1])
+        loopback = launchers._loopback()
+        monkeypatch.setattr(launchers, "_loopback", lambda: dataclasses.replace(
+            loopback, transport=lambda cfg, topo: built.append(loopback_transport(cfg, edges)) or built[-1]))
         return built
     return arrange
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from split_trainer.cli import certs as certs_command
 from split_trainer.config import ConfigError, load_config
 from split_trainer.core.errors import JobError
 from split_trainer.training.hosting import EdgeHost
@@ -196,11 +197,78 @@ def _call_or_none(data: bytes):
         return None
 
 
-@pytest.mark.parametrize("keys, words", [({"train.engine": "autograd"}, "train.engine=autograd needs"),
-                                         ({"privacy.edge_weights": "edges"}, "sealed edge-to-edge relay")])
-def test_what_grpc_does_not_carry_yet_is_refused_in_one_line(tmp_path, keys, words):
-    with pytest.raises(ConfigError, match=words):
-        _cfg(tmp_path, **keys)
+def test_a_revoked_certificate_and_a_client_without_one_are_refused_before_the_job(tmp_path, capsys):
+    """edge2's certificate revoked with the certs command while the central runs: refused at its
+    next connection, one line on each side, nothing of the job sent; a client that presents no
+    certificate fails the TLS handshake. edge1 attaches and finishes."""
+    cfg = _cfg(tmp_path, **{"rpc.startup_timeout_s": 3, "topology.min_edges": 1})
+    transport = GrpcTransport(cfg)
+    transport.start()
+    certs = tmp_path / CERTS_FOLDER
+    assert certs_command.main(["certs", "--out", str(certs), "--revoke", "edge2"]) == 0
+    assert "revoked edge2" in capsys.readouterr().out
+    edge1 = _started(lambda: serve_edge_in_run_folder(tmp_path, "edge1", _FakeHost(), cfg), "edge1")
+    try:
+        heard: list[bytes] = []
+        host = _FakeHost()
+        host.build = lambda *args, **kw: heard.append(b"connect")  # nothing of the job may reach a refused edge
+        with pytest.raises(ConfigError, match=r"certificate of 'edge2' is refused: that certificate .* is revoked"):
+            serve_edge_grpc(lambda: transport.address, identity.load_bundle(certs / "edge2"), host, cfg)
+        anonymous = grpc.ssl_channel_credentials(root_certificates=identity.load_bundle(certs / "edge1").ca_pem)
+        with grpc.secure_channel(transport.address, anonymous) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                heard.extend(channel.stream_stream(PATH)(iter([encode(Hello("edge1"))]), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and heard == []
+        assert transport.members() == ["edge1"] and transport.refusals["certificate"] == 1
+        transport.finish(5)
+    finally:
+        transport.shutdown(graceful=True)
+        _joined([edge1])
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if "is revoked" in line]) == 1 and "Traceback" not in err
+
+
+def test_what_grpc_does_not_carry_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="train.engine=autograd needs"):
+        _cfg(tmp_path, **{"train.engine": "autograd"})
+
+
+def test_replicas_go_edge_to_edge_sealed_and_average_as_on_loopback(loopback, in_process, mnist_root, tmp_path,
+                                                                     monkeypatch):
+    """privacy.edge_weights=edges: each replica leaves its edge sealed with the edges' key, which
+    the central's bundle does not hold; the central passes on exactly the sealed bytes, which open
+    only with that key and for that sender, receiver and nonce; the run is the loopback run."""
+    keys = {**EXACT, "privacy.edge_weights": "edges", "train.edge_sync_every": 4}
+    on_loopback = loopback(tmp_path / "loopback", 2, **keys)
+    sealed, passed = [], []
+    seal, pass_on = identity.seal, GrpcTransport._pass_on
+    monkeypatch.setattr(identity, "seal", lambda key, plain, context: sealed.append(
+        (key, plain, context, seal(key, plain, context))) or sealed[-1][3])
+    monkeypatch.setattr(GrpcTransport, "_pass_on", lambda self, sender, message: (
+        passed.append(message.blob), pass_on(self, sender, message))[1])
+    run_dir = tmp_path / "grpc"
+    argv = quick_overrides(mnist_root, run_dir, 2, **{"topology.transport": "grpc", "rpc.startup_timeout_s": 30},
+                           **keys)
+    cfg = load_config(None, argv[1:])
+    edges = [_started(lambda k=k: serve_edge_in_run_folder(run_dir, f"edge{k}", EdgeHost(cfg, [k]), cfg),
+                      f"edge{k}") for k in (1, 2)]
+    try:
+        code, out, err = in_process(*argv)
+    finally:
+        _joined(edges)
+    assert code == 0, (out + err)[-3000:]
+    on_grpc = json.loads((run_dir / "summary.json").read_text())
+    assert on_grpc["test_loss"] == on_loopback["test_loss"] and on_grpc["bytes"] == on_loopback["bytes"]
+    assert len(sealed) == len(passed) == 2 * 3  # 12 steps, a sync every 4: each edge fetches the other's, 3 times
+    assert identity.load_bundle(run_dir / CERTS_FOLDER / "central").edges_key is None
+    other = bytes(32)
+    for key, plain, context, blob in sealed:
+        assert blob in passed and plain[-64:] not in blob
+        assert identity.unseal(key, blob, context) == plain
+        with pytest.raises(identity.SealError):
+            identity.unseal(other, blob, context)
+        with pytest.raises(identity.SealError):  # replayed for another receiver or nonce
+            identity.unseal(key, blob, context[:-1] + bytes([context[-1] ^ 1]))
 
 
 @pytest.mark.slow

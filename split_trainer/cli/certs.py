@@ -4,6 +4,7 @@ edges' sealing key, each host's share in a folder of its own (transport/identity
 
     python -m split_trainer certs --out certs/job --edges 3 --central-host central.example.org
     python -m split_trainer certs --out certs/job --edges edge4        # add an edge to that job
+    python -m split_trainer certs --out certs/job --revoke edge2       # refuse edge2's certificate
 
 What goes to which machine: docs/hosts-and-security.md.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from split_trainer.config import ConfigError
+from split_trainer.transport import revocation
 from split_trainer.transport.identity import CA, CENTRAL, Issued, make_job
 
 
@@ -69,7 +71,19 @@ def main(argv: list[str]) -> int:
                         help="a name or IP address the edges reach the central by (repeat for more; default: "
                              "localhost and 127.0.0.1)")
     parser.add_argument("--days", type=int, default=365, help="how long the certificates are valid (default 365)")
+    parser.add_argument("--revoke", metavar="edge1,edge2,...",
+                        help="revoke these edges' certificates: the list goes to OUT/central/revoked.crl, which "
+                             "the central reads at every connection (copy it to the central's bundle folder)")
     args = parser.parse_args(argv[1:])
+    if args.revoke is not None:
+        if args.edges is not None or args.central_hosts:
+            raise ConfigError("certs: --revoke issues nothing: give it without --edges and --central-host")
+        if args.revoke.strip().isdigit():
+            raise ConfigError(f"certs: --revoke {args.revoke}: name the edges (--revoke edge2,edge3)")
+        for name, serial in revocation.revoke(args.out, edge_names(args.revoke)).items():
+            print(f"revoked {name} (serial {serial:x}) in {args.out / CENTRAL / revocation.CRL}: copy it into the "
+                  f"central's bundle folder; the central refuses that certificate from its next connection on")
+        return 0
     edges = edge_names(args.edges) if args.edges is not None else []
     issued = make_job(args.out, edges, args.central_hosts, args.days)
     for line in report(issued):

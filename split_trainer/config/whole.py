@@ -54,14 +54,10 @@ class Config:
                      "only for a floating-point tensor; use float8 (8 bits as well) or train.engine=relay")
 
     def _check_grpc(self) -> None:
-        """What the grpc transport does not carry yet (issue 36)."""
+        """What the grpc transport does not carry."""
         _require(self.train.engine == "relay",
                  "train.engine=autograd needs topology.transport=rpc or loopback: distributed autograd does not "
                  "cross the grpc transport; use train.engine=relay")
-        _require(self.privacy.edge_weights == "central",
-                 "privacy.edge_weights=edges is not available on topology.transport=grpc yet (the sealed "
-                 "edge-to-edge relay through the central is not built): use privacy.edge_weights=central or "
-                 "topology.transport=rpc")
 
     def _check_vertical(self, places: list) -> None:
         """What a vertical fleet cannot do: every party holds a part of every batch."""

@@ -34,7 +34,10 @@ _lock = threading.Lock()
 
 
 def arm(name: str, attempt: int) -> None:
-    """Read SPLIT_TRAINER_FAULT and keep the entries meant for this rank in this attempt."""
+    """Read SPLIT_TRAINER_FAULT and keep the entries meant for this rank in this attempt (a
+    central that resumes in its own process, ``serve``, arms each attempt afresh)."""
+    _armed.clear()
+    _seen.clear()
     for entry in filter(None, (e.strip() for e in os.environ.get("SPLIT_TRAINER_FAULT", "").split(","))):
         parts = entry.split(":")
         if len(parts) not in (4, 5) or parts[1] not in POINTS or parts[3] not in ACTIONS or not parts[2].isdigit():

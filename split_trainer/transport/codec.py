@@ -20,8 +20,8 @@ from split_trainer.config import Config, config_from_dict
 from split_trainer.core.errors import short
 from split_trainer.model.models import check_named
 from split_trainer.transport.schema import (DTYPE_NAMES, DTYPES, ENUM_NAMES, ENUMS, ITEMSIZE, MAX_DIMS, RECORD_NAMES,
-                                            RECORDS, SCHEMAS, Count, Leaf, Maybe, Number, Plain, Refused, Shape, Str,
-                                            WireError, check_answer, check_call, checked, dtype_name, each, int64)
+                                            RECORDS, SCHEMAS, Bytes, Count, Leaf, Maybe, Number, Plain, Refused, Shape,
+                                            Str, WireError, check_answer, check_call, checked, dtype_name, each, int64)
 
 VERSION = 1
 ERROR_CHARS = 1000  # an answer's error is one line: core.errors.short gives 300
@@ -89,8 +89,30 @@ class Connect:
     config: Config
 
 
-Message = Union[Call, Answer, Hello, Heartbeat, Connect]
-KINDS: dict[str, type] = {cls.kind: cls for cls in (Call, Answer, Hello, Heartbeat, Connect)}
+@dataclass(frozen=True)
+class Relay:
+    """Edge to edge through the central (privacy.edge_weights: edges). Up, from the edge that
+    asks: "send me ``peer``'s replica". Down, to that peer: "seal your replica for ``peer``" (the
+    one that asked). ``nonce`` is the asker's, bound into the seal: an old blob does not open again."""
+    kind: ClassVar[str] = "relay"
+    id: int
+    peer: str
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """The reply to a ``Relay``: the replica sealed with the edges' key (transport.identity.seal),
+    which the central passes on and cannot open; or the one line why there is none."""
+    kind: ClassVar[str] = "sealed"
+    id: int
+    blob: bytes = b""
+    error: Optional[str] = None
+
+
+Message = Union[Call, Answer, Hello, Heartbeat, Connect, Relay, Sealed]
+KINDS: dict[str, type] = {cls.kind: cls for cls in (Call, Answer, Hello, Heartbeat, Connect, Relay, Sealed)}
+NONCE_BYTES = 16
 _Line = Leaf("one line of text", "str", lambda v: type(v) is str and "\n" not in v and "\r" not in v
               and len(v) <= ERROR_CHARS)
 _Time = Leaf("a finite number", "float", lambda v: Number.ok(v) and math.isfinite(v))
@@ -101,6 +123,9 @@ _FIELDS: dict[str, dict[str, Optional[Shape]]] = {  # each message's own fields 
     "hello": {"name": Leaf("an edge name", "str", lambda v: _Line.ok(v) and 0 < len(v) <= 200)},
     "heartbeat": {"time": _Time},
     "connect": {"edge": _Line, "config": Plain},
+    "relay": {"id": Count, "peer": Leaf("an edge name", "str", lambda v: _Line.ok(v) and 0 < len(v) <= 200),
+              "nonce": Leaf(f"{NONCE_BYTES} bytes", "bytes", lambda v: type(v) is bytes and len(v) == NONCE_BYTES)},
+    "sealed": {"id": Count, "blob": Bytes, "error": Maybe(_Line)},
 }
 
 

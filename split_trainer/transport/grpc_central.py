@@ -6,8 +6,9 @@ method: the central keeps it per id and checks the reply against it).
 
 An edge is who its client certificate says (transport.identity.peer_name; the TLS handshake has
 checked it against the job's CA). Refused with one line on the central's log and an error status
-to the edge, before anything of the job is sent: a name outside edge1..edgeN (topology.edges), and
-a second stream for a name already attached (the first stays). A message from an edge that does not
+to the edge, before anything of the job is sent: a revoked certificate (transport.revocation), a
+name outside edge1..edgeN (topology.edges), and a second stream for a name already attached (the
+first stays). A message from an edge that does not
 decode, or that an edge may not send, is refused with one line, counted (``refusals``), and that
 edge is dropped: its calls in flight fail with the line.
 """
@@ -28,11 +29,11 @@ from typing import Any, Iterator, Optional
 
 import grpc
 
-from split_trainer.config import Config
+from split_trainer.config import Config, ConfigError
 from split_trainer.core.errors import JobError, short
-from split_trainer.transport import identity
+from split_trainer.transport import identity, revocation
 from split_trainer.transport.base import FuturePending
-from split_trainer.transport.codec import LIMITS, Answer, Call, Connect, Heartbeat, Hello, decode, encode
+from split_trainer.transport.codec import LIMITS, Answer, Call, Connect, Heartbeat, Hello, Relay, Sealed, decode, encode
 from split_trainer.transport.grpc_common import (ADDRESS_FILE, CERTS_FOLDER, CONNECT_ID, METHOD, SERVICE,
                                                  channel_options, heartbeat_every, write_address)
 from split_trainer.transport.schema import WireError, check_answer
@@ -104,17 +105,17 @@ class GrpcRemote:
 
 
 class GrpcTransport:
-    """The central's side. ``certs``: the job's certificates (made there when absent, as on one
-    machine); ``listen``: host:port (port 0: any free one); ``run_dir``: where ``grpc.address`` is
-    written for the ranks of one machine (None: not written)."""
+    """The central's side. ``bundle``: the central's folder from the certs command (or the job's
+    folder that holds it); None: on one machine, the job's certificates in the run folder, made
+    there when absent. ``listen``: host:port (port 0: any free one), written to the run folder's
+    ``grpc.address`` once it listens (the ranks of one machine read it there)."""
     name = "grpc"
     autograd = None  # the autograd engine is refused on this transport (config.whole)
 
-    def __init__(self, cfg: Config, certs: Optional[Path] = None, listen: str = "127.0.0.1:0",
-                 run_dir: Optional[Path] = None):
+    def __init__(self, cfg: Config, bundle: Optional[Path] = None, listen: str = "127.0.0.1:0"):
         self.cfg, self.listen = cfg, listen
-        self.run_dir = Path(cfg.output.run_dir) if run_dir is None else run_dir
-        self.certs = self.run_dir / CERTS_FOLDER if certs is None else Path(certs)
+        self.run_dir = Path(cfg.output.run_dir)
+        self.bundle = None if bundle is None else Path(bundle)
         self.names = [f"edge{k}" for k in range(1, cfg.topology.edges + 1)]
         # Often enough for an edge still waiting to be connected, which gives up after rpc.startup_timeout_s.
         self.beat = heartbeat_every(min(cfg.rpc.timeout_s, cfg.rpc.startup_timeout_s))
@@ -123,12 +124,23 @@ class GrpcTransport:
         self._lock = threading.Condition()
         self._ids = itertools.count(CONNECT_ID + 1)
         self._server: Optional[grpc.Server] = None
+        self._folder, self._ca_pem = Path(), b""  # the central's bundle, once started
+        self._relays: dict[int, tuple[str, _Peer, int]] = {}  # relay id -> (edge asked, edge asking, its id)
         self.address: Optional[str] = None
         self._connected = False
 
     # -- up and down -------------------------------------------------------------------------------
     def start(self) -> None:
-        bundle = identity.load_bundle(self._ensure_certs() / identity.CENTRAL)
+        """Listen. A second start (the serve command's next attempt) keeps the server and its edges."""
+        if self._server is not None:
+            return
+        self._folder = self._central_bundle()
+        bundle = identity.load_bundle(self._folder)
+        self._ca_pem = bundle.ca_pem
+        revocation.revoked(self._folder, self._ca_pem)  # a bad list is one line now, not at the first edge
+        if bundle.name != identity.CENTRAL:
+            raise ConfigError(f"--certs {self.bundle}: the bundle of {bundle.name}, not the central's "
+                              f"(give DIR/central)")
         (self.run_dir / ADDRESS_FILE).unlink(missing_ok=True)  # a stale one would send edges to a dead port
         slots = len(self.names) + 4  # a stream holds a server thread while it lasts; refused ones end at once
         self._server = grpc.server(ThreadPoolExecutor(slots, thread_name_prefix="grpc-central"),
@@ -146,20 +158,26 @@ class GrpcTransport:
         self.address = f"{host}:{port}"
         write_address(self.run_dir, self.address)
 
-    def _ensure_certs(self) -> Path:
-        """The job's certificates: made now when absent (one machine: every rank reads its bundle
-        from the run folder), and any edge of the topology without a bundle issued."""
-        made = (self.certs / identity.CA / "ca.pem").exists()
-        missing = [name for name in self.names if not (self.certs / name).exists()] if made else self.names
+    def _central_bundle(self) -> Path:
+        """The central's folder. On one machine (no bundle given) the job's certificates are made in
+        the run folder when absent, with any edge of the topology that has none: every rank reads its
+        own bundle there."""
+        if self.bundle is not None:
+            held = self.bundle / identity.CENTRAL
+            return held if (held / "cert.pem").exists() else self.bundle
+        certs = self.run_dir / CERTS_FOLDER
+        made = (certs / identity.CA / "ca.pem").exists()
+        missing = [name for name in self.names if not (certs / name).exists()] if made else self.names
         if missing:
-            identity.make_job(self.certs, missing)
-        return self.certs
+            identity.make_job(certs, missing)
+        return certs / identity.CENTRAL
 
     def shutdown(self, graceful: bool) -> None:
         with self._lock:
             peers = list(self._peers.values())
+        # ABORTED: the job failed, and the edges stop (a central that dies, UNAVAILABLE: they redial)
         for peer in peers:
-            peer.close("the central shut down", None if graceful else grpc.StatusCode.UNAVAILABLE)
+            peer.close("the central shut down", None if graceful else grpc.StatusCode.ABORTED)
         if self._server is not None:
             self._server.stop(grace=1.0 if graceful else 0).wait(self.cfg.rpc.timeout_s)
 
@@ -249,7 +267,8 @@ class GrpcTransport:
         """One edge's stream, for as long as it lasts: its messages are read on a thread of their
         own; this generator sends the central's (and a heartbeat whenever there is nothing to send)."""
         name, address = identity.peer_name(context), context.peer()
-        peer, refusal = self._register(name, address)
+        refusal = self._revoked(name, address, context)
+        peer, refusal = (None, refusal) if refusal else self._register(name, address)
         if peer is None:
             self._refuse("certificate", refusal)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
@@ -278,6 +297,19 @@ class GrpcTransport:
                     del self._peers[name]
                 self._lock.notify_all()
 
+    def _revoked(self, name: Optional[str], address: str, context: grpc.ServicerContext) -> str:
+        """Why this client's certificate is refused as revoked (the list is read at every
+        connection: a revocation needs no restart), or ""."""
+        try:
+            serials = revocation.revoked(self._folder, self._ca_pem)
+        except ConfigError as exc:
+            return f"a client from {address} is refused: the revocation list cannot be read: {exc}"
+        serial = revocation.peer_serial(context)
+        if serial in serials:
+            return (f"a client from {address} with the certificate of {name!r} is refused: that certificate (serial "
+                    f"{serial:x}) is revoked ({self._folder / revocation.CRL})")
+        return ""
+
     def _register(self, name: Optional[str], address: str) -> tuple[Optional[_Peer], str]:
         with self._lock:
             if name not in self.names:
@@ -299,7 +331,10 @@ class GrpcTransport:
             line = f"{peer.name} ({peer.address}) sent a message that is refused, and is dropped: {exc}"
             self._refuse("message", line)
             self._drop(peer, line, grpc.StatusCode.INVALID_ARGUMENT, say=False)
-        except Exception as exc:  # the stream broke (the edge is gone): its calls fail with why
+        except grpc.RpcError:  # the stream broke; a server's request iterator is told no reason
+            self._drop(peer, f"the stream to {peer.name} ({peer.address}) broke: its process ended or its "
+                             f"network failed", None)
+        except Exception as exc:
             self._drop(peer, f"the stream to {peer.name} ({peer.address}) broke: {short(exc)}", None)
         else:
             self._drop(peer, f"{peer.name} ({peer.address}) ended its stream", None)
@@ -308,11 +343,38 @@ class GrpcTransport:
         message = decode(data, LIMITS)
         if isinstance(message, Answer):
             peer.answered(message)
+        elif isinstance(message, Relay):
+            self._relay(peer, message)
+        elif isinstance(message, Sealed):
+            self._pass_on(peer, message)
         elif isinstance(message, Hello):
             if message.name != peer.name:
                 raise WireError(f"hello names {message.name!r}, its certificate {peer.name!r}")
         elif not isinstance(message, Heartbeat):
             raise WireError(f"an edge may not send a {message.kind} message")
+
+    def _relay(self, asker: _Peer, ask: Relay) -> None:
+        """An edge asks for a peer's replica: the peer is asked to seal it for that edge."""
+        with self._lock:
+            target = self._peers.get(ask.peer) if ask.peer != asker.name else None
+            if target is not None and target.closed is None:
+                id = next(self._ids)
+                self._relays[id] = (target.name, asker, ask.id)
+        if target is None or target.closed is not None:
+            asker.outbox.put(encode(Sealed(ask.id, b"", f"{ask.peer} is not attached to the central")))
+            return
+        target.outbox.put(encode(Relay(id, asker.name, ask.nonce)))
+
+    def _pass_on(self, sender: _Peer, sealed: Sealed) -> None:
+        """A sealed replica (which this side cannot open) goes on to the edge that asked for it."""
+        with self._lock:
+            entry = self._relays.pop(sealed.id, None)
+        if entry is None:  # the asker gave up, or left: nothing waits for it
+            return
+        asked, asker, asker_id = entry
+        if asked != sender.name:
+            raise WireError(f"a sealed replica for relay {sealed.id}, which was asked of {asked}")
+        asker.outbox.put(encode(Sealed(asker_id, sealed.blob, sealed.error)))
 
     def _drop(self, peer: _Peer, line: str, code: Optional[grpc.StatusCode], say: bool = True) -> None:
         if say and peer.closed is None and code is not None:

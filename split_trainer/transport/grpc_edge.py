@@ -12,10 +12,13 @@ message, the heartbeat included), a refusal, or a message that does not decode e
 
 from __future__ import annotations
 
+import itertools
+import os
 import queue
+import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -23,10 +26,11 @@ import grpc
 import torch
 
 from split_trainer.config import Config, ConfigError
-from split_trainer.core.errors import JobError
+from split_trainer.core.errors import JobError, short
 from split_trainer.transport import identity
 from split_trainer.transport.base import Host, Served
-from split_trainer.transport.codec import LIMITS, Answer, Call, Connect, Heartbeat, Hello, decode, encode
+from split_trainer.transport.codec import (LIMITS, NONCE_BYTES, Answer, Call, Connect, Heartbeat, Hello, Relay, Sealed,
+                                           decode, decode_answer, encode)
 from split_trainer.transport.grpc_common import (CERTS_FOLDER, CONNECT_ID, PATH, channel_options, heartbeat_every,
                                                  read_address)
 from split_trainer.transport.schema import WireError
@@ -46,6 +50,13 @@ def serve_edge_rank(name: str, own: Config, host: Callable[[], Host]) -> None:
     serve_edge_in_run_folder(Path(own.output.run_dir), name, host(), own)
 
 
+def serve_edge_dialling(central: str, bundle: identity.Bundle, own: Config, host: Callable[[], Host]) -> None:
+    """An edge process of a job across machines (``python -m split_trainer edge``): seeded as an
+    edge rank is, its data loaded, then the central at ``central`` dialled."""
+    torch.manual_seed(own.train.seed + edge_number(bundle.name))
+    serve_edge_grpc(lambda: central, bundle, host(), own)
+
+
 def serve_edge_in_run_folder(run_dir: Path, name: str, host: Host, own: Config) -> None:
     """An edge rank on the central's machine: the central's address and this edge's certificates
     from the run folder (``grpc.address``, ``certs/<name>``), both waited for: the central's rank
@@ -58,15 +69,16 @@ def serve_edge_in_run_folder(run_dir: Path, name: str, host: Host, own: Config) 
 
 def serve_edge_grpc(address: Callable[[], str], bundle: identity.Bundle, host: Host, own: Config) -> None:
     """Dial the central (``address()``, read again at each try: a central that restarts writes a
-    new one), then serve it until it ends the job. A central not up yet is dialled again with
-    backoff up to rpc.startup_timeout_s; a refusal is a ConfigError (exit 2), anything else that ends
-    the stream before the job did a JobError, each one line."""
+    new one), then serve it until it ends the job. A central not up yet, or gone mid-job (its
+    process ended: a restarted one resumes the job), is dialled again with backoff for up to
+    rpc.startup_timeout_s. A refusal is a ConfigError (exit 2); a central that ends the job with an
+    error, or that stays away, a JobError; each one line."""
     creds = grpc.ssl_channel_credentials(root_certificates=bundle.ca_pem, private_key=bundle.key_pem,
                                          certificate_chain=bundle.cert_pem)
     deadline, backoff = time.monotonic() + own.rpc.startup_timeout_s, 0.1
     while True:
         target = address()
-        session = _Session(bundle.name, host, own)
+        session = _Session(bundle.name, bundle.edges_key, host, own)
         with grpc.secure_channel(target, creds, options=channel_options(own.rpc.timeout_s, server=False)) as channel:
             try:
                 return session.run(channel.stream_stream(PATH)(session.outgoing()), target)
@@ -74,19 +86,29 @@ def serve_edge_grpc(address: Callable[[], str], bundle: identity.Bundle, host: H
                 if _is_handshake(exc.details):  # no retry changes a certificate: a refusal (exit 2)
                     raise ConfigError(f"the TLS handshake with the central at {target} failed (are this bundle "
                                       f"and the central's of one job's CA?): {exc.details}") from None
-                if time.monotonic() + backoff > deadline:
+                if exc.lost:  # it was serving us: give a restarted central the whole start-up time again
+                    deadline, backoff = time.monotonic() + own.rpc.startup_timeout_s, 0.1
+                    _say(bundle.name, f"the central at {target} is gone ({exc.details}): dialling it again for up "
+                                      f"to rpc.startup_timeout_s={own.rpc.startup_timeout_s:g} s")
+                elif time.monotonic() + backoff > deadline:
                     raise JobError(f"cannot reach the central at {target} within rpc.startup_timeout_s="
                                    f"{own.rpc.startup_timeout_s:g} s: {exc.details}") from None
             finally:
                 session.close()
-        time.sleep(backoff)
+        time.sleep(backoff)  # backoff between dials, not a synchronisation
         backoff = min(MAX_BACKOFF_S, 2 * backoff)
 
 
+def _say(name: str, line: str) -> None:
+    print(f"split_trainer: [{name}] warning: {line}", file=sys.stderr, flush=True)
+
+
 class _Unavailable(Exception):
-    def __init__(self, details: str):
+    """The central cannot be reached (``lost``: it was reached, and its process went away)."""
+
+    def __init__(self, details: str, lost: bool = False):
         super().__init__(details)
-        self.details = details
+        self.details, self.lost = details, lost
 
 
 def _is_handshake(details: str) -> bool:
@@ -98,8 +120,10 @@ def _is_handshake(details: str) -> bool:
 class _Session:
     """One stream to the central."""
 
-    def __init__(self, name: str, host: Host, own: Config):
-        self.name, self.host, self.own = name, host, own
+    def __init__(self, name: str, key: Optional[bytes], host: Host, own: Config):
+        self.name, self.key, self.host, self.own = name, key, host, own
+        self.relays: dict[int, Future] = {}  # this edge's asks for a peer's replica, by id
+        self.relay_ids = itertools.count(1)
         self.beat = heartbeat_every(min(own.rpc.timeout_s, own.rpc.startup_timeout_s))
         self.outbox: queue.Queue = queue.Queue()
         self.pool = ThreadPoolExecutor(own.rpc.num_worker_threads, thread_name_prefix=f"grpc-{name}")
@@ -137,8 +161,8 @@ class _Session:
                 raise JobError(self.why) from None
             if code in REFUSED:
                 raise ConfigError(f"refused by the central ({target}): {details}") from None
-            if code == grpc.StatusCode.UNAVAILABLE and not self.heard:
-                raise _Unavailable(details) from None
+            if code == grpc.StatusCode.UNAVAILABLE:  # no central there (yet, or any more): dial again
+                raise _Unavailable(details, lost=self.heard) from None
             raise JobError(f"the central ({target}) ended the stream: {code.name}: {details}") from None
         if not self.finished.is_set():
             raise JobError(f"the central ({target}) ended the stream before the job was done")
@@ -160,6 +184,12 @@ class _Session:
             self.pool.submit(self._serve, message)
         elif isinstance(message, Connect):
             self._connect(message)
+        elif isinstance(message, Relay):
+            self.pool.submit(self._seal_for, message)
+        elif isinstance(message, Sealed):
+            waiting = self.relays.get(message.id)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message)
         elif not isinstance(message, Heartbeat):
             raise WireError(f"the central may not send a {message.kind} message")
 
@@ -168,7 +198,7 @@ class _Session:
             raise WireError(f"connect names {message.edge!r}; this edge's certificate says {self.name!r}")
         try:
             with _BUILDING:
-                self.edge = self.host.build(self.name, message.config, _no_peers, None)
+                self.edge = self.host.build(self.name, message.config, self._ask_peer, None)
             answer = Answer(CONNECT_ID)
         except Exception as exc:
             answer = Answer.failed(CONNECT_ID, exc)
@@ -181,6 +211,8 @@ class _Session:
                 self.finished.set()
             elif self.edge is None:
                 raise RuntimeError(f"{self.name} has no edge object yet (no connect before {call.method})")
+            elif call.method == "peer_state":  # the replica goes to peers only, sealed (_seal_for)
+                raise RuntimeError(f"{self.name}'s replica goes sealed to its peers, never to the central")
             else:
                 answer = Answer(call.id, self.edge.serve(call.method, call.args, call.seq))
                 if call.method == "finish":
@@ -193,12 +225,50 @@ class _Session:
             data = encode(Answer.failed(call.id, exc))
         self.outbox.put(data)
 
+    # -- edge to edge, sealed, through the central (privacy.edge_weights: edges) ---------------------
+    def _ask_peer(self, peer: str) -> Callable[[], Any]:
+        """Ask the central to relay ``peer``'s replica (Peers); returns the wait for it."""
+        id, nonce, waiting = next(self.relay_ids), os.urandom(NONCE_BYTES), Future()
+        self.relays[id] = waiting
+        self.outbox.put(encode(Relay(id, peer, nonce)))
+
+        def wait() -> Any:
+            try:
+                sealed = waiting.result(timeout=self.own.rpc.timeout_s)
+            except TimeoutError:
+                raise TimeoutError(f"{peer}'s replica did not come through the central within rpc.timeout_s="
+                                   f"{self.own.rpc.timeout_s:g}") from None
+            finally:
+                self.relays.pop(id, None)
+            if sealed.error is not None:
+                raise RuntimeError(f"{peer}'s replica: {sealed.error}")
+            plain = identity.unseal(self._edges_key(), sealed.blob, sealing_context(peer, self.name, nonce))
+            return decode_answer(plain, "peer_state").result  # checked as any reply: a state of tensors
+        return wait
+
+    def _seal_for(self, relay: Relay) -> None:
+        """This edge's replica for the peer that asked, sealed so that only an edge opens it."""
+        try:
+            if self.edge is None:
+                raise RuntimeError(f"{self.name} has no edge object yet")
+            plain = encode(Answer(0, self.edge.serve("peer_state", ())))
+            reply = Sealed(relay.id, identity.seal(self._edges_key(), plain,
+                                                   sealing_context(self.name, relay.peer, relay.nonce)))
+        except Exception as exc:
+            reply = Sealed(relay.id, b"", short(exc))
+        self.outbox.put(encode(reply))
+
+    def _edges_key(self) -> bytes:
+        if self.key is None:
+            raise ConfigError(f"{self.name}'s bundle holds no edges key (edges.key): it cannot seal or open a replica")
+        return self.key
+
     def close(self) -> None:
         self.done.set()
         self.outbox.put(None)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _no_peers(name: str) -> Callable[[], Any]:
-    raise RuntimeError(f"edge-to-edge calls ({name}) are not available on the grpc transport yet "
-                       f"(the sealed relay through the central is not built): use privacy.edge_weights=central")
+def sealing_context(sender: str, receiver: str, nonce: bytes) -> bytes:
+    """What a sealed replica is bound to: who sealed it, for whom, and the receiver's fresh nonce."""
+    return b"split_trainer replica|" + sender.encode() + b"|" + receiver.encode() + b"|" + nonce

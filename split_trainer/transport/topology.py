@@ -10,6 +10,8 @@ meet in a store of their own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) without a pr
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed import rpc
 
 from split_trainer.config import Config, ConfigError
+from split_trainer.core.errors import JobError, short
 
 SCHEME = "split-trainer"
 
@@ -168,6 +171,27 @@ def init_rpc(topo: Topology, cfg: Config) -> None:
     options = rpc.TensorPipeRpcBackendOptions(
         num_worker_threads=cfg.rpc.num_worker_threads, rpc_timeout=cfg.rpc.timeout_s, init_method=f"{SCHEME}://",
         _transports=transports, _channels=cfg.rpc.channels)
-    with warnings.catch_warnings():  # upstream #149393: init_rpc's own Gloo group warns of itself
-        warnings.filterwarnings("ignore", message=".*as a ProcessGroup.*")
-        rpc.init_rpc(topo.name, rank=topo.rank, world_size=topo.world_size, rpc_backend_options=options)
+    # The Gloo group inside init_rpc connects every rank to every other, and retries a connection
+    # that is never answered (a host behind NAT or a firewall) for half an hour. The main thread is
+    # then inside C++, where no Python signal handler or exception reaches it: only an exit does.
+    watchdog = threading.Timer(cfg.rpc.startup_timeout_s, _never_formed, args=(topo.name, cfg.rpc.startup_timeout_s))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        with warnings.catch_warnings():  # upstream #149393: init_rpc's own Gloo group warns of itself
+            warnings.filterwarnings("ignore", message=".*as a ProcessGroup.*")
+            rpc.init_rpc(topo.name, rank=topo.rank, world_size=topo.world_size, rpc_backend_options=options)
+    except RuntimeError as exc:  # a peer that gave up first closes its connections: Gloo raises here
+        raise JobError(f"the RPC group did not form ({short(exc)}): {UNREACHABLE}") from None
+    finally:
+        watchdog.cancel()
+
+
+UNREACHABLE = ("torch RPC needs every host to accept connections from every other host; where hosts sit behind NAT or "
+               "a firewall that refuses inbound connections, use topology.transport=grpc (the edges dial out)")
+
+
+def _never_formed(name: str, timeout_s: float) -> None:
+    print(f"split_trainer: [{name}] error: the RPC group did not form within rpc.startup_timeout_s={timeout_s:g} s: "
+          f"{UNREACHABLE}", file=sys.stderr, flush=True)
+    os._exit(1)
