@@ -10,6 +10,11 @@ job of 1 central + 3 edges on 2,048 MNIST samples for 2 epochs, are made on a ba
     python benchmarks/equivalence.py --against bebe1b3
     python benchmarks/equivalence.py --against bebe1b3 --only single-relay-central --timeout 300
     python benchmarks/equivalence.py --against main --tree HEAD         # two revisions
+    python benchmarks/equivalence.py --against HEAD --tree HEAD --transports rpc grpc \
+        --only single-relay-central single-relay-edge alternating-relay-central alternating-relay-edge
+
+``--transports A B``: each side's topology.transport (default rpc on both): rpc and grpc run as
+torchrun jobs, loopback in one process. The autograd runs need rpc or loopback.
 
 A revision is exported (git archive) into a temporary folder and run from there, so that its own
 split_trainer is imported. Its results are cached (--cache, keyed on the full commit hash), so
@@ -90,11 +95,13 @@ def end_tree(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def launch(tree: Path, run_dir: Path, keys: list[str], data: Path, timeout: float) -> str | None:
+def launch(tree: Path, run_dir: Path, keys: list[str], data: Path, timeout: float, transport: str) -> str | None:
     """One run of ``tree``'s trainer into ``run_dir``; None when it worked, else what went wrong."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "--max-restarts=0",
-           "-m", "split_trainer", "--config", "configs/mnist.yaml", "--resume", "never", "--quiet",
-           "--set", *COMMON, f"data.root={data}", f"output.run_dir={run_dir}", *keys]
+    start = [] if transport == "loopback" else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                                                "--max-restarts=0"]
+    cmd = [sys.executable, *start, "-m", "split_trainer", "--config", "configs/mnist.yaml", "--resume", "never",
+           "--quiet", "--set", *COMMON, f"data.root={data}", f"output.run_dir={run_dir}",
+           *([] if transport == "rpc" else [f"topology.transport={transport}"]), *keys]
     proc = subprocess.Popen(cmd, cwd=tree, env=env_for(tree), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -113,7 +120,8 @@ def launch(tree: Path, run_dir: Path, keys: list[str], data: Path, timeout: floa
     return failure
 
 
-def run_all(label: str, tree: Path, names: list[str], args: argparse.Namespace, into: Path) -> dict[str, str | None]:
+def run_all(label: str, tree: Path, names: list[str], args: argparse.Namespace, into: Path,
+            transport: str) -> dict[str, str | None]:
     """Each named run of ``tree`` into ``into/NAME``, one after another (2 cores: in parallel they would only crowd)."""
     check_import(tree)
     failures = {}
@@ -121,7 +129,7 @@ def run_all(label: str, tree: Path, names: list[str], args: argparse.Namespace, 
         started = time.monotonic()
         print(f"{label}: {name} ...", end=" ", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="split_equiv_run_") as run_dir:  # checkpoints and logs go with it
-            failures[name] = launch(tree, Path(run_dir), RUNS[name], args.data, args.timeout)
+            failures[name] = launch(tree, Path(run_dir), RUNS[name], args.data, args.timeout, transport)
             if not failures[name]:  # copied, then renamed: an interrupted copy never passes for a result
                 (partial := into / f"{name}.partial").mkdir(parents=True, exist_ok=True)
                 for kept in KEPT:
@@ -132,10 +140,12 @@ def run_all(label: str, tree: Path, names: list[str], args: argparse.Namespace, 
     return failures
 
 
-def revision_results(rev: str, names: list[str], args: argparse.Namespace, scratch: Path) -> tuple[Path, dict]:
-    """A revision's runs from the cache, running (and caching, each as it ends) those it lacks."""
+def revision_results(rev: str, names: list[str], args: argparse.Namespace, scratch: Path,
+                     transport: str) -> tuple[Path, dict]:
+    """A revision's runs on ``transport`` from the cache, running (and caching, each as it ends) those it lacks."""
     commit = resolve(rev)
-    cached, stamp = args.cache / commit, f"{commit}\ntorch {torch.__version__}\n{' '.join(COMMON)}\n"
+    cached = args.cache / (commit if transport == "rpc" else f"{commit}-{transport}")
+    stamp = f"{commit}\ntorch {torch.__version__}\n{' '.join(COMMON)}\n"
     if (cached / "revision").is_file() and (cached / "revision").read_text() != stamp:
         shutil.rmtree(cached)  # another torch or other settings: those runs need not match these
     cached.mkdir(parents=True, exist_ok=True)
@@ -148,7 +158,7 @@ def revision_results(rev: str, names: list[str], args: argparse.Namespace, scrat
     source.mkdir(exist_ok=True)  # --tree of the same commit comes back here for runs that failed
     subprocess.run(["bash", "-o", "pipefail", "-c", 'git -C "$0" archive "$1" | tar -x -C "$2"', ROOT, commit, source],
                    check=True)
-    return cached, {n: None for n in names} | run_all(rev, source, missing, args, cached)
+    return cached, {n: None for n in names} | run_all(f"{rev} ({transport})", source, missing, args, cached, transport)
 
 
 def wire(summary: dict) -> dict:
@@ -198,6 +208,8 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="results of revisions, by commit hash")
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=list(RUNS), help="a subset of: " + ", ".join(RUNS))
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run (default 600)")
+    parser.add_argument("--transports", nargs=2, default=["rpc", "rpc"], metavar=("A", "B"),
+                        choices=["rpc", "loopback", "grpc"], help="each side's topology.transport (default rpc rpc)")
     args = parser.parse_args()
     args.data, args.cache = args.data.resolve(), args.cache.resolve()  # the runs' cwd is not ours
     names = args.only or list(RUNS)
@@ -206,13 +218,16 @@ def main() -> int:
             raise Usage(f"no MNIST at {args.data}: give --data or set SPLIT_TRAINER_MNIST")
         for rev in filter(None, (args.against, args.tree)):
             resolve(rev)  # both, before an hour of runs
+        if "grpc" in args.transports and any("autograd" in name for name in names):
+            raise Usage("the autograd runs need rpc or loopback: give --only with the relay runs for grpc")
         with tempfile.TemporaryDirectory(prefix="split_equiv_") as scratch:
-            side_a, failed_a = revision_results(args.against, names, args, Path(scratch))
+            on_a, on_b = args.transports
+            side_a, failed_a = revision_results(args.against, names, args, Path(scratch), on_a)
             if args.tree:
-                side_b, failed_b = revision_results(args.tree, names, args, Path(scratch))
+                side_b, failed_b = revision_results(args.tree, names, args, Path(scratch), on_b)
             else:
                 side_b = Path(scratch) / "working-tree"
-                failed_b = run_all("working tree", ROOT, names, args, side_b)
+                failed_b = run_all(f"working tree ({on_b})", ROOT, names, args, side_b, on_b)
             equal = 0
             for name in names:
                 if failed_a[name] or failed_b[name]:

@@ -13,8 +13,8 @@ shaped with ``tc tbf`` at ``--rate`` in both directions; the central's link is n
 hosts start as a user would start them, in edge placement: on the rpc transport with
 launch/central.sh and launch/edge.sh and ``rpc.channels=[basic]``, so that tensor payloads cross
 the veths (between processes of one machine TensorPipe would otherwise move them by cross-memory
-attach, outside any network: docs/performance.md); on grpc with the ``serve`` and ``edge``
-commands (every byte goes through the TLS socket).
+attach, outside any network: docs/performance.md); on grpc with launch/grpc_central.sh and
+launch/grpc_edge.sh (the serve and edge commands: every byte goes through the TLS socket).
 
 Reports, per setting: samples/s after the warm-up; the tensor bytes per sample each way (wire
 accounting); and each edge link's utilisation, the bytes the interface really moved per second
@@ -164,8 +164,8 @@ def spawn(ns: str, cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
 
 def commands(net: Hosts, transport: str, overrides: list[str], run_dir: Path) -> list[tuple[str, list[str], Path]]:
     """How each host starts its part of one job, as a user would start it: (namespace, command,
-    log). rpc: launch/central.sh and launch/edge.sh (a torchrun group); grpc: ``serve`` on the
-    central's host and ``edge`` on each edge host, with certificates made for the job first."""
+    log). rpc: launch/central.sh and launch/edge.sh (a torchrun group); grpc: launch/grpc_central.sh
+    (``serve``) and launch/grpc_edge.sh (``edge``), with certificates made for the job first."""
     edges, central = len(net.names) - 1, net.address[net.names[0]]
     common = ["--config", "configs/mnist_edge_data.yaml", "--quiet", "--set", f"topology.edges={edges}",
               f"output.run_dir={run_dir}", *overrides]
@@ -178,9 +178,10 @@ def commands(net: Hosts, transport: str, overrides: list[str], run_dir: Path) ->
     certs = run_dir.parent / f"{run_dir.name}-certs"
     subprocess.run([sys.executable, "-m", "split_trainer", "certs", "--out", str(certs), "--edges", str(edges),
                     "--central-host", central], cwd=ROOT, check=True, capture_output=True, timeout=120)
-    return [(net.names[0], [sys.executable, "-m", "split_trainer", "serve", "--listen", f"{central}:{PORT}",
+    # --restarts 0: a process that is killed stays down (the caller decides: tests start it again)
+    return [(net.names[0], ["bash", "launch/grpc_central.sh", "--restarts", "0", "--listen", f"{central}:{PORT}",
                             "--certs", str(certs / "central"), *common], log),
-            *((name, [sys.executable, "-m", "split_trainer", "edge", "--central", f"{central}:{PORT}", "--certs",
+            *((name, ["bash", "launch/grpc_edge.sh", "--restarts", "0", "--central", f"{central}:{PORT}", "--certs",
                       str(certs / f"edge{k}"), *common, f"output.run_dir={run_dir}-edge{k}"], logs[k - 1])
               for k, name in enumerate(net.names[1:], 1))]
 

@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                      # local and split 1+1, 1+3 on the CPU, 3 repeats
     python benchmarks/throughput.py --edges 1 3 7        # the edge counts to run
     python benchmarks/throughput.py --smoke              # a quick check that every path works
+    python benchmarks/throughput.py --edges 3 --no-local --transport grpc   # gRPC + mutual TLS
 
 Measures local single-process training of the same model with the whole thread budget (all
 cores), then split training 1+N for each ``--edges`` count through the real torchrun path, with
@@ -69,7 +70,8 @@ def run_split(args: argparse.Namespace, edges: int, steps: int, device: str) -> 
         overrides = [f"topology.edges={edges}", f"data.root={args.data}", f"output.run_dir={run_dir}",
                      f"train.max_steps={args.warmup + steps}", f"data.batch_size={args.batch}",
                      f"logging.every_steps={args.window}", "data.limit_test=1000", f"train.engine={args.engine}",
-                     f"train.central_device={device}", f"train.edge_device={device}", f"rpc.transport={args.transport}"]
+                     f"train.central_device={device}", f"train.edge_device={device}",
+                     *(["topology.transport=grpc"] if args.transport == "grpc" else [f"rpc.transport={args.transport}"])]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={edges + 1}",
                "-m", "split_trainer", "--config", str(ROOT / "configs" / "mnist.yaml"), "--quiet", "--set", *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
@@ -118,7 +120,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=50, help="steps per timing window")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="local thread budget")
     parser.add_argument("--engine", default="relay", choices=["relay", "autograd"])
-    parser.add_argument("--transport", default="tcp", choices=["tcp", "auto"], help="rpc.transport of the split runs")
+    parser.add_argument("--transport", default="tcp", choices=["tcp", "auto", "grpc"],
+                        help="rpc.transport of the split runs (tcp, auto), or grpc: topology.transport=grpc")
     parser.add_argument("--no-local", action="store_true", help="skip the local rows (the ratio is then to nothing)")
     parser.add_argument("--memory-steps", type=int, default=2000, help="1+3 run for the memory check (0: skip)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmark" / "throughput.json")

@@ -23,8 +23,8 @@ from split_trainer.config import Config, load_config
 from split_trainer.core.hops import Hop, HopKind
 from split_trainer.data.shards import ShardBatch
 from split_trainer.transport import codec, schema
-from split_trainer.transport.codec import (TENSOR, TUPLE, Answer, Call, Connect, Heartbeat, Hello, Limits, WireError,
-                                           decode, decode_answer, encode)
+from split_trainer.transport.codec import (TENSOR, TUPLE, Answer, Call, Connect, Heartbeat, Hello, Limits, Relay,
+                                           Sealed, WireError, decode, decode_answer, encode)
 from split_trainer.transport.schema import RECORDS, SCHEMAS
 from split_trainer.transport.wire import Packed, Reply, pack
 
@@ -187,7 +187,8 @@ def test_every_call_and_its_reply_round_trip(method, data):
 
 def test_the_other_messages_round_trip():
     cfg = load_config(ROOT / "configs" / "mnist.yaml")
-    for message in (Hello("edge2"), Heartbeat(12.5), Connect("edge1", cfg), Answer(3, None, "edge1 failed: no memory")):
+    for message in (Hello("edge2"), Heartbeat(12.5), Connect("edge1", cfg), Answer(3, None, "edge1 failed: no memory"),
+                    Relay(5, "edge3", b"n" * 16), Sealed(5, b"\x00sealed"), Sealed(6, b"", "edge3 is not attached")):
         assert decode(encode(message)) == message
     assert decode(encode(Answer.failed(4, RuntimeError("first line\nsecond line")))).error == "first line"
 
@@ -321,6 +322,8 @@ def run_args(payload, labels=None) -> list:
      "run: reply.output.values must be an 8-bit tensor, got float32"),
     (raw("hello", name=""), None, "hello name must be an edge name"),
     (raw("heartbeat", time="now"), None, "heartbeat time must be a finite number"),
+    (raw("relay", id=1, peer="edge2", nonce=b"short"), None, "relay nonce must be 16 bytes"),
+    (raw("sealed", id=1, blob="text", error=None), None, "sealed blob must be bytes"),
 ])
 def test_malformed_messages_are_refused_with_one_line(data, method, says):
     line = refused(data, method)
@@ -396,7 +399,9 @@ def valid_messages() -> list[tuple[bytes, str | None]]:
             (encode(Call(8, "import_state", ({"optimizers": {"0": sgd.state_dict()}},), 9.0)), None),
             (encode(Answer(7, Reply(pack(torch.randn(2, 3), "float8"), 0.5, None, torch.arange(2)))), "run"),
             (encode(Answer(9, (torch.zeros(3, dtype=torch.uint8), torch.ones(2, dtype=torch.uint8)))), "psi_answer"),
-            (encode(Connect("edge1", Config())), None)]
+            (encode(Connect("edge1", Config())), None),
+            (encode(Relay(3, "edge2", bytes(range(16)))), None),
+            (encode(Sealed(3, bytes(range(40)))), None)]
 
 
 def test_every_truncation_of_a_valid_message_is_refused():
@@ -433,7 +438,8 @@ def test_the_wire_format_modules_name_nothing_that_runs_code():
     # name, and the wire format exists so that the networked one needs none of it. The networked
     # transport's own modules (transport/grpc*.py, as they come) are held to the same rule.
     transport = ROOT / "split_trainer" / "transport"
-    modules = [transport / "codec.py", transport / "schema.py", *sorted(transport.glob("grpc*.py"))]
+    modules = [transport / "codec.py", transport / "schema.py", transport / "identity.py", transport / "revocation.py",
+               *sorted(transport.glob("grpc*.py"))]
     for path in modules:
         text = path.read_text()
         for pattern, what in FORBIDDEN:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import queue
+import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +28,7 @@ from split_trainer.transport.grpc_central import GrpcTransport
 from split_trainer.transport.grpc_common import CERTS_FOLDER, PATH
 from split_trainer.transport.grpc_edge import serve_edge_grpc, serve_edge_in_run_folder
 
-from conftest import THREADS, quick_overrides, run, torchrun_cmd
+from conftest import ROOT, THREADS, quick_overrides, run, torchrun_cmd
 
 EXACT = {"train.threads": THREADS, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05,
          "model.dropout": "false", "train.max_steps": 12, "train.seed": 5}
@@ -412,3 +413,16 @@ def test_random_bytes_from_an_edge_drop_it_with_one_line(one_edge_central, garba
     assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "\n" not in ended.value.details() and "refused" in ended.value.details()
     assert transport.refusals["message"] == before + 1
+
+
+@pytest.mark.parametrize("ending, runs, code", [("exit 1", 1, 1), ("exit 2", 1, 2), ("kill -TERM $$", 1, 143),
+                                                ("kill -9 $$", 3, 137), ("[ $n -lt 2 ] && kill -9 $$; exit 0", 2, 0)])
+def test_the_grpc_launch_scripts_start_only_a_killed_process_again(tmp_path, ending, runs, code):
+    """launch/supervise.sh (under grpc_central.sh and grpc_edge.sh), with 2 restarts: a process
+    killed (SIGKILL: exit 137) runs again; an error it reported, SIGTERM or Ctrl-C do not."""
+    count = tmp_path / "runs"
+    script = f"echo run >> {count}; n=$(wc -l < {count}); {ending}"
+    done = subprocess.run(["bash", str(ROOT / "launch" / "supervise.sh"), "2", "test", "bash", "-c", script],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == code and count.read_text().count("run") == runs, done.stderr
+    assert done.stderr.count("test: the process was killed") == min(runs - 1, 2)

@@ -22,10 +22,10 @@ class TopologyConfig:
     transport: Literal["rpc", "loopback", "grpc"] = "rpc"
     """rpc: torch RPC under torchrun, one process per rank (how a fleet runs); loopback: the central
     and every edge in one process, started without torchrun (python -m split_trainer ...): the same
-    run, for a debugger, a notebook or a quick try (docs/how-it-works.md); grpc (in progress): each
-    edge dials the central over mutual TLS and keeps one stream, no pickle on the wire; for now on
-    one machine under torchrun, certificates made in the run folder, relay engine only, edge
-    weights on the central (docs/hosts-and-security.md)."""
+    run, for a debugger, a notebook or a quick try (docs/how-it-works.md); grpc: each edge dials the
+    central over mutual TLS and keeps one stream, nothing listens on an edge, no pickle on the wire
+    (across machines: python -m split_trainer serve / edge; under torchrun on one machine:
+    certificates made in the run folder), relay engine only (docs/hosts-and-security.md)."""
 
     def __post_init__(self) -> None:
         _require(self.edges >= 1, f"topology.edges must be at least 1, got {self.edges}")

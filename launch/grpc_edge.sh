@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One edge of a grpc job (docs/hosts-and-security.md): it dials the central over mutual TLS and
+# listens on nothing. It is who its certificate says.
+#
+#   launch/grpc_edge.sh --central HOST:PORT --certs DIR [--restarts K] [--config FILE] [--set data.root=DIR ...]
+#
+# --certs: this edge's folder from `python -m split_trainer certs` (certs/job/edge1). Give it the
+# central's config and this host's own data.root. An edge whose central goes away dials it again
+# for up to rpc.startup_timeout_s by itself. This script starts the edge's process again only when
+# it was killed (exit above 128: SIGKILL, the OOM killer, a crash; not Ctrl-C or SIGTERM), up to
+# --restarts times (default 3): it redials, and the central resumes the job from its newest checkpoint.
+set -euo pipefail
+restarts=3 args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --restarts) restarts="$2"; shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+[[ "$restarts" =~ ^[0-9]+$ ]] || { echo "launch/grpc_edge.sh: error: --restarts $restarts: give 0 or more" >&2; exit 2; }
+exec "$(dirname "$0")/supervise.sh" "$restarts" launch/grpc_edge.sh python -m split_trainer edge "${args[@]+"${args[@]}"}"
