@@ -110,7 +110,7 @@ def _central(cfg, topo, plan, threads: int, launcher, args: argparse.Namespace, 
 
     for attempt in range(launcher.restarts + 1):
         try:
-            run_central(cfg, dataclasses.replace(topo, restart=attempt), plan, threads, transport_for,
+            run_central(cfg, dataclasses.replace(topo, restart=topo.restart + attempt), plan, threads, transport_for,
                         Console(quiet=args.quiet), args.resume)
             return
         except JobError as exc:
@@ -118,7 +118,7 @@ def _central(cfg, topo, plan, threads: int, launcher, args: argparse.Namespace, 
                 raise
             _say("[central] ", f"{short(exc)}; attempt {attempt + 2} of {launcher.restarts + 1} resumes from the "
                                f"newest checkpoint once the edges are back (within rpc.startup_timeout_s)", "warning")
-            faults.arm(topo.name, attempt + 1)
+            faults.arm(topo.name, topo.restart + attempt + 1)
 
 
 def _shut_down(built: list) -> None:

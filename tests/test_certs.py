@@ -24,7 +24,8 @@ from hypothesis import given, settings, strategies as st
 
 from split_trainer.core.errors import ConfigError, JobError
 from split_trainer.transport import identity
-from split_trainer.transport.identity import SealError, load_bundle, make_job, name_of, seal, unseal
+from split_trainer.transport.identity import load_bundle, make_job, name_of
+from split_trainer.transport.sealing import SealError, seal, unseal
 
 EDGE_FILES = {"ca.pem", "cert.pem", "key.pem", "edges.key"}
 METHOD = "/split_trainer.Probe/Echo"

@@ -22,13 +22,13 @@ from split_trainer.cli import certs as certs_command
 from split_trainer.config import ConfigError, load_config
 from split_trainer.core.errors import JobError
 from split_trainer.training.hosting import EdgeHost
-from split_trainer.transport import identity
+from split_trainer.transport import identity, sealing
 from split_trainer.transport.codec import Hello, decode_call, encode
 from split_trainer.transport.grpc_central import GrpcTransport
 from split_trainer.transport.grpc_common import CERTS_FOLDER, PATH
 from split_trainer.transport.grpc_edge import serve_edge_grpc, serve_edge_in_run_folder
 
-from conftest import ROOT, THREADS, quick_overrides, run, torchrun_cmd
+from conftest import ROOT, THREADS, child_env, quick_overrides, run, torchrun_cmd
 
 EXACT = {"train.threads": THREADS, "train.optimizer": "sgd", "train.momentum": 0.0, "train.lr": 0.05,
          "model.dropout": "false", "train.max_steps": 12, "train.seed": 5}
@@ -242,8 +242,8 @@ def test_replicas_go_edge_to_edge_sealed_and_average_as_on_loopback(loopback, in
     keys = {**EXACT, "privacy.edge_weights": "edges", "train.edge_sync_every": 4}
     on_loopback = loopback(tmp_path / "loopback", 2, **keys)
     sealed, passed = [], []
-    seal, pass_on = identity.seal, GrpcTransport._pass_on
-    monkeypatch.setattr(identity, "seal", lambda key, plain, context: sealed.append(
+    seal, pass_on = sealing.seal, GrpcTransport._pass_on
+    monkeypatch.setattr(sealing, "seal", lambda key, plain, context: sealed.append(
         (key, plain, context, seal(key, plain, context))) or sealed[-1][3])
     monkeypatch.setattr(GrpcTransport, "_pass_on", lambda self, sender, message: (
         passed.append(message.blob), pass_on(self, sender, message))[1])
@@ -265,20 +265,32 @@ def test_replicas_go_edge_to_edge_sealed_and_average_as_on_loopback(loopback, in
     other = bytes(32)
     for key, plain, context, blob in sealed:
         assert blob in passed and plain[-64:] not in blob
-        assert identity.unseal(key, blob, context) == plain
-        with pytest.raises(identity.SealError):
-            identity.unseal(other, blob, context)
-        with pytest.raises(identity.SealError):  # replayed for another receiver or nonce
-            identity.unseal(key, blob, context[:-1] + bytes([context[-1] ^ 1]))
+        assert sealing.unseal(key, blob, context) == plain
+        with pytest.raises(sealing.SealError):
+            sealing.unseal(other, blob, context)
+        with pytest.raises(sealing.SealError):  # replayed for another receiver or nonce
+            sealing.unseal(key, blob, context[:-1] + bytes([context[-1] ^ 1]))
 
 
 @pytest.mark.slow
-def test_a_torchrun_job_on_grpc_trains_to_completion(mnist_root, tmp_path):
-    """The README's form with one override: rank 0 serves, the edge ranks dial it."""
+def test_a_torchrun_job_on_grpc_survives_a_killed_edge_like_an_untouched_run(loopback, mnist_root, tmp_path):
+    """The README's form with one override (rank 0 serves, the edge ranks dial it), under
+    --max-restarts 1 with edge2 killed at its 7th batch: torchrun restarts every rank, the new
+    central serves on a new port, the edges find it, and the job resumes from step 10 and ends where
+    an untouched run ends (1e-6)."""
+    keys = {"train.max_steps": 20, "checkpoint.every_steps": 10}
+    untouched = loopback(tmp_path / "untouched", 2, "--config", "configs/mnist.yaml", **keys)
+    run_dir = tmp_path / "grpc"
     result = run(torchrun_cmd(3, "--config", "configs/mnist.yaml", *quick_overrides(
-        mnist_root, tmp_path, edges=2, **{"topology.transport": "grpc", "train.max_steps": 20})))
+        mnist_root, run_dir, edges=2, **{"topology.transport": "grpc", **keys}), max_restarts=1),
+        env=child_env(SPLIT_TRAINER_FAULT="edge2:train:7:kill"))
     assert result.returncode == 0, result.stdout[-3000:]
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 20
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["restarts"] == 1 and summary["resumed_from_step"] == 10
+    assert abs(summary["test_loss"] - untouched["test_loss"]) < 1e-6
+    a, b = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (tmp_path / "untouched", run_dir))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
 
 
 def test_a_silent_edge_is_dropped_within_the_timeout_with_one_line(tmp_path, capsys):

@@ -102,7 +102,7 @@ class Relay:
 
 @dataclass(frozen=True)
 class Sealed:
-    """The reply to a ``Relay``: the replica sealed with the edges' key (transport.identity.seal),
+    """The reply to a ``Relay``: the replica sealed with the edges' key (transport.sealing),
     which the central passes on and cannot open; or the one line why there is none."""
     kind: ClassVar[str] = "sealed"
     id: int

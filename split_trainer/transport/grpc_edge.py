@@ -27,7 +27,7 @@ import torch
 
 from split_trainer.config import Config, ConfigError
 from split_trainer.core.errors import JobError, short
-from split_trainer.transport import identity
+from split_trainer.transport import identity, sealing
 from split_trainer.transport.base import Host, Served
 from split_trainer.transport.codec import (LIMITS, NONCE_BYTES, Answer, Call, Connect, Heartbeat, Hello, Relay, Sealed,
                                            decode, decode_answer, encode)
@@ -242,7 +242,7 @@ class _Session:
                 self.relays.pop(id, None)
             if sealed.error is not None:
                 raise RuntimeError(f"{peer}'s replica: {sealed.error}")
-            plain = identity.unseal(self._edges_key(), sealed.blob, sealing_context(peer, self.name, nonce))
+            plain = sealing.unseal(self._edges_key(), sealed.blob, sealing_context(peer, self.name, nonce))
             return decode_answer(plain, "peer_state").result  # checked as any reply: a state of tensors
         return wait
 
@@ -252,7 +252,7 @@ class _Session:
             if self.edge is None:
                 raise RuntimeError(f"{self.name} has no edge object yet")
             plain = encode(Answer(0, self.edge.serve("peer_state", ())))
-            reply = Sealed(relay.id, identity.seal(self._edges_key(), plain,
+            reply = Sealed(relay.id, sealing.seal(self._edges_key(), plain,
                                                    sealing_context(self.name, relay.peer, relay.nonce)))
         except Exception as exc:
             reply = Sealed(relay.id, b"", short(exc))

@@ -1,5 +1,5 @@
-"""Identity by certificate for the grpc transport (issue 36, in progress), and sealing of the
-replicas that edges send each other through the central.
+"""Identity by certificate for the grpc transport, and the edges' sealing key (its use:
+transport.sealing).
 
 On that transport the edges dial out to the central over mutual TLS: the central proves itself
 with a server certificate, each edge with a client certificate whose common name is its name, and
@@ -9,9 +9,7 @@ split_trainer certs``); ``load_bundle`` reads one host's share and refuses, in o
 TLS would refuse later with less to say.
 
 Edge replicas travel edge to edge through the central, which must relay them without reading them:
-each edge holds a 256-bit AES key that the central is never given (``edges.key``), and ``seal``
-and ``unseal`` are AES-GCM over it, bound to a context (job, sender, step) so that a relayed blob
-cannot be replayed as another one.
+each edge holds a 256-bit AES key that the central is never given (``edges.key``).
 
 The layout of OUT, what goes to which machine: docs/hosts-and-security.md. Everything
 cryptographic here is the ``cryptography`` package's; this module only chooses and checks.
@@ -31,14 +29,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store, VerificationError
 
-from split_trainer.core.errors import ConfigError, JobError
+from split_trainer.core.errors import ConfigError
 from split_trainer.core.files import atomic_write
 
 CENTRAL = "central"
@@ -50,8 +48,6 @@ LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOST_NAME = re.compile(rf"(?=.{{1,253}}$){LABEL}(\.{LABEL})*")
 HOW = "python -m split_trainer certs --out DIR --edges N"
 EDGES_KEY_BYTES = 32  # AES-256
-NONCE_BYTES = 12  # GCM's 96-bit nonce: random, so at most ~2**32 seals per key keep collisions negligible
-TAG_BYTES = 16
 BACKDATE = dt.timedelta(hours=1)
 """Certificates start an hour before they are issued: a host whose clock lags the operator's
 would otherwise refuse a fresh certificate as not yet valid."""
@@ -60,10 +56,6 @@ NAME_URI = "split-trainer:"
 a DNSName: an edge's name is not a host name, and a DNSName would let a TLS client that ignores
 extended key usage accept an edge's certificate as a server called edge1 wherever that resolves;
 a URI SAN is how workload identities are written (SPIFFE), and gRPC reports it as peer_uri."""
-
-
-class SealError(JobError):
-    """A sealed blob that does not open: the wrong key, altered or cut short, or another context."""
 
 
 @dataclass(frozen=True)
@@ -426,32 +418,3 @@ def peer_name(context: Any) -> Optional[str]:
     takes an edge's name from here, never from the request."""
     names = context.auth_context().get("x509_common_name") or []
     return names[0].decode() if len(names) == 1 else None
-
-
-# --- sealing ---------------------------------------------------------------------------------------
-
-
-def seal(key: bytes, plaintext: bytes, context: bytes) -> bytes:
-    """``plaintext`` encrypted and authenticated under the edges key: a random 96-bit nonce, then
-    AES-GCM's ciphertext and tag. ``context`` (e.g. job id, sender, step) is authenticated but not
-    sent: ``unseal`` must be given the same, so a blob relayed for one step or sender does not
-    open as another's."""
-    nonce = os.urandom(NONCE_BYTES)
-    return nonce + _aead(key).encrypt(nonce, plaintext, context)
-
-
-def unseal(key: bytes, blob: bytes, context: bytes) -> bytes:
-    """The plaintext of a ``seal``ed blob, or SealError (one line) when it does not open."""
-    if len(blob) < NONCE_BYTES + TAG_BYTES:
-        raise SealError(f"a sealed blob of {len(blob)} bytes is cut short (at least {NONCE_BYTES + TAG_BYTES})")
-    try:
-        return _aead(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], context)
-    except InvalidTag:
-        raise SealError("a sealed blob does not open: another key (not this job's edges key), altered on the way, "
-                        "or sealed for another context (job, sender or step)") from None
-
-
-def _aead(key: bytes) -> AESGCM:
-    if len(key) != EDGES_KEY_BYTES:
-        raise ConfigError(f"the edges key has {len(key)} bytes: it must have {EDGES_KEY_BYTES} (edges.key)")
-    return AESGCM(key)
