@@ -9,13 +9,4 @@
 # for up to rpc.startup_timeout_s by itself. This script starts the edge's process again only when
 # it was killed (exit above 128: SIGKILL, the OOM killer, a crash; not Ctrl-C or SIGTERM), up to
 # --restarts times (default 3): it redials, and the central resumes the job from its newest checkpoint.
-set -euo pipefail
-restarts=3 args=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --restarts) restarts="$2"; shift 2 ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
-[[ "$restarts" =~ ^[0-9]+$ ]] || { echo "launch/grpc_edge.sh: error: --restarts $restarts: give 0 or more" >&2; exit 2; }
-exec "$(dirname "$0")/supervise.sh" "$restarts" launch/grpc_edge.sh python -m split_trainer edge "${args[@]+"${args[@]}"}"
+exec "$(dirname "$0")/supervise.sh" launch/grpc_edge.sh python -m split_trainer edge "$@"

@@ -62,13 +62,11 @@ def _joined(threads: list[_Thread]) -> None:
         assert thread.error is None, f"{thread.name}: {thread.error!r}"
 
 
-def test_a_grpc_run_is_the_loopback_run(loopback, in_process, mnist_root, tmp_path):
-    """2 edges, relay engine, no dropout: the same loss, every tensor of model.pt and the same wire
-    bytes as the loopback run, bit for bit, with each edge on a thread that dials the central."""
-    on_loopback = loopback(tmp_path / "loopback", 2, **EXACT)
-    run_dir = tmp_path / "grpc"
-    grpc_keys = {"topology.transport": "grpc", "rpc.startup_timeout_s": 30}
-    argv = quick_overrides(mnist_root, run_dir, 2, **grpc_keys, **EXACT)
+def _grpc_run(in_process: Callable, mnist_root: Path, run_dir: Path, **keys: Any) -> dict:
+    """A quick 2-edge run on grpc: the central in this process (``main``), each edge on a thread
+    that dials it; its summary."""
+    argv = quick_overrides(mnist_root, run_dir, 2, **{"topology.transport": "grpc", "rpc.startup_timeout_s": 30},
+                           **keys)
     cfg = load_config(None, argv[1:])
     edges = [_started(lambda k=k: serve_edge_in_run_folder(run_dir, f"edge{k}", EdgeHost(cfg, [k]), cfg),
                       f"edge{k}") for k in (1, 2)]
@@ -77,7 +75,15 @@ def test_a_grpc_run_is_the_loopback_run(loopback, in_process, mnist_root, tmp_pa
     finally:
         _joined(edges)
     assert code == 0, (out + err)[-3000:]
-    on_grpc = json.loads((run_dir / "summary.json").read_text())
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_a_grpc_run_is_the_loopback_run(loopback, in_process, mnist_root, tmp_path):
+    """2 edges, relay engine, no dropout: the same loss, every tensor of model.pt and the same wire
+    bytes as the loopback run, bit for bit, with each edge on a thread that dials the central."""
+    on_loopback = loopback(tmp_path / "loopback", 2, **EXACT)
+    run_dir = tmp_path / "grpc"
+    on_grpc = _grpc_run(in_process, mnist_root, run_dir, **EXACT)
     assert on_grpc["test_loss"] == on_loopback["test_loss"]
     assert on_grpc["bytes"] == on_loopback["bytes"]
     a = torch.load(tmp_path / "loopback" / "model.pt", weights_only=True)["state_dict"]
@@ -248,17 +254,7 @@ def test_replicas_go_edge_to_edge_sealed_and_average_as_on_loopback(loopback, in
     monkeypatch.setattr(GrpcTransport, "_pass_on", lambda self, sender, message: (
         passed.append(message.blob), pass_on(self, sender, message))[1])
     run_dir = tmp_path / "grpc"
-    argv = quick_overrides(mnist_root, run_dir, 2, **{"topology.transport": "grpc", "rpc.startup_timeout_s": 30},
-                           **keys)
-    cfg = load_config(None, argv[1:])
-    edges = [_started(lambda k=k: serve_edge_in_run_folder(run_dir, f"edge{k}", EdgeHost(cfg, [k]), cfg),
-                      f"edge{k}") for k in (1, 2)]
-    try:
-        code, out, err = in_process(*argv)
-    finally:
-        _joined(edges)
-    assert code == 0, (out + err)[-3000:]
-    on_grpc = json.loads((run_dir / "summary.json").read_text())
+    on_grpc = _grpc_run(in_process, mnist_root, run_dir, **keys)
     assert on_grpc["test_loss"] == on_loopback["test_loss"] and on_grpc["bytes"] == on_loopback["bytes"]
     assert len(sealed) == len(passed) == 2 * 3  # 12 steps, a sync every 4: each edge fetches the other's, 3 times
     assert identity.load_bundle(run_dir / CERTS_FOLDER / "central").edges_key is None
@@ -434,7 +430,7 @@ def test_the_grpc_launch_scripts_start_only_a_killed_process_again(tmp_path, end
     killed (SIGKILL: exit 137) runs again; an error it reported, SIGTERM or Ctrl-C do not."""
     count = tmp_path / "runs"
     script = f"echo run >> {count}; n=$(wc -l < {count}); {ending}"
-    done = subprocess.run(["bash", str(ROOT / "launch" / "supervise.sh"), "2", "test", "bash", "-c", script],
+    done = subprocess.run(["bash", str(ROOT / "launch" / "supervise.sh"), "test", "bash", "-c", script, "--restarts", "2"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == code and count.read_text().count("run") == runs, done.stderr
     assert done.stderr.count("test: the process was killed") == min(runs - 1, 2)
