@@ -23,7 +23,7 @@ needs_netns = pytest.mark.skipif(os.geteuid() != 0 or not links.shutil.which("tc
                                  reason="network namespaces need root and iproute2")
 # 2,048 samples in edge placement (Dirichlet shards), batch 64: 32 steps; checkpoints every 10.
 KEYS = {"train.epochs": 1, "checkpoint.every_steps": 10, "train.edge_sync_every": 10, "rpc.timeout_s": 20,
-        "rpc.startup_timeout_s": 30}
+        "rpc.startup_timeout_s": 45}
 WAIT_S = 240
 
 
