@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -71,10 +72,24 @@ def launcher_for(cfg: Config, mode: Optional[str], args: argparse.Namespace) -> 
     if mode == "serve":
         if args.max_restarts < 0:
             raise ConfigError(f"--max-restarts {args.max_restarts}: give 0 or more")
-        return _serve(args.listen, args.certs, args.max_restarts)
+        return _serve(_address(args.listen, "--listen", resolve=True), args.certs, args.max_restarts)
     if mode == "edge":
-        return _dial(args.central, args.certs)
+        return _dial(_address(args.central, "--central", resolve=False), args.certs)
     return {"rpc": _rpc, "loopback": _loopback, "grpc": _grpc_torchrun}[cfg.topology.transport]()
+
+
+def _address(text: str, option: str, resolve: bool) -> str:
+    """HOST:PORT, checked now in one line (gRPC would say it in two, and later). The central's own
+    address must resolve; an edge's view of the central may not yet (it dials again)."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{option} {text!r}: give HOST:PORT, e.g. 0.0.0.0:50051")
+    if resolve:
+        try:
+            socket.getaddrinfo(host.strip("[]"), int(port))
+        except OSError as exc:
+            raise ConfigError(f"{option} {text!r}: {host} is not an address of this host ({exc.strerror or exc})") from None
+    return text
 
 
 def _rpc() -> Launcher:
