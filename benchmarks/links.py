@@ -186,16 +186,38 @@ def commands(net: Hosts, transport: str, overrides: list[str], run_dir: Path) ->
               for k, name in enumerate(net.names[1:], 1))]
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of ``pid`` and of its descendants alive now (/proc; ended ones drop out)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        try:
+            fields = Path(f"/proc/{todo[-1]}/stat").read_text().rsplit(")", 1)[1].split()
+            children = [int(c) for task in Path(f"/proc/{todo[-1]}/task").iterdir()
+                        for c in (task / "children").read_text().split()]
+        except OSError:
+            children, fields = [], None
+        todo.pop()
+        if fields:
+            total += (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+            todo += children
+    return total
+
+
 def run_job(net: Hosts, overrides: list[str], run_dir: Path, timeout: float, transport: str = "rpc") -> dict:
     """One job over the namespaces, each host started as ``commands`` says; interface counters
-    sampled while it runs. Returns its records and samples."""
+    and each host's CPU sampled while it runs. Returns its records and samples."""
     samples: list[tuple[float, list[tuple[int, int]]]] = [(time.time(), [net.counters(n) for n in net.names[1:]])]
     procs = [spawn(ns, cmd, log) for ns, cmd, log in commands(net, transport, overrides, run_dir)]
+    cpu: list[tuple[float, list[tuple[float]]]] = []  # (time, [(CPU seconds,) per host: central, edges])
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.25):
             samples.append((time.time(), [net.counters(name) for name in net.names[1:]]))
+            cpu.append((time.time(), [(cpu_seconds(proc.pid),) for proc in procs]))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -219,7 +241,8 @@ def run_job(net: Hosts, overrides: list[str], run_dir: Path, timeout: float, tra
         raise RuntimeError(f"the job failed (central exit {procs[0].returncode}; its log: "
                            f"{run_dir.parent / (run_dir.name + '-central.log')})")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"records": records, "summary": json.loads((run_dir / "summary.json").read_text()), "counters": samples}
+    return {"records": records, "summary": json.loads((run_dir / "summary.json").read_text()), "counters": samples,
+            "cpu": cpu}
 
 
 def _at(samples: list, when: float) -> list[tuple[float, float]]:
@@ -256,6 +279,9 @@ def measure(job: dict, warmup: int, batch: int, rate: float | None) -> dict:
               "job_accounted_bytes": {"up": job["summary"]["bytes"]["received_total"],
                                       "down": job["summary"]["bytes"]["sent_total"]},
               "test_accuracy": job["summary"]["test_accuracy"]}
+    if job["cpu"]:  # what each host's processes spent per trained sample in the measured window
+        spent = [b[0] - a[0] for a, b in zip(_at(job["cpu"], start["time"]), _at(job["cpu"], end["time"]))]
+        result["cpu_ms_per_sample"] = {"central": 1000 * spent[0] / samples, "edges": 1000 * sum(spent[1:]) / samples}
     if rate:
         result["utilisation"] = {"up": [8 * b / rate for b in up], "down": [8 * b / rate for b in down]}
     return result
@@ -327,11 +353,13 @@ def _line(row: dict) -> str:
     used = (f" utilisation up {min(util['up']):.0%}-{max(util['up']):.0%} down {min(util['down']):.0%}-"
             f"{max(util['down']):.0%}") if util else ""
     more = "".join(f" {o}" for o in row["set"])
+    spent = row.get("cpu_ms_per_sample")
+    cpu = f", CPU ms/sample central {spent['central']:.2f} edges {spent['edges']:.2f}" if spent else ""
     return (f"{row['rate']} 1+{row['edges']} {row['transport']} {row['channels']} edge_loss {row['edge_loss']} {row['dtype']} "
             f"in_flight {row['in_flight']}{more}: "
             f"{row['samples_per_s']:.0f} samples/s, accounted B/sample up {row['accounted_bytes_per_sample']['up']:,.0f}"
             f" down {row['accounted_bytes_per_sample']['down']:,.0f}, on the link up "
-            f"{row['link_bytes_per_sample']['up']:,.0f} down {row['link_bytes_per_sample']['down']:,.0f}{used}")
+            f"{row['link_bytes_per_sample']['up']:,.0f} down {row['link_bytes_per_sample']['down']:,.0f}{used}{cpu}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
@@ -30,6 +31,39 @@ THREADS = int(os.environ.get("SPLIT_TRAINER_TEST_THREADS", "3"))
 """The intra-op threads of every test's own computations and of the equivalence tests' runs
 (train.threads in their EXACT settings): the same count on both sides, whatever the machine's
 cores or the shell's OMP_NUM_THREADS, so a one-process reference sums in the order the run does."""
+
+
+DEFAULT_SECONDS = {True: 30, False: 1}
+"""What a test without a ``seconds`` mark is taken to last, slow (True) or not."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The order a whole-suite run hands tests out in (setup.cfg: ``--dist load --maxschedchunk 1``,
+    each worker taking the next test as it runs short): the longest first, so that the short ones
+    fill the end and no worker runs alone while the others wait. A run that several tests read is
+    made once for all workers (``made_once``), so a test may land on any worker."""
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("seconds")
+        return mark.args[0] if mark else DEFAULT_SECONDS[item.get_closest_marker("slow") is not None]
+
+    items.sort(key=lambda item: -seconds(item))  # stable: the rest keep their order
+
+
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder ``name``, filled by ``make(folder)`` once per test session: under pytest-xdist the
+    first worker to ask makes it while the others wait on a lock, then all read it (xdist's own
+    recipe for a session fixture that runs once). A failed ``make`` leaves it for the next to try."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, shared by its workers
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
 
 
 @pytest.fixture(autouse=True)
@@ -64,12 +98,15 @@ def mnist_root(mnist_gz, tmp_path_factory) -> Path:
 def trained_run(mnist_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One real 1 central + 2 edge run of one epoch on 2,048 samples, shared by the tests that read it
     (evaluated on 1,000 test images: the audit's private images come from them, and its accuracy
-    prints in four decimals exactly)."""
-    run_dir = tmp_path_factory.mktemp("trained")
-    result = run(torchrun_cmd(3, "--config", "configs/mnist.yaml", *quick_overrides(
-        mnist_root, run_dir, edges=2, **{"train.epochs": 1, "data.limit_test": 1000})))
-    assert result.returncode == 0, result.stdout[-3000:]
-    return run_dir, result
+    prints in four decimals exactly); made once per session, its console in ``console.txt``."""
+    def train(folder: Path) -> None:
+        result = run(torchrun_cmd(3, "--config", "configs/mnist.yaml", *quick_overrides(
+            mnist_root, folder / "run", edges=2, **{"train.epochs": 1, "data.limit_test": 1000})))
+        assert result.returncode == 0, result.stdout[-3000:]
+        (folder / "console.txt").write_text(result.stdout)
+
+    folder = made_once(tmp_path_factory, "trained_run", train)
+    return folder / "run", subprocess.CompletedProcess([], 0, (folder / "console.txt").read_text())
 
 
 TORCHRUN_VARS = ("TORCHELASTIC", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")

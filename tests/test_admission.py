@@ -193,6 +193,7 @@ def test_a_fixed_fleet_stops_when_an_edge_host_has_no_secret(mnist_root, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.seconds(65)
 def test_an_elastic_fleet_refuses_a_host_with_another_secret_and_finishes_without_it(mnist_root, tmp_path):
     """Edge host 1 finds the job's secret in the run folder (the central's script made it there);
     edge host 2 holds another. Host 2 is refused, stops its own torchrun agent (without closing the

@@ -10,6 +10,7 @@ from conftest import run
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.seconds(75)
 def test_benchmark_smoke(mnist_root, tmp_path):
     out = tmp_path / "bench.json"
     # One split row, the smallest: 1+1 and 1+3 run the same code (each rank costs seconds of start-up).

@@ -3,12 +3,13 @@ c10d rendezvous through the launch scripts, loopback), checkpoints that resume u
 edge count, and free_first dispatch around a slow edge."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import (Lines, child_env, end_tree, free_port, launch, loopback_cmd, loopback_overrides, quick_overrides,
-                      run, torchrun_cmd)
+from conftest import (Lines, child_env, end_tree, free_port, launch, loopback_cmd, loopback_overrides, made_once,
+                      quick_overrides, run, torchrun_cmd)
 
 pytestmark = pytest.mark.slow
 
@@ -18,14 +19,15 @@ def _records(run_dir, event=None):
     return [r for r in records if r.get("event") == event]
 
 
+@pytest.mark.seconds(115)
 def test_an_edge_host_lost_mid_run_leaves_a_job_that_finishes_and_takes_it_back(mnist_root, tmp_path):
     """Edge host 2 (agent and worker) is killed with SIGKILL mid-run: the others meet again without
     it and go on; started again, it is admitted at the next rendezvous and trains."""
-    # 4 epochs: the job alone must still be training when the host that comes back has started and
-    # met the others (about 16 s here: it joined at step 64 of 256).
-    port, total = free_port(), 4 * 64
+    # 3 epochs: the job alone must still be training when the host that comes back has started and
+    # met the others (about 16 s here: it joined at step 64 of 192).
+    port, total = free_port(), 3 * 64
     common = ["--set", "topology.edges=2", f"data.root={mnist_root}", f"output.run_dir={tmp_path}",
-              "data.limit_train=4096", "data.limit_test=1000", "train.epochs=4", "checkpoint.every_steps=16",
+              "data.limit_train=4096", "data.limit_test=1000", "train.epochs=3", "checkpoint.every_steps=16",
               "logging.every_steps=8", "rpc.timeout_s=60"]
     elastic = ["--hosts", "1:2", "--addr", "127.0.0.1", "--max-restarts", "3"]
 
@@ -62,21 +64,25 @@ def test_an_edge_host_lost_mid_run_leaves_a_job_that_finishes_and_takes_it_back(
     assert summary["bytes"]["per_edge"]["edge2"]["batches"] > 0  # trained since it came back
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slow_edge_runs(mnist_root, tmp_path_factory) -> dict:
     """1+3, 64 steps under each dispatch mode. free_first: a torchrun job, edge3 spending 100 ms
     more on every training call. round_robin hands out batches whatever the edges' speeds: the
     same config in one process (loopback)."""
-    runs = {mode: tmp_path_factory.mktemp(mode) for mode in ("round_robin", "free_first")}
     keys = {"train.epochs": 2}
-    result = run(loopback_cmd(mnist_root, runs["round_robin"], 3, **keys, **{"train.dispatch": "round_robin"}))
-    assert result.returncode == 0, result.stdout[-3000:]
-    result = run(torchrun_cmd(4, *quick_overrides(mnist_root, runs["free_first"], edges=3, **keys, **{
-        "train.dispatch": "free_first"})), env=child_env(SPLIT_TRAINER_FAULT="edge3:train:1:slow"))
-    assert result.returncode == 0, result.stdout[-3000:]
-    return runs
+
+    def train(folder: Path) -> None:
+        result = run(loopback_cmd(mnist_root, folder / "round_robin", 3, **keys, **{"train.dispatch": "round_robin"}))
+        assert result.returncode == 0, result.stdout[-3000:]
+        result = run(torchrun_cmd(4, *quick_overrides(mnist_root, folder / "free_first", edges=3, **keys, **{
+            "train.dispatch": "free_first"})), env=child_env(SPLIT_TRAINER_FAULT="edge3:train:1:slow"))
+        assert result.returncode == 0, result.stdout[-3000:]
+
+    folder = made_once(tmp_path_factory, "slow_edge_runs", train)
+    return {mode: folder / mode for mode in ("round_robin", "free_first")}
 
 
+@pytest.mark.seconds(70)
 def test_free_first_lets_a_slow_edge_take_fewer_batches_and_learns_as_well(slow_edge_runs):
     """Round robin gives the slow edge a third of the batches regardless; free_first gives it
     fewer, and accuracy stays in the same band."""
@@ -106,6 +112,7 @@ def test_a_checkpoint_of_three_edges_resumes_on_two_and_on_four(in_process, mnis
         assert all(edge["batches"] > 0 for edge in summary["bytes"]["per_edge"].values())
 
 
+@pytest.mark.seconds(85)
 def test_edge_held_data_of_an_edge_away_waits_for_it_where_it_stopped(in_process, mnist_root, tmp_path):
     """Edge placement: with edge2 away its shard is not trained on, evaluation covers edge1 only,
     and when edge2 is back it continues in its shard where it stopped. The first 16 steps, both

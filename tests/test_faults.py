@@ -17,8 +17,8 @@ import torch
 
 from split_trainer.records import checkpoint
 
-from conftest import (ROOT, TUTORIAL_PLAN, Lines, child_env, end_tree, loopback_cmd, quick_overrides, rank_pid, run,
-                      torchrun_cmd)
+from conftest import (ROOT, TUTORIAL_PLAN, Lines, child_env, end_tree, loopback_cmd, made_once, quick_overrides, rank_pid,
+                      run, torchrun_cmd)
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +36,12 @@ def _job(mnist: Path, run_dir: Path, fault: str = "", *args: str, max_restarts: 
     return run(cmd, timeout=180 * (1 + max_restarts), env=child_env(SPLIT_TRAINER_FAULT=fault))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def untouched(mnist_root, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("untouched")
-    result = run(loopback_cmd(mnist_root, run_dir, 2, **KEYS))
-    assert result.returncode == 0, result.stdout[-3000:]
-    return run_dir
+    def train(run_dir: Path) -> None:
+        result = run(loopback_cmd(mnist_root, run_dir, 2, **KEYS))
+        assert result.returncode == 0, result.stdout[-3000:]
+    return made_once(tmp_path_factory, "faults_untouched", train)
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -77,6 +77,7 @@ CHAIN = [  # the case, its fault (in the attempt of its place), the step the res
 ]
 
 
+@pytest.mark.seconds(200)
 def test_the_job_survives_a_fault_in_every_attempt_and_ends_like_an_untouched_run(mnist_root, untouched, tmp_path):
     shutil.copytree(untouched, tmp_path, dirs_exist_ok=True)
     faults = ",".join(f"{fault}:{attempt}" for attempt, (_, fault, _) in enumerate(CHAIN))
@@ -127,6 +128,7 @@ RUN_AGAIN = signal.SIGINT
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "cancel"])
+@pytest.mark.seconds(45)
 def test_a_stopped_job_leaves_nothing_behind_and_the_same_command_resumes(mnist_root, untouched, tmp_path, sig):
     """Ctrl-C (SIGINT) or a scheduler's SIGTERM to torchrun's whole process group: torchrun passes
     the signal to every rank and exits 1 (its own SignalException); the central says which signal
@@ -175,6 +177,7 @@ def test_a_full_disk_ends_the_job_with_one_line_and_keeps_the_previous_checkpoin
     assert checkpoint.find_resumable(tmp_path / "checkpoints", warn=pytest.fail).step == 20
 
 
+@pytest.mark.seconds(70)
 def test_a_small_timeout_never_fails_a_healthy_job_on_a_loaded_machine(mnist_root, tmp_path):
     """rpc.timeout_s bounds a call's own work: nothing queues behind another call on its edge.
     The full test set in 50 evaluation calls, the default model, and a busy process competing for
@@ -194,6 +197,7 @@ def test_a_small_timeout_never_fails_a_healthy_job_on_a_loaded_machine(mnist_roo
     assert sum(e["received"]["eval"] for e in summary["bytes"]["per_edge"].values()) > 0
 
 
+@pytest.mark.seconds(70)
 def test_an_edge_killed_in_edge_placement_with_batches_in_flight_resumes_at_its_own_position(mnist_root, tmp_path):
     """Each edge draws from its own Dirichlet shard, in int8, two batches in flight: an edge killed
     mid-span; the checkpoints hold no batch in flight, each edge continues at its own position (part

@@ -269,6 +269,7 @@ def test_replicas_go_edge_to_edge_sealed_and_average_as_on_loopback(loopback, in
 
 
 @pytest.mark.slow
+@pytest.mark.seconds(60)
 def test_a_torchrun_job_on_grpc_survives_a_killed_edge_like_an_untouched_run(loopback, mnist_root, tmp_path):
     """The README's form with one override (rank 0 serves, the edge ranks dial it), under
     --max-restarts 1 with edge2 killed at its 7th batch: torchrun restarts every rank, the new

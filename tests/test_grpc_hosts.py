@@ -44,6 +44,7 @@ def _wait(procs: list[subprocess.Popen], logs: list[Path]) -> list[int]:
 
 @pytest.mark.slow
 @needs_netns
+@pytest.mark.seconds(130)
 def test_edges_that_refuse_inbound_connections_train_on_grpc_and_not_on_rpc(mnist_root, loopback, tmp_path):
     """1 central + 3 edge hosts, edge placement: on grpc (serve, edge) the job trains to the end
     through two faults, each process started again with its own command: edge2 killed (it redials;

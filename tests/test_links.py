@@ -70,6 +70,7 @@ IN_FLIGHT = {"train.in_flight": 4, "data.limit_train": 4096, "train.epochs": 1, 
 
 
 @pytest.mark.slow
+@pytest.mark.seconds(105)
 def test_batches_in_flight_under_a_local_loss_learn_and_resume_exactly(mnist_root, tmp_path):
     """Edge placement, int8, four batches in flight per edge under a local loss, and no gradient
     byte comes down: an edge killed mid-span under --max-restarts; the job resumes from its
@@ -122,6 +123,7 @@ def test_the_link_benchmark_leaves_no_namespace_behind_when_a_run_fails(tmp_path
 
 @pytest.mark.slow
 @needs_netns
+@pytest.mark.seconds(100)
 def test_with_the_basic_channel_the_tensors_cross_the_veth(tmp_path):
     """Unshaped, one edge host: the interface counters grow by at least the accounted tensor bytes,
     each way; with TensorPipe's own choice of channel they do not (cross-memory attach)."""

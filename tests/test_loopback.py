@@ -155,6 +155,7 @@ def test_turns_go_in_order_and_a_failure_releases_every_waiter():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["relay", "autograd"])
+@pytest.mark.seconds(55)
 def test_a_loopback_run_is_the_rpc_run(loopback, mnist_root, tmp_path, engine):
     """The default config (1 central + 3 edges), on torchrun and in one process: the same parameters
     (1e-6; one thread per rank, since reduction order follows the thread count), loss and bytes."""

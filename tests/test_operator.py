@@ -19,6 +19,7 @@ INPUT_BYTES = 28 * 28 * 4
 
 
 @pytest.mark.slow
+@pytest.mark.seconds(1)
 def test_plain_log_without_a_terminal(trained_run):
     _, result = trained_run
     assert "\x1b[" not in result.stdout  # no control codes in a file or pipe
@@ -61,6 +62,7 @@ def test_quiet_prints_only_the_summary(in_process, mnist_root, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.seconds(1)
 def test_wire_bytes_match_the_model(trained_run):
     run_dir, _ = trained_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -78,6 +80,7 @@ def test_wire_bytes_match_the_model(trained_run):
 
 
 @pytest.mark.slow
+@pytest.mark.seconds(5)
 def test_evaluate_reports_the_runs_last_accuracy(trained_run, in_process, mnist_root):
     run_dir, _ = trained_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -90,6 +93,7 @@ def test_evaluate_reports_the_runs_last_accuracy(trained_run, in_process, mnist_
 
 
 @pytest.mark.slow
+@pytest.mark.seconds(5)
 def test_export_runs_without_the_topology(trained_run, in_process, mnist_root, tmp_path):
     run_dir, _ = trained_run
     code, _, err = in_process("export", "--checkpoint", str(run_dir / "checkpoints"), "--out", str(tmp_path / "model.pt"))

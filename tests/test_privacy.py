@@ -114,6 +114,7 @@ def test_the_audit_refuses_counts_that_would_report_nan(in_process, tmp_path, ba
 
 
 @pytest.mark.slow
+@pytest.mark.seconds(20)
 def test_the_audit_finds_the_leak_of_an_undefended_cut(trained_run, in_process, mnist_root, tmp_path):
     run_dir, _ = trained_run
     code, out, err = in_process("audit", "--checkpoint", str(run_dir / "checkpoints"), "--set",
@@ -187,6 +188,7 @@ EDGES = {"privacy.edge_weights": "edges", "data.placement": "edge", "model.plan"
 
 
 @pytest.mark.slow
+@pytest.mark.seconds(110)
 def test_edge_held_weights_stay_on_the_edges_and_resume_exactly(in_process, mnist_root, tmp_path):
     """U-shaped, edge data, edge-held weights: nothing of an edge's data or weights reaches the
     central; each edge's parts are on its own disk; a killed edge resumes to the same end; the

@@ -25,6 +25,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.seconds(35)  # the shared trained_run itself
 def test_one_central_two_edges_trains_and_reports(trained_run):
     tmp_path, result = trained_run
     summary = json.loads((tmp_path / "summary.json").read_text())

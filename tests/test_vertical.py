@@ -212,6 +212,7 @@ def test_what_a_vertical_fleet_cannot_do_is_one_line_and_exit_2(in_process, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.seconds(70)
 def test_a_killed_party_resumes_to_the_untouched_runs_end(loopback, mnist_root, tmp_path):
     """torchrun, --max-restarts 2: edge2 is SIGKILLed at its 24th training call; the job resumes from
     its checkpoint and ends where the untouched run ends (the same run in one process: a loopback run
