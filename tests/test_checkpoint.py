@@ -156,3 +156,94 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     with pytest.raises(ConfigError, match="refused by torch.load"):
         checkpoint.resolve(str(tmp_path / "step_00000020"), tmp_path, warn=print)
     assert not marker.exists()  # nothing ran
+
+
+def _rewrite(folder, name: str, data: bytes) -> None:
+    """Replace ``folder/name`` and its manifest entry, as whoever can write the folder could."""
+    (folder / name).write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _stamp(folder, **fields) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, **fields}))
+
+
+def test_newest_is_by_job_then_step_and_never_by_a_clock(tmp_path):
+    """The clock stepped back, a far-future time and a time that is no number: the order is the
+    steps'; pruning keeps the three newest steps; a manifest with no parts at a far step is skipped
+    with one line and pruned into nothing."""
+    for step in (10, 20, 30):
+        checkpoint.save(tmp_path, step, _parts(step), {}, keep=3)
+    _stamp(tmp_path / "step_00000010", written_at=4e12)  # far future
+    _stamp(tmp_path / "step_00000020", written_at="yesterday")
+    fake = tmp_path / "step_99999999"
+    fake.mkdir()
+    (fake / "manifest.json").write_text(json.dumps({"step": 99999999, "job": f"{999999:06d}-{'0' * 32}",
+                                                    "files": {"central.pt": {"bytes": 10, "sha256": "0"}}}))
+    checkpoint.save(tmp_path, 40, _parts(40), {}, keep=3)  # the clock stepped back: written_at is older
+    _stamp(tmp_path / "step_00000040", written_at=0)
+    assert [p.name for p in checkpoint.complete_candidates(tmp_path)] == ["step_00000040", "step_00000030",
+                                                                        "step_00000020"]
+    warnings = []
+    assert checkpoint.find_resumable(tmp_path, warn=warnings.append).step == 40
+    assert len(warnings) == 1 and "step_99999999/central.pt: missing" in warnings[0], warnings
+    assert fake.is_dir()  # skipped, never pruned
+
+
+def test_a_job_started_over_in_the_same_folder_is_newer_than_the_steps_before_it(tmp_path):
+    run_dir, folder = tmp_path, tmp_path / "checkpoints"
+    first = checkpoint.start_job(run_dir, "agent", folder)
+    for step in (10, 20, 30):
+        checkpoint.save(folder, step, _parts(step), {"job": first}, keep=2)
+    checkpoint.start_job(run_dir, "agent", folder)  # job.json now names the first job's successor
+    again = checkpoint.start_job(run_dir, "another agent", folder)  # --resume never: one more
+    assert [checkpoint.generation(job) for job in (first, again)] == [1, 3]
+    checkpoint.save(folder, 10, _parts(0.5), {"job": again}, keep=2)
+    assert [p.name for p in checkpoint.complete_candidates(folder)] == ["step_00000010", "step_00000030"]
+    assert checkpoint.find_resumable(folder, warn=pytest.fail).manifest["job"] == again
+
+
+def test_a_compressed_part_is_refused_before_it_is_inflated(tmp_path):
+    """16 kB of deflated archive that torch.load would inflate to 16 MB of tensor: refused in one
+    line, the previous checkpoint taken; the same as a model file."""
+    import io
+    import zipfile
+
+    checkpoint.save(tmp_path, 10, _parts(1.0), {}, keep=3)
+    checkpoint.save(tmp_path, 20, _parts(2.0), {}, keep=3)
+    honest = io.BytesIO()
+    torch.save({"w": torch.zeros(4_000_000)}, honest)
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(honest) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for entry in src.infolist():
+            dst.writestr(entry.filename, src.read(entry.filename))
+    assert len(bomb.getvalue()) < 100_000
+    _rewrite(tmp_path / "step_00000020", "central.pt", bomb.getvalue())
+    warnings = []
+    assert checkpoint.find_resumable(tmp_path, warn=warnings.append).step == 10
+    assert len(warnings) == 1 and "claims more than its" in warnings[0] and "\n" not in warnings[0], warnings
+    from split_trainer.model.model_file import read_model
+    (tmp_path / "model.pt").write_bytes(bomb.getvalue())
+    with pytest.raises(ConfigError, match="claims more than its"):
+        read_model(tmp_path / "model.pt")
+
+
+def test_a_run_resumes_its_newest_step_whatever_the_clocks_in_its_folder_say(loopback, mnist_root, tmp_path):
+    """A real run's folder after a clock stepped back (its last checkpoint stamped before the
+    others), with one stamped in the far future and a planted manifest with no parts at a far step:
+    the same command resumes from the last step, keeps the newest three, and leaves the plant."""
+    loopback(tmp_path, 1, **{"train.max_steps": 20, "checkpoint.every_steps": 5})
+    folder = tmp_path / "checkpoints"
+    _stamp(folder / "step_00000020", written_at=0)
+    _stamp(folder / "step_00000010", written_at=4e12)
+    plant = folder / "step_99999999"
+    plant.mkdir()
+    job = json.loads((folder / "step_00000020" / "manifest.json").read_text())["job"]
+    (plant / "manifest.json").write_text(json.dumps({"step": 99999999, "job": job, "files": {}}))
+    summary = loopback(tmp_path, 1, **{"train.max_steps": 25, "checkpoint.every_steps": 5})
+    assert summary["resumed_from_step"] == 20 and summary["steps"] == 25
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000015", "step_00000020", "step_00000025",
+                                                      "step_99999999"]

@@ -12,6 +12,7 @@ from torch import nn
 
 from split_trainer.config import ConfigError, config_from_dict
 from split_trainer.core.files import atomic_write
+from split_trainer.core.tensors import load_weights
 from split_trainer.model.models import Shape
 from split_trainer.model.plan import build_plan
 
@@ -25,8 +26,10 @@ def read_model(path: Path) -> tuple[dict[str, Any], Shape, dict[str, torch.Tenso
     """(model config dict, data shape, state_dict) of a model file; a ConfigError if it is not one.
     Its model.name is the file's word, not the user's: see models.check_named before building it."""
     try:
-        saved = torch.load(path, weights_only=True, map_location="cpu")
+        saved = load_weights(path.read_bytes(), str(path))
         found = saved["model"], saved["shape"], saved["state_dict"]
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     except Exception as exc:
         raise ConfigError(f"{path} is not a split_trainer model file ({str(exc).splitlines()[0][:200]})") from None
     if not all(isinstance(part, dict) for part in found):  # the model config is read as a mapping from here on

@@ -3,8 +3,10 @@
 A checkpoint is written into a hidden temporary folder, every file fsynced, a manifest (sizes
 and SHA-256 of every file) written last, and the folder renamed to ``step_<N>``: a folder with
 that name and a manifest that matches its files is complete, and nothing else counts. A kill
-at any moment therefore leaves the newest complete checkpoint loadable. Files are read back with
-``torch.load(weights_only=True)``, so a checkpoint can never run code.
+at any moment therefore leaves the newest complete checkpoint loadable. Newest is by job, then
+step (the job's generation leads its id), never by a clock. Files are read back with
+``torch.load(weights_only=True)``, so a checkpoint can never run code, and only when every entry
+of their archive is stored as it is, so a small file cannot inflate to a large one.
 
 A checkpoint may come from anyone, so every name in a manifest that becomes a path is checked
 before anything is read: its files are plain names in its folder (``PART``), the edge parts it
@@ -27,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -35,6 +37,7 @@ from split_trainer.config import Config, ConfigError
 from split_trainer.core import faults
 from split_trainer.core.errors import JobError
 from split_trainer.core.files import atomic_write
+from split_trainer.core.tensors import load_weights
 
 PATTERN = re.compile(r"^step_(\d{8})$")
 PART = re.compile(r"[A-Za-z0-9_-]+\.pt")
@@ -43,6 +46,8 @@ EDGE = re.compile(r"edge[1-9][0-9]*")
 """An edge part a manifest may name (fullmatch): an edge's name, edgeK, as topology gives it."""
 MANIFEST = "manifest.json"
 JOB = "job.json"
+GENERATION = re.compile(r"(\d{6})-[0-9a-f]{32}")
+"""A job id: its generation in the run folder, then a random part (``start_job``)."""
 
 
 def directory(cfg: Config) -> Path:
@@ -128,39 +133,75 @@ def remove_stale_temporaries(directory: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def complete_candidates(directory: Path) -> list[Path]:
-    """Checkpoint folders that have a manifest, newest first (contents not yet verified). Newest
-    means last written, not highest step: a run started over in the same folder (``--resume
-    never``) counts from step 0 again, and its checkpoints are the ones to keep."""
+def complete_candidates(directory: Path, warn: Optional[Callable[[str], None]] = None) -> list[Path]:
+    """Checkpoint folders whose manifest is well formed and whose files are all there at their
+    sizes (hashes not yet verified), newest first. Newest is by job, then step, never by a clock:
+    a run started over in the same folder (``--resume never``) counts from step 0 again as a later
+    job (``generation``), and its checkpoints are the ones to keep. A folder that is not such a
+    checkpoint is skipped (said through ``warn``) and never counts, so it is never pruned either."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if PATTERN.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: (manifest_field(p, "written_at") or 0, p.name), reverse=True)
+    ranked = []
+    for path in directory.iterdir():
+        if PATTERN.match(path.name) and (path / MANIFEST).is_file():
+            try:
+                ranked.append((_rank(path), path))
+            except ValueError as exc:
+                if warn is not None:
+                    warn(f"skipping checkpoint {exc}")
+    return [path for _, path in sorted(ranked, reverse=True)]
+
+
+def _rank(path: Path) -> tuple[int, int]:
+    """(generation, step) of a checkpoint folder; ValueError if its manifest is malformed, names
+    another step than the folder's, or lists a file that is missing or of another size."""
+    manifest = _manifest(path)
+    if manifest["step"] != int(PATTERN.match(path.name).group(1)):
+        raise ValueError(f"{path}: {MANIFEST} says step {manifest['step']}, the folder another")
+    if not manifest["files"]:
+        raise ValueError(f"{path}: {MANIFEST} lists no file")
+    _check_files(path, manifest)
+    return generation(manifest.get("job")), manifest["step"]
+
+
+def generation(job: Any) -> int:
+    """A job's place among the jobs of one run folder, which its id starts with (``start_job``);
+    0 for an id without one (a checkpoint of an older version)."""
+    found = GENERATION.fullmatch(job) if isinstance(job, str) else None
+    return int(found.group(1)) if found else 0
 
 
 def load(path: Path) -> Loaded:
     """Load and verify one checkpoint folder; raise ValueError saying what is wrong."""
     manifest = _manifest(path)
+    _check_files(path, manifest)
     parts = {}
     for name, info in manifest["files"].items():
         file = path / name
         try:
-            found = file.lstat()  # the name itself: a link is not followed
-            if not stat.S_ISREG(found.st_mode):  # a link would read outside the folder; a FIFO would block
-                raise ValueError(f"{file}: not a regular file (a link out of the folder?): refused, nothing read")
-            if found.st_size != info["bytes"]:  # known before reading: a part of another size is not read
-                raise ValueError(f"{file}: {found.st_size} bytes, expected {info['bytes']} (truncated)")
             data = file.read_bytes()
         except OSError as exc:
             raise ValueError(f"{file}: {exc.strerror}") from None
         if _sha256(data) != info["sha256"]:
             raise ValueError(f"{file}: altered (its SHA-256 does not match the manifest)")
-        try:  # weights_only: tensors and plain containers; a pickled object that would run code is refused
-            parts[name.removesuffix(".pt")] = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-        except Exception as exc:
-            raise ValueError(f"{file}: refused by torch.load(weights_only=True) "
-                             f"({str(exc).strip().splitlines()[0][:160]})") from None
+        parts[name.removesuffix(".pt")] = load_weights(data, str(file))  # runs no code, inflates nothing
     return Loaded(path, manifest, parts)
+
+
+def _check_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists is a regular file of its size (known before reading: a link
+    would read outside the folder, a FIFO would block, a part of another size is not read)."""
+    for name, info in manifest["files"].items():
+        try:
+            found = (path / name).lstat()  # the name itself: a link is not followed
+        except FileNotFoundError:
+            raise ValueError(f"{path / name}: missing") from None
+        except OSError as exc:
+            raise ValueError(f"{path / name}: {exc.strerror}") from None
+        if not stat.S_ISREG(found.st_mode):
+            raise ValueError(f"{path / name}: not a regular file (a link out of the folder?): refused, nothing read")
+        if found.st_size != info["bytes"]:
+            raise ValueError(f"{path / name}: {found.st_size} bytes, expected {info['bytes']} (truncated)")
 
 
 def _manifest(path: Path) -> dict[str, Any]:
@@ -196,7 +237,7 @@ def manifest_field(path: Path, key: str) -> Any:
 def find_resumable(directory: Path, warn, job: str | None = None) -> Loaded | None:
     """The newest checkpoint that loads and verifies (of ``job`` only, when given); broken ones
     are skipped with a warning."""
-    for path in complete_candidates(directory):
+    for path in complete_candidates(directory, warn):
         if job is not None and manifest_field(path, "job") != job:
             continue
         try:
@@ -218,19 +259,22 @@ def launcher() -> str:
     return f"{socket.gethostname()}:{agent}:{started}"
 
 
-def job_of_run(run_dir: Path, agent: str) -> str | None:
-    """The id of the job that this run folder's torchrun agent ``agent`` started, if any: a
-    restart or a new round finds its own job by it."""
+def job_of_run(run_dir: Path, agent: str | None) -> str | None:
+    """The id of the job that this run folder's torchrun agent ``agent`` started (any agent's,
+    when None), if any: a restart or a new round finds its own job by it."""
     try:
         job = json.loads((run_dir / JOB).read_text())
-        return job["id"] if job.get("launcher") == agent else None
+        return job["id"] if agent is None or job.get("launcher") == agent else None
     except (OSError, ValueError, KeyError, AttributeError):
         return None
 
 
-def start_job(run_dir: Path, agent: str) -> str:
-    """A new job: a fresh id that its checkpoints carry, so that its restarts find their own."""
-    job = uuid.uuid4().hex
+def start_job(run_dir: Path, agent: str, directory: Path) -> str:
+    """A new job: a fresh id that its checkpoints carry, so that its restarts find their own. It
+    starts with the job's generation, one more than any job's before it in this run folder (its
+    ``job.json``) or checkpoint folder ``directory``: newest is by generation, then step."""
+    before = [job_of_run(run_dir, None)] + [manifest_field(p, "job") for p in directory.glob("step_*")]
+    job = f"{1 + max(map(generation, before)):06d}-{uuid.uuid4().hex}"
     atomic_write(run_dir / JOB, lambda f: f.write(json.dumps({"id": job, "launcher": agent,
                                                               "started_at": time.time()}).encode()))
     return job

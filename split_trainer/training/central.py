@@ -287,7 +287,7 @@ def run_central(cfg: Config, topo: Topology, plan: Plan, threads: int, transport
             return _already_finished(cfg, loaded, summary, console, transport_for)
     transport = transport_for()
     transport.start()  # every rank got this far: an edge's own start-up checks passed
-    job = job or checkpoint.start_job(run_dir, agent)
+    job = job or checkpoint.start_job(run_dir, agent, checkpoint.directory(cfg))
     write_text(run_dir / "config.yaml", cfg.to_yaml())
     central = None
     try:
