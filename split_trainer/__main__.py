@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = driver_for(cfg).plan(cfg, cfg.train.seed)  # an unknown model or a bad plan fails on every rank, now
         topo = launcher.topology(cfg)
         where = f"[{topo.name}] "
-        faults.arm(topo.name, topo.restart)
+        faults.arm(launcher.names_here(cfg, topo), topo.restart)
         role = "central" if topo.is_central else "edge"
         device_for(getattr(cfg.train, f"{role}_device"), f"train.{role}_device", topo.local_rank)  # one line, now
         if launcher.edges_here:
@@ -118,7 +118,7 @@ def _central(cfg, topo, plan, threads: int, launcher, args: argparse.Namespace, 
                 raise
             _say("[central] ", f"{short(exc)}; attempt {attempt + 2} of {launcher.restarts + 1} resumes from the "
                                f"newest checkpoint once the edges are back (within rpc.startup_timeout_s)", "warning")
-            faults.arm(topo.name, topo.restart + attempt + 1)
+            faults.arm(launcher.names_here(cfg, topo), topo.restart + attempt + 1)
 
 
 def _shut_down(built: list) -> None:

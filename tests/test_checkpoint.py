@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -247,3 +248,22 @@ def test_a_run_resumes_its_newest_step_whatever_the_clocks_in_its_folder_say(loo
     assert summary["resumed_from_step"] == 20 and summary["steps"] == 25
     assert sorted(p.name for p in folder.iterdir()) == ["step_00000015", "step_00000020", "step_00000025",
                                                       "step_99999999"]
+
+
+def test_a_poisoned_edge_stops_the_run_before_a_checkpoint_and_the_same_command_resumes(in_process, mnist_root,
+                                                                                        monkeypatch, tmp_path):
+    """edge1's weights turn NaN at its 6th training call (the relay engine's calls also carry the
+    last gradients of each span: its batch of step 9): one line names the step and the edge, nothing
+    past step 5 is checkpointed, and the same command without the fault resumes from step 5 and
+    finishes."""
+    args = loopback_overrides(mnist_root, tmp_path, 2, **{"train.max_steps": 20, "checkpoint.every_steps": 5})
+    monkeypatch.setenv("SPLIT_TRAINER_FAULT", "edge1:train:6:nan")
+    code, out, err = in_process(*args)
+    assert code == 1 and len(err.strip().splitlines()) == 1, (out + err)[-3000:]
+    assert "step 9: the loss of the batch from edge1 is nan" in err, err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000005"]
+    monkeypatch.delenv("SPLIT_TRAINER_FAULT")
+    code, out, err = in_process(*args)
+    assert code == 0, (out + err)[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 5 and summary["steps"] == 20 and math.isfinite(summary["test_loss"])

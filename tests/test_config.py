@@ -175,3 +175,10 @@ def test_config_resolves_a_file_without_starting_anything(in_process):
     assert code == 0 and "lr: 0.1\n" in out and "edges: 3\n" in out
     code, out, err = in_process("config", "--set", "train.lr=-1")
     assert code == 2 and (out + err).strip() == "split_trainer: error: train.lr must be positive, got -1.0"
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "privacy.clip=.inf", "data.mean=[.nan]", "rpc.timeout_s=.inf",
+                                      "train.lr=1e999"])
+def test_a_number_that_is_not_finite_is_refused(override):
+    with pytest.raises(ConfigError, match=f"{override.split('=')[0]} must be finite"):
+        load_config(None, [override])

@@ -203,3 +203,23 @@ def test_svhn_files_in_their_own_format_load(tmp_path, monkeypatch):
     first = torch.from_numpy(pixels[:, :, :, 0]).permute(2, 0, 1).float() / 255  # H x W x C to C x H x W
     torch.testing.assert_close(x[0], (first - torch.tensor(SPECS["svhn"].mean).view(3, 1, 1))
                                / torch.tensor(SPECS["svhn"].std).view(3, 1, 1))
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda root: (root / "train-images-idx3-ubyte.gz").write_bytes(
+        (root / "train-images-idx3-ubyte.gz").read_bytes()[:-200]), "Compressed file ended"),
+    (lambda root: _write_idx(root / "train-labels-idx1-ubyte", torch.tensor(3, dtype=torch.uint8), True),
+     "() labels for the 40 images"),
+    (lambda root: _write_idx(root / "t10k-labels-idx1-ubyte", torch.full((20,), 10, dtype=torch.uint8), True),
+     "a label 10, outside the set's classes 0..9"),
+    (lambda root: _write_idx(root / "t10k-labels-idx1-ubyte", torch.zeros(19, dtype=torch.uint8), True),
+     "(19,) labels for the 20 images"),
+    (lambda root: _write_idx(root / "train-images-idx3-ubyte", torch.zeros(40, 5, 5, dtype=torch.uint8), True),
+     "images of shape (5, 5), expected (28, 28)"),
+], ids=["truncated gzip", "no dimension", "label out of range", "a label short", "5x5 images"])
+def test_idx_files_that_do_not_fit_the_set_are_one_line(tmp_path, damage, says):
+    _fake_idx_set(tmp_path, MNIST_FILES, 10, compress=True)
+    damage(tmp_path)
+    with pytest.raises(ConfigError, match="not valid IDX files") as refused:
+        load(DataConfig(root=str(tmp_path), download=False))
+    assert says in str(refused.value) and "\n" not in str(refused.value), refused.value

@@ -153,7 +153,10 @@ def test_a_csv_fleet_aligns_its_tables_and_learns_from_both_parties(in_process, 
     (lambda root: (root / "edge1" / "train.csv").write_text("id,a\nr1,0.5\nr2,high\n"), "train.csv line 3: a value"),
     (lambda root: (root / "labels" / "train.csv").write_text("id,label\nr1,0\nr1,1\n"), "an id appears twice"),
     (lambda root: (root / "labels" / "test.csv").write_text("id,label\nr1,0\nr2,2\n"), "labels must be whole"),
-], ids=["missing", "not a number", "id twice", "label out of range"])
+    (lambda root: (root / "edge1" / "train.csv").write_text("id,a\nr1,0.5\nr2,nan\n"), "train.csv line 3: nan is no"),
+    (lambda root: (root / "edge2" / "train.csv").write_text("id,b\nr1,1e39\nr2,1\n"), "train.csv line 2: 1e+39 is no"),
+    (lambda root: (root / "edge1" / "test.csv").write_bytes(b"id,a\n\x00\xff\xfe,1\n"), "not a CSV file of text"),
+], ids=["missing", "not a number", "id twice", "label out of range", "nan", "overflows float32", "binary"])
 def test_a_bad_table_is_one_line_before_anything_is_written(in_process, tmp_path, damage, says):
     _tables(tmp_path / "tables")
     damage(tmp_path / "tables")

@@ -47,6 +47,10 @@ class Launcher:
     """An edge process ends with os._exit: gRPC's threads can abort a finished edge in the
     interpreter's teardown ("terminate called without an active exception", 1 run in 3 under load)."""
 
+    def names_here(self, cfg: Config, topo: Topology) -> list[str]:
+        """Who this process is: its own name, and the edges' when they run in it (faults are armed by name)."""
+        return [topo.name, *(f"edge{k}" for k in range(1, cfg.topology.edges + 1) if self.edges_here)]
+
 
 def add_arguments(parser: argparse.ArgumentParser, mode: Optional[str]) -> None:
     """The options of ``serve`` and ``edge`` (none for the torchrun form)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -40,9 +41,22 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         return None if value is None else _check_type(value, args[0], key)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    _require(_finite(value), f"{key} must be finite (no inf or NaN), got {value!r}")
     ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     _require(ok, f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _finite(value: Any) -> bool:
+    """No inf or NaN anywhere in ``value`` (a number, or lists and mappings of them): one such value
+    in a rate, a bound or a statistic turns a run's every number into NaN without an error."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(map(_finite, value))
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    return True
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

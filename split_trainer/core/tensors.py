@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -28,6 +28,12 @@ def average_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     buffers (counters) taken from the first."""
     return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
             for k, v in states[0].items()}
+
+
+def non_finite(state: dict[str, Tensor]) -> Optional[str]:
+    """The first entry of ``state`` that holds an inf or a NaN, or None: one such value in a
+    replica reaches every edge through the average."""
+    return next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
 
 
 def load_weights(data: bytes, source: str) -> Any:

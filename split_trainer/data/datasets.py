@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import zlib
 import os
 import shutil
 import socket
@@ -169,7 +170,17 @@ def _read_idx(path: Path) -> Tensor:
         expected *= d
     if len(data) - start != expected:
         raise ValueError(f"{path}: {len(data) - start} bytes of data, the header says {expected}")
-    return torch.frombuffer(data, dtype=torch.uint8, offset=start, count=expected).view(*dims)
+    return torch.frombuffer(data, dtype=torch.uint8, offset=start, count=expected).view(tuple(dims))
+
+
+def _check_idx(x: Tensor, y: Tensor, images: Path, labels: Path, spec: Spec) -> None:
+    """One split's images and labels fit each other and the set's spec (ValueError naming the file)."""
+    if x.dim() != 3 or tuple(x.shape[1:]) != (spec.size, spec.size):
+        raise ValueError(f"{images}: images of shape {tuple(x.shape[1:])}, expected ({spec.size}, {spec.size})")
+    if y.dim() != 1 or len(y) != len(x):
+        raise ValueError(f"{labels}: {tuple(y.shape)} labels for the {len(x)} images of {images.name}")
+    if len(y) and int(y.max()) >= spec.classes:
+        raise ValueError(f"{labels}: a label {int(y.max())}, outside the set's classes 0..{spec.classes - 1}")
 
 
 _MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST", "emnist": "EMNIST"}
@@ -218,7 +229,9 @@ def _load_idx_family(cfg: DataConfig, spec: Spec) -> tuple[Source, Source]:
                           + ("" if cfg.download else ", or data.download=true to fetch them"))
     try:
         arrays = [_read_idx(path) for path in found.values()]
-    except (OSError, ValueError) as exc:
+        for (x, y), (images, labels) in zip((arrays[:2], arrays[2:]), (list(found.values())[:2], list(found.values())[2:])):
+            _check_idx(x, y, images, labels, spec)
+    except (OSError, ValueError, EOFError, zlib.error) as exc:  # a truncated gzip is EOFError, a corrupt one zlib's
         raise ConfigError(f"{cfg.name} files in {root} are not valid IDX files ({exc}): replace them") from None
     train_x, train_y, test_x, test_y = arrays
     return (ArraySource(train_x.unsqueeze(1), train_y.long(), spec.mean, spec.std),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol
@@ -33,6 +34,7 @@ from split_trainer.data.datasets import LAYOUTS, Source, load, spec_of
 
 Tensor = torch.Tensor
 SPLITS = ("train", "test")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 DATA = "data"  # the release counts' one set of samples: every shared record, one pass an epoch
 
 
@@ -104,6 +106,8 @@ def read_csv(path: Path, columns: Optional[list[str]] = None) -> tuple[list[str]
             lines = list(csv.reader(f))
     except OSError as exc:
         raise ConfigError(f"cannot read {path} ({exc.strerror}): put the party's files as {LAYOUTS['csv']}") from None
+    except (csv.Error, UnicodeDecodeError) as exc:  # a binary file, a field over the parser's limit
+        raise ConfigError(f"{path}: not a CSV file of text ({str(exc).splitlines()[0][:160]})") from None
     if not lines or not lines[0] or lines[0][0].strip() != "id" or len(lines[0]) < 2:
         raise ConfigError(f"{path}: the first line must be a header that starts with an id column and names at least "
                           f"one more column")
@@ -115,9 +119,13 @@ def read_csv(path: Path, columns: Optional[list[str]] = None) -> tuple[list[str]
         if len(line) != len(header):
             raise ConfigError(f"{path} line {number}: {len(line)} fields, the header has {len(header)}")
         try:
-            values.append([float(v) for v in line[1:]])
+            row = [float(v) for v in line[1:]]
         except ValueError:
             raise ConfigError(f"{path} line {number}: a value that is not a number") from None
+        bad = next((v for v in row if not math.isfinite(v) or abs(v) > FLOAT32_MAX), None)
+        if bad is not None:  # one such value turns its whole column into NaN when standardised
+            raise ConfigError(f"{path} line {number}: {bad!r} is no finite float32 number: fix or drop the line")
+        values.append(row)
         ids.append(line[0].strip())
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{path}: an id appears twice: ids name records, one line each")

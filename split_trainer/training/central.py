@@ -9,6 +9,7 @@ attempts: the membership record and checkpointing.restore say what that does).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -18,6 +19,7 @@ import torch
 from split_trainer.config import Config
 from split_trainer.core import faults
 from split_trainer.core.batch import Batch
+from split_trainer.core.errors import JobError
 from split_trainer.core.files import write_json, write_text
 from split_trainer.data.placement import Placement
 from split_trainer.model.model_file import save_model
@@ -160,8 +162,12 @@ class Central:
             yield span
 
     def _finished(self, batch: Batch, loss: float) -> None:
+        if not math.isfinite(loss):  # before anything of this step is synchronised or checkpointed
+            raise JobError(f"step {batch.step + 1}: the loss of the batch from {self.driver.served_by(batch)} is {loss}: "
+                           f"a non-finite value reached the central, and nothing of it is checkpointed (run the same "
+                           f"command to resume from the last checkpoint)")
         self.log.finished(batch, loss)
-        faults.hit("train")
+        faults.hit("train", "central")
 
     def _evaluate(self, epoch: int) -> None:
         loss, accuracy, record = self.driver.evaluate(epoch)

@@ -59,6 +59,10 @@ class Driver:
     def prepare(self) -> None:
         """The fleet is up, before the placement binds to it: anything the edges must agree on first."""
 
+    def served_by(self, batch: Batch) -> str:
+        """Who computed ``batch``'s way to the central, for messages: its edge."""
+        return self.fleet.names[batch.edge]
+
     def train_span(self, span: list[Batch], lr: float, finished: Finished) -> set[str]:
         """Train ``span``'s batches (``finished(batch, loss)`` after each); return the names of the
         edges that trained them."""

@@ -23,7 +23,7 @@ import torch
 from split_trainer.config import Config
 from split_trainer.core import faults
 from split_trainer.core.hops import Hop, crossing
-from split_trainer.core.tensors import average_states
+from split_trainer.core.tensors import average_states, non_finite
 from split_trainer.data.placement import EdgeSide
 from split_trainer.model.plan import Plan
 from split_trainer.privacy.adversary import Adversary
@@ -83,8 +83,12 @@ class Edge:
         call = self._call(method)
         self.last_seen = time.monotonic()
         point = FAULT_POINTS.get(method) or (method == "run" and ("eval" if _evaluating(args[0]) else "train"))
-        if point:
-            faults.hit(point)
+        if point and faults.hit(point, self.name) == "nan":  # a fault on purpose: a poisoned edge
+            for module in self.stage.modules.values():
+                for parameter in module.parameters():
+                    # .data: under the model's feet, as a bad value would land, not as an edit autograd
+                    # would refuse for the previous batch's backward still to come
+                    parameter.data.fill_(float("nan"))
         if method in UNLOCKED:
             return call(*args)
         if seq is not None:
@@ -188,7 +192,11 @@ class Edge:
         """Fetch the replicas of ``peers`` (in that order; this edge's own among them or not) and keep
         their average for ``apply_average``: every edge computes the same one."""
         waits = [None if peer == self.name else self.peers(peer) for peer in peers]  # all asked at once
-        self.average = average_states([self.serve("peer_state", ()) if w is None else w() for w in waits])
+        replicas = [self.serve("peer_state", ()) if w is None else w() for w in waits]
+        poisoned = [f"{peer} ({key})" for peer, replica in zip(peers, replicas) if (key := non_finite(replica))]
+        if poisoned:
+            raise RuntimeError(f"{self.name}: the replicas of {', '.join(poisoned)} hold non-finite values: not averaged")
+        self.average = average_states(replicas)
 
     def apply_average(self) -> None:
         self.stage.load_state_dict(self.average)

@@ -46,6 +46,9 @@ class Vertical(Driver):
     refuses_merge = ("is a vertical run's: one first segment per party, not replicas of one model to merge; its own "
                      "evaluation is in metrics.jsonl, and the audit attacks each party (docs/vertical.md)")
 
+    def served_by(self, batch: Batch) -> str:
+        return f"the parties {', '.join(self.fleet.names)}"  # every party computes a part of every batch
+
     @staticmethod
     def plan(cfg: Config, seed: int, party: Optional[tuple[int, tuple[int, ...]]] = None) -> Plan:
         """Party ``party`` (number, feature shape)'s first segment and the central's; the central's
