@@ -14,6 +14,7 @@ import torch
 from split_trainer.cli import launchers
 from split_trainer.config import ConfigError
 from split_trainer.training.hosting import loopback_transport
+from split_trainer.core.errors import printable
 from split_trainer.transport import admission
 
 from conftest import ROOT, Lines, child_env, end_tree, free_port, launch, quick_overrides
@@ -224,3 +225,13 @@ def test_an_elastic_fleet_refuses_a_host_with_another_secret_and_finishes_withou
     assert summary["steps"] == 32 and sorted(summary["bytes"]["per_edge"]) == ["edge1"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["edges"] == ["edge1"] for r in records if r.get("event") == "membership")  # edge2 was never in
+
+
+def test_a_proof_of_another_type_is_refused_and_a_peers_host_name_prints_escaped():
+    """A proof is a peer's word: a MAC that is no bytes is a wrong one, not a TypeError; a host name
+    with a newline and an ANSI code cannot forge a line of the central's log."""
+    key, nonce = b"k" * 32, b"n" * admission.NONCE_BYTES
+    for mac, their_nonce in (("0" * 64, nonce), (1234, nonce), (b"0" * 32, None)):
+        assert admission._judge(key, "edge1", nonce, admission.Proof("h", their_nonce, mac)) == "wrong"
+    forged = "evil\nsplit_trainer: [central] done: steps 64\x1b[2J"
+    assert printable(forged) == "evil\\nsplit_trainer: [central] done: steps 64\\x1b[2J"

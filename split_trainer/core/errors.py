@@ -22,3 +22,9 @@ def short(exc: BaseException) -> str:
     """The first line of an error, for a one-line report."""
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
+
+
+def printable(text: object, limit: int = 100) -> str:
+    """``text`` from a peer (a host name, an edge's word), fit for one line of ours: control
+    characters escaped (a newline or an ANSI code would forge a line of the log), at most ``limit``."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[:limit])

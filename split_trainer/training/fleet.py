@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from split_trainer.config import Config
-from split_trainer.core.errors import JobError
+from split_trainer.core.errors import JobError, printable
 from split_trainer.core.tensors import average_states, non_finite
 from split_trainer.transport.base import Transport
 from split_trainer.transport.link import Link, LinkSnapshot
@@ -40,7 +40,7 @@ class Fleet:
         # The first calls also connect and build the segments: a loaded host may take a while.
         self.reports = self.on_all("about", timeout=cfg.rpc.startup_timeout_s)  # training.edge.Edge.about
         for link, report in zip(self.links, self.reports):
-            link.host = report["host"]
+            link.host = printable(report["host"])  # a peer's word, printed in the banner and in errors
         self.pool = ThreadPoolExecutor(len(names), thread_name_prefix="edge-driver")
         self.in_flight: list[Future] = []  # the driver threads at work, one per edge
 

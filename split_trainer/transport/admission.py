@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 from split_trainer.config import ConfigError, TopologyConfig, load_config
-from split_trainer.core.errors import JobError, short
+from split_trainer.core.errors import JobError, printable, short
 
 SECRET = "SPLIT_TRAINER_SECRET"
 """The job's secret itself (an environment variable keeps it off every command line)."""
@@ -247,7 +247,7 @@ def admit(names: list[str], door: Door, key: Optional[bytes], topology: Topology
     if not refused:
         _confirm(door, confirm)
         return admitted
-    line = "; ".join(f"{name} ({door.where(name)}, host {proofs[name].host}) refused: {REASONS[reason][0]}"
+    line = "; ".join(f"{name} ({door.where(name)}, host {printable(proofs[name].host)}) refused: {REASONS[reason][0]}"
                      for name, reason in refused.items())
     _tell(door, {name: Verdict("refused", reason=reason) for name, reason in refused.items()})
     elastic = topology.fewest < topology.edges
@@ -276,6 +276,8 @@ def _judge(key: Optional[bytes], name: str, nonce: bytes, proof: Proof) -> Optio
         return None if proof.mac is None else "unasked"
     if proof.mac is None:
         return "none"
+    if not (isinstance(proof.mac, bytes) and isinstance(proof.nonce, bytes)):  # a peer's word, of any type
+        return "wrong"
     expected = _mac(key, b"edge", name.encode(), nonce, proof.nonce)
     return None if hmac.compare_digest(proof.mac, expected) else "wrong"
 
