@@ -90,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         _shut_down(built)
         return 130
     except (Exception, Terminated) as exc:  # one line for the person; the cause chain is not for them
-        if isinstance(exc, Terminated) and isinstance(exc.__context__, Exception):
-            exc = exc.__context__  # the signal came while this error was on its way here
+        # The signal came while this run's own error was on its way here: that error is the report. Not
+        # any exception: a signal inside a library's own handled one (pathlib's mkdir catches EEXIST)
+        # would report "File exists" and exit 1 for a plain SIGTERM.
+        if isinstance(exc, Terminated) and isinstance(exc.__context__, (JobError, ConfigError)):
+            exc = exc.__context__
         _say(where, short(exc))
         _shut_down(built)
         return 143 if isinstance(exc, Terminated) else 1
