@@ -5,6 +5,8 @@ loopback transport (fast), and through the launch scripts with real torchrun hos
 
 import dataclasses
 import json
+import os
+import re
 import socket
 import subprocess
 
@@ -127,10 +129,53 @@ def test_where_a_rank_finds_the_secret_and_what_it_refuses(tmp_path):
     given.chmod(0o644)
     refused["readable"] = ({admission.SECRET_FILE: str(given)}, f"the job's secret file {given} can be read by "
                                                                 f"others (mode 644): chmod 600 {given}")
+    theirs = secret_file(tmp_path / "theirs")
+    os.chown(theirs, 4321, -1)  # as root: another user's file, mode 600 or not
+    refused["owner"] = ({admission.SECRET_FILE: str(theirs)}, f"the job's secret file {theirs} belongs to user id "
+                                                              f"4321, not to this user (0): use a copy of your own "
+                                                              f"(mode 600)")
     for case, (env, line) in refused.items():
         with pytest.raises(ConfigError) as caught:
             admission.job_key(tmp_path, env)
         assert str(caught.value) == line, case
+    # A run folder's job.secret that links to nowhere is refused, not taken for no secret at all
+    dangling = tmp_path / "dangling"
+    dangling.mkdir()
+    (dangling / admission.RUN_FOLDER_FILE).symlink_to(tmp_path / "gone")
+    line = f"the job's secret file {dangling / admission.RUN_FOLDER_FILE} cannot be read: No such file or directory"
+    for read in (lambda: admission.job_key(dangling, {}), lambda: admission.ensure_file(dangling / "job.secret")):
+        with pytest.raises(ConfigError, match="^" + re.escape(line) + "$"):
+            read()
+    assert not (tmp_path / "gone").exists()
+
+
+def test_an_edge_answers_one_challenge_and_takes_a_job_only_from_a_central_that_proved_the_secret():
+    """An edge is no MAC oracle: it answers the one challenge of the admission it opened as it
+    started, with a nonce of its own drawn for it, and builds nothing until the central proved the
+    secret back."""
+    key, name = JOB.encode(), "edge1"
+    side = admission.EdgeSide(name, key)
+    with pytest.raises(RuntimeError, match="hears no verdict on a challenge it was not sent"):
+        side.hear(admission.Verdict("admitted", b"0" * 32))
+    with pytest.raises(RuntimeError, match="not 32 bytes"):
+        side.prove(b"short")
+    asked = os.urandom(admission.NONCE_BYTES)
+    proof = side.prove(asked)
+    assert admission._judge(key, name, asked, proof) is None
+    assert proof.nonce != admission.EdgeSide(name, key).prove(asked).nonce  # fresh for each admission
+    with pytest.raises(RuntimeError, match="answers one challenge per admission"):
+        side.prove(os.urandom(admission.NONCE_BYTES))
+    with pytest.raises(RuntimeError, match="before the central has proved the job's secret"):
+        side.serves()
+    assert side.hear(admission.Verdict("admitted", b"0" * 32)) == "it did not prove the job's secret to the edge"
+    with pytest.raises(RuntimeError, match="before the central has proved"):
+        side.serves()
+    honest = admission.EdgeSide(name, key)
+    proof = honest.prove(asked)
+    assert honest.hear(admission.Verdict("admitted", admission._mac(key, b"central", name.encode(), proof.nonce,
+                                                                     asked))) is None
+    honest.serves()
+    admission.EdgeSide(name, None).serves()  # an unauthenticated job, as before there were secrets
 
 
 def test_the_central_scripts_secret_is_made_once_readable_only_by_its_owner(tmp_path, capsys, monkeypatch):

@@ -267,3 +267,14 @@ def test_a_poisoned_edge_stops_the_run_before_a_checkpoint_and_the_same_command_
     assert code == 0, (out + err)[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["resumed_from_step"] == 5 and summary["steps"] == 20 and math.isfinite(summary["test_loss"])
+
+
+def test_weights_poisoned_with_a_finite_loss_are_not_checkpointed(in_process, mnist_root, monkeypatch, tmp_path):
+    """edge1's weights turn NaN as the central collects its part for the second checkpoint (step
+    10): every loss so far was finite, and still nothing of the poisoned state is written."""
+    args = loopback_overrides(mnist_root, tmp_path, 2, **{"train.max_steps": 20, "checkpoint.every_steps": 5})
+    monkeypatch.setenv("SPLIT_TRAINER_FAULT", "edge1:export:2:nan")
+    code, out, err = in_process(*args)
+    assert code == 1 and len(err.strip().splitlines()) == 1, (out + err)[-3000:]
+    assert "step 10: the weights of edge1 (conv1.weight) hold non-finite values: not checkpointed" in err, err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000005"]

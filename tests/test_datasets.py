@@ -2,6 +2,7 @@
 torchvision's loader allows it, the real MNIST otherwise), with the right shape, dtype,
 normalisation and class count; missing or broken data is one line."""
 
+import dataclasses
 import gzip
 import shutil
 import struct
@@ -98,6 +99,21 @@ def test_an_image_folder_loads_decoded_resized_and_normalised(mnist_root, tmp_pa
     # PNG is lossless and files are ordered by name: the very same samples in the same order
     assert torch.equal(folder_train.batch(torch.arange(30))[0], idx_train.batch(torch.arange(30))[0])
     assert torch.equal(folder_train.labels, idx_train.labels)
+
+
+def test_an_image_folder_of_one_colour_is_one_line_not_a_division_by_zero(tmp_path):
+    """All-black training images have std 0: standardised, every input would be NaN."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("L", (8, 8)).save(tmp_path / split / label / "0.png")
+    cfg = DataConfig(name="image_folder", root=str(tmp_path), channels=1, image_size=8, download=False)
+    with pytest.raises(ConfigError, match=r"channel 0 holds one value in every training image \(std 0\)"):
+        load(cfg)
+    train, _, _ = load(dataclasses.replace(cfg, mean=[0.5], std=[0.5]))  # statistics of your own: fine
+    assert torch.isfinite(train.batch(torch.arange(2))[0]).all()
 
 
 @pytest.mark.parametrize("name, words", [

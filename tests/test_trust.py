@@ -217,10 +217,11 @@ def test_a_manifest_naming_an_edge_part_that_is_no_edge_is_refused(tmp_path, in_
 
 def test_an_edge_writes_its_parts_where_its_own_config_says(tmp_path):
     """On RPC the central's config reaches the edge; where the edge writes and prunes its parts on
-    its own disk comes from the edge process's own config (training.hosting.EdgeHost)."""
+    its own disk, and how many it keeps (its own checkpoint.keep, plus one), comes from the edge
+    process's own config (training.hosting.EdgeHost)."""
     central = load_config(None, ["privacy.edge_weights=edges", f"checkpoint.dir={tmp_path / 'central_says'}",
-                                 "checkpoint.keep=1"])
-    own = load_config(None, [f"output.run_dir={tmp_path / 'own'}"])
+                                 "checkpoint.keep=5"])
+    own = load_config(None, ["privacy.edge_weights=edges", f"output.run_dir={tmp_path / 'own'}", "checkpoint.keep=1"])
     elsewhere = tmp_path / "central_says" / "edges" / "edge1"
     checkpoint.save(elsewhere, 1, {"edge1": {"w": torch.ones(1)}}, {}, keep=1)  # what the edge must not prune
     (elsewhere / ".step_00000002.tmp-1").mkdir()  # nor clean up

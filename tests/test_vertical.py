@@ -109,6 +109,49 @@ def test_the_psi_answers_hold_no_id_in_the_clear_and_find_the_intersection():
     assert alignment.intersect(client, answers) == sorted(set(held[0]) & set(held[1]))
 
 
+class _Table:
+    """A party's split of records, held in memory."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def rows(self, idx):
+        return torch.zeros(len(idx), 2)
+
+
+def test_a_party_answers_one_bounded_psi_request_and_takes_the_shared_records_once():
+    """A label party that pads its set with guesses (5,000 for a party of 100 records found all of
+    them) is refused; an honest one is answered once; the list of shared records is taken once,
+    after the answer, and refused whole, unnamed, if it holds a record the party lacks."""
+    from split_trainer.core.errors import EdgeRefusal
+    from split_trainer.data.vertical import PartyData
+
+    cfg = load_config(None, ["data.placement=vertical", "topology.edges=2"])
+    mine = {"train": [f"r{i}" for i in range(80)], "test": [f"t{i}" for i in range(20)]}
+
+    def party():
+        return PartyData(1, {split: _Table(ids) for split, ids in mine.items()}, cfg)
+
+    guesses = alignment.Client([f"train:r{i}" for i in range(5000)])
+    with pytest.raises(EdgeRefusal, match=r"^party edge1 refuses an alignment request of 5,000 ids: it answers at most "
+                                      r"data.psi_max_ratio=2 x the 100 it holds \(200\)$"):
+        party().psi_answer(guesses.request, 5000)
+    honest = alignment.Client([f"train:r{i}" for i in range(90)] + [f"test:t{i}" for i in range(20)])
+    with pytest.raises(EdgeRefusal, match="claims 20"):
+        party().psi_answer(honest.request, 20)
+    answering = party()
+    with pytest.raises(EdgeRefusal, match="once per run, after its own PSI answer"):
+        answering.align(alignment.encode_ids(["train:r1"]))
+    shared = alignment.intersect(honest, [answering.psi_answer(honest.request, 110)])
+    assert len(shared) == 100
+    with pytest.raises(EdgeRefusal, match="answers one alignment request per run"):
+        answering.psi_answer(honest.request, 110)
+    with pytest.raises(RuntimeError, match="^party 1 was asked to train on a record it does not hold: align again"):
+        answering.align(alignment.encode_ids(shared + ["train:r85"]))
+    with pytest.raises(EdgeRefusal, match="once per run"):  # and no second try with another list
+        answering.align(alignment.encode_ids(shared))
+
+
 def _tables(root, seed: int = 0):
     """Two parties' tables and the labels: the class is whether a (edge1) + b (edge2) > 0, so that
     neither party's features alone predict it well. Each file lacks some records."""

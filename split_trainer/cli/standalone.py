@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
     if not args.checkpoint.exists():
         raise ConfigError(f"--checkpoint {args.checkpoint} does not exist")
     config, model_cfg, shape, state = load_merged(args.checkpoint, args.edge_parts, args.overrides)
-    model = build_model(model_cfg, shape, state)
+    model = build_model(model_cfg, shape, state, str(args.checkpoint))
     if argv[0] == "export":
         save_model(args.out, model_cfg, shape, model.state_dict())
         print(f"wrote {args.out} ({model_cfg['name']}, {sum(p.numel() for p in model.parameters())} parameters)")

@@ -144,6 +144,10 @@ class DataConfig:
     """Vertical placement of an image set: the share of records that each party's copy lacks, drawn
     per party from the seed (the records its files would not hold), so that alignment matters. csv
     files lack what they lack: this must stay 0."""
+    psi_max_ratio: float = 2.0
+    """Vertical placement: a party answers the label party's alignment request only when it holds at
+    most this many ids per id the party holds itself (each id asked is a guess that the answer
+    confirms or denies), once per run (docs/vertical.md). An edge's own config decides it."""
     partition: Literal["iid", "dirichlet", "local"] = "iid"
     """Edge placement: iid or dirichlet shards carved (seeded, disjoint) out of the data set at each
     edge's data.root; local: each edge uses all the data it finds (every host its own files)."""
@@ -159,6 +163,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.dirichlet_alpha > 0, f"data.dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
+        _require(self.psi_max_ratio > 0, f"data.psi_max_ratio must be positive, got {self.psi_max_ratio}")
         _require(self.image_size >= 8, f"data.image_size must be at least 8, got {self.image_size}")
         _require(self.download_timeout_s > 0, f"data.download_timeout_s must be positive, got {self.download_timeout_s}")
         _require(self.num_classes is None or self.num_classes >= 2,

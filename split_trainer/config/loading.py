@@ -19,7 +19,15 @@ from split_trainer.config.whole import Config
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 floats: PyYAML alone reads ``1e-3`` as a string."""
+    """YAML 1.2 floats: PyYAML alone reads ``1e-3`` as a string. No aliases: a few lines of them
+    nest into billions of values (a "billion laughs" file), which a config never needs."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"uses a YAML alias (*{event.anchor}) at line {event.start_mark.line + 1}: write the "
+                              f"value out (aliases are refused)")
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -81,7 +89,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     _require(bool(sep) and bool(key.strip()), f"override {text!r} must look like KEY=VALUE, e.g. train.lr=0.1")
     try:
         parsed = yaml.load(value, Loader=_Loader) if value.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ConfigError, RecursionError):
         parsed = value
     _require(not isinstance(parsed, dict), f"override {text!r}: the value must be a scalar or a list")
     return key.strip().split("."), parsed
@@ -99,6 +107,11 @@ def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"config file {path} is not valid YAML{where}: fix its syntax") from None
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path} {exc}") from None
+        except (RecursionError, UnicodeDecodeError) as exc:
+            what = "nests too deeply" if isinstance(exc, RecursionError) else "is not UTF-8 text"
+            raise ConfigError(f"config file {path} {what}: it is no config") from None
     return config_from_dict(raw, overrides)
 
 

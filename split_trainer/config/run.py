@@ -168,6 +168,10 @@ class PrivacyConfig:
     training stays stable): about the SSIM that the class-mean image reaches on MNIST."""
     delta: float = 1e-5
     """The delta of the (epsilon, delta) reported for the activation noise."""
+    raw_inputs: bool = False
+    """Whether an edge holding its data (edge or vertical placement) may run a first segment with no
+    learned layer before the cut (a Flatten, a pooling), which sends its inputs as they are: an edge
+    refuses such a segment unless its own config sets this (training.policy)."""
 
     def __post_init__(self) -> None:
         _require(self.clip is None or self.clip > 0, f"privacy.clip must be null or positive, got {self.clip}")

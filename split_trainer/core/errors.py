@@ -18,10 +18,16 @@ class JobError(RuntimeError):
         self.when = time.monotonic()
 
 
+class EdgeRefusal(JobError):
+    """An edge's own policy refuses what the central asked of it (training.policy): the edge's own
+    line, printed on its side and repeated by the central."""
+
+
 def short(exc: BaseException) -> str:
-    """The first line of an error, for a one-line report."""
+    """The first line of an error, for a one-line report (long enough for an edge's refusal that
+    names every key it differs on: training.policy)."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    return (text[0] if text else type(exc).__name__)[:800]
 
 
 def printable(text: object, limit: int = 100) -> str:

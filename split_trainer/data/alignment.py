@@ -67,6 +67,13 @@ class Client:
         return set(self._client.GetIntersection(server_setup, reply))
 
 
+def request_size(request: Tensor) -> int:
+    """How many ids the label party's ``request`` asks about (its encrypted elements)."""
+    parsed = _psi().Request()
+    parsed.ParseFromString(as_bytes(request))
+    return len(parsed.encrypted_elements)
+
+
 def answer(ids: Sequence[str], request: Tensor, client_count: int) -> tuple[Tensor, Tensor]:
     """A party's side: (setup, response) to the label party's ``request`` of ``client_count`` ids,
     under a key of its own made for this answer."""

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import zlib
+import math
 import os
+import zlib
 import shutil
 import socket
 from dataclasses import dataclass
@@ -155,22 +156,33 @@ class FolderSource(Source):
 
 
 # -- reading each kind -------------------------------------------------------------------------
+MAX_IDX_BYTES = 2 ** 31
+"""The most data an IDX file may declare (EMNIST byclass, the largest, holds 0.55 GB)."""
+
+
 def _read_idx(path: Path) -> Tensor:
     """An IDX file (gzip or raw): the MNIST family's format, uint8 data with big-endian int32 dims."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        data = bytearray(f.read())  # writable, so the tensor below is a view of it, not a copy
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
-    ndim = data[3]
-    start = 4 + 4 * ndim
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = 1
-    for d in dims:
-        expected *= d
-    if len(data) - start != expected:
-        raise ValueError(f"{path}: {len(data) - start} bytes of data, the header says {expected}")
-    return torch.frombuffer(data, dtype=torch.uint8, offset=start, count=expected).view(tuple(dims))
+        head = f.read(4)
+        if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+            raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+        header = f.read(4 * head[3])
+        dims = [int.from_bytes(header[4 * i: 4 * i + 4], "big") for i in range(len(header) // 4)]
+        expected = math.prod(dims)
+        if len(dims) != head[3]:
+            raise ValueError(f"{path}: its header is cut short")
+        if expected > MAX_IDX_BYTES:
+            raise ValueError(f"{path}: its header declares {expected:,} bytes of data, more than any data set's "
+                             f"({MAX_IDX_BYTES:,})")
+        # Never more than the header declares (and one byte to tell a longer file): a small gzip
+        # file cannot inflate into memory beyond it.
+        data = bytearray(f.read(expected + 1))  # writable, so the tensor below is a view of it, not a copy
+    if len(data) != expected:
+        raise ValueError(f"{path}: {len(data)}{'+' if len(data) > expected else ''} bytes of data, the header "
+                         f"says {expected}")
+    return torch.frombuffer(data, dtype=torch.uint8, count=expected).view(tuple(dims)) if expected else \
+        torch.zeros(dims, dtype=torch.uint8)
 
 
 def _check_idx(x: Tensor, y: Tensor, images: Path, labels: Path, spec: Spec) -> None:
@@ -317,6 +329,10 @@ def _load_folder(cfg: DataConfig) -> tuple[Source, Source, Spec]:
         sources.append(FolderSource([p for p, _ in ds.samples], labels, spec.channels, spec.size, spec.mean, spec.std))
     if cfg.mean is None or cfg.std is None:  # once, from the training images this rank holds
         mean, std = _statistics(sources[0])
+        flat = [c for c, v in enumerate(std.tolist()) if not v > 1e-6]  # one value throughout: x / 0 is inf
+        if flat:
+            raise ConfigError(f"image folder {root}/train: channel {flat[0]} holds one value in every training "
+                              f"image (std 0), and normalising would divide by 0: set data.mean and data.std")
         for source in sources:
             source.mean, source.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
         spec = dataclasses.replace(spec, mean=tuple(mean.tolist()), std=tuple(std.tolist()))

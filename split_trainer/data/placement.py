@@ -257,7 +257,7 @@ class EdgeData:
         train, test = (s if limit is None else s.subset(torch.arange(min(limit, len(s)))) for s, limit in
                        zip(loaded[:2], (cfg.data.limit_train, cfg.data.limit_test)))
         return Shard.carve(train, test, edge, cfg.topology.edges, cfg.data, cfg.train.seed, loaded[2].classes,
-                           shares_label_counts(cfg))
+                           shares_label_counts(cfg), labels_leave(cfg))
 
 
 class CallInputs:
@@ -279,11 +279,16 @@ class CallInputs:
         return None
 
 
+def labels_leave(cfg: Config) -> bool:
+    """Whether an edge's labels go to the central: only when the plan's last segment, with the loss,
+    runs there (an edge asks its own config, which the central's agrees with: training.policy)."""
+    return cfg.model.plan is None or cfg.model.plan[-1]["place"] == "central"
+
+
 def shares_label_counts(cfg: Config) -> bool:
     """data.share_label_counts, null resolved: an edge tells the central its per-class counts only
     where the central learns the labels anyway (the loss on the central, and it holds the edge
     weights): a U-shaped plan or edge-held weights were chosen to keep label information home."""
     if cfg.data.share_label_counts is not None:
         return cfg.data.share_label_counts
-    loss_on_central = cfg.model.plan is None or cfg.model.plan[-1]["place"] == "central"
-    return loss_on_central and cfg.privacy.edge_weights == "central"
+    return labels_leave(cfg) and cfg.privacy.edge_weights == "central"

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from split_trainer.config import ConfigError, DataConfig
+from split_trainer.core.errors import EdgeRefusal
 from split_trainer.data.batches import batch_loader, crop_flip, epoch_order, index_batches
 from split_trainer.data.datasets import Source
 
@@ -85,9 +86,10 @@ class Shard:
     calls = ()  # it answers no call of its own (data.placement.EdgeSide)
 
     def __init__(self, train: Source, test: Source, edge: int, cfg: DataConfig, seed: int, classes: int = 0,
-                 label_counts: bool = False):
-        self.train, self.test, self.cfg, self.classes = train, test, cfg, classes
+                 label_counts: bool = False, labels_leave: bool = False):
+        self.train, self.test, self.cfg, self.classes, self.edge = train, test, cfg, classes, edge
         self.label_counts = label_counts  # held() tells the central the per-class counts (data.share_label_counts)
+        self.labels_leave = labels_leave  # the edge's own plan has the loss on the central (placement.labels_leave)
         self.seed = seed * 1_009 + edge  # each edge its own batch order
         self.position = (0, 0)  # (epoch, next batch) of the training data
         self._order: tuple[int, list[Tensor]] | None = None
@@ -95,15 +97,16 @@ class Shard:
 
     @classmethod
     def carve(cls, train: Source, test: Source, edge: int, edges: int, cfg: DataConfig, seed: int,
-              classes: int = 0, label_counts: bool = False) -> "Shard":
+              classes: int = 0, label_counts: bool = False, labels_leave: bool = False) -> "Shard":
         """Edge ``edge`` (1..N) of ``edges``: its part of (train, test) under ``cfg.partition``;
-        ``label_counts``: whether ``held`` gives the central its per-class counts."""
+        ``label_counts``: whether ``held`` gives the central its per-class counts; ``labels_leave``:
+        whether a batch's labels may go to the central with its activation."""
         if cfg.partition != "local":
             train_idx, test_idx = partition(train.labels, test.labels, edges, cfg, seed, cfg.batch_size)[edge - 1]
             train = train.subset(train_idx)
             if not cfg.test_on_every_edge:
                 test = test.subset(test_idx)
-        return cls(train, test, edge, cfg, seed, classes, label_counts)
+        return cls(train, test, edge, cfg, seed, classes, label_counts, labels_leave)
 
     def batches(self, split: str) -> int:
         size = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
@@ -129,7 +132,10 @@ class Shard:
 
     def inputs(self, ref: ShardBatch) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """The edge's side of a batch reference (placement.py): (inputs, labels, the labels to send the
-        central: only when the loss is there)."""
+        central: only when the loss is there, which the edge's own plan says, not the reference)."""
+        if ref.labels and not self.labels_leave:
+            raise EdgeRefusal(f"edge{self.edge} refuses to send the labels of its {ref.split} batch {ref.index}: its own "
+                          f"plan keeps the labels on the edge (the loss is computed there)")
         x, y = self.batch(ref)
         if ref.split == "train":
             self.position = (ref.epoch, ref.index + 1)

@@ -28,6 +28,7 @@ import torch
 
 from split_trainer.config import Config, ConfigError
 from split_trainer.core.batch import Batch
+from split_trainer.core.errors import EdgeRefusal
 from split_trainer.data import alignment
 from split_trainer.data.batches import epoch_order, index_batches
 from split_trainer.data.datasets import LAYOUTS, Source, load, spec_of
@@ -166,6 +167,7 @@ class PartyData:
         self.shared: dict[str, Tensor] = {}  # split -> rows of the shared records, in the agreed order
         self._order: tuple[int, list[Tensor]] | None = None
         self.position = (0, 0)
+        self.answered = self.aligned = False  # this run's one PSI answer and one list of shared records
 
     @property
     def party(self) -> tuple[int, tuple[int, ...]]:
@@ -173,11 +175,27 @@ class PartyData:
         return self.number, self.shape
 
     def psi_answer(self, request: Tensor, count: int) -> tuple[Tensor, Tensor]:
-        return alignment.answer(_prefixed({s: self.records[s].ids for s in SPLITS}), request, count)
+        """This party's PSI answer, once per run, to a request of at most data.psi_max_ratio ids per
+        id it holds: every id asked is a guess the answer confirms or denies."""
+        if self.answered:
+            raise EdgeRefusal(f"party edge{self.number} answers one alignment request per run, and has answered one")
+        self.answered = True
+        own = _prefixed({s: self.records[s].ids for s in SPLITS})
+        asked, most = alignment.request_size(request), int(self.cfg.psi_max_ratio * len(own))
+        if asked != count:
+            raise EdgeRefusal(f"party edge{self.number} refuses an alignment request of {asked:,} ids that claims {count:,}")
+        if asked > most:
+            raise EdgeRefusal(f"party edge{self.number} refuses an alignment request of {asked:,} ids: it answers at most "
+                          f"data.psi_max_ratio={self.cfg.psi_max_ratio:g} x the {len(own):,} it holds ({most:,})")
+        return alignment.answer(own, request, asked)
 
     def align(self, ids: Tensor) -> None:
-        """Take the shared records (their prefixed ids, in the agreed order); refuse one this party
-        does not hold (a PSI false positive, or another run's list)."""
+        """Take the shared records (their prefixed ids, in the agreed order), once, after this party's
+        own PSI answer; refuse the whole list, without saying which, if it names a record this party
+        does not hold (a PSI false positive, another run's list, or a probe)."""
+        if not self.answered or self.aligned:
+            raise EdgeRefusal(f"party edge{self.number} takes the shared records once per run, after its own PSI answer")
+        self.aligned = True
         rows = {split: {rid: i for i, rid in enumerate(self.records[split].ids)} for split in SPLITS}
         shared: dict[str, list[int]] = {split: [] for split in SPLITS}
         for pid in alignment.decode_ids(ids):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from split_trainer.config import ConfigError, config_from_dict
+from split_trainer.core.errors import short
 from split_trainer.core.files import atomic_write
 from split_trainer.core.tensors import load_weights
 from split_trainer.model.models import Shape
@@ -37,9 +38,18 @@ def read_model(path: Path) -> tuple[dict[str, Any], Shape, dict[str, torch.Tenso
     return found
 
 
-def build_model(model_cfg: dict[str, Any], shape: Shape, state: dict[str, torch.Tensor]) -> nn.Sequential:
+def build_model(model_cfg: dict[str, Any], shape: Shape, state: dict[str, torch.Tensor],
+                source: str = "the model file") -> nn.Sequential:
+    """The network ``model_cfg`` describes for ``shape``, with the weights ``state``; a ConfigError
+    naming ``source`` when the three do not make one (they are a file's word)."""
     # The plan's model, not build_full's: model.bottleneck adds layers that only the plan inserts.
     # The seed does not matter: every weight is then loaded.
-    model = build_plan(config_from_dict({"model": model_cfg}).model, shape, seed=0).full
-    model.load_state_dict(state)
+    try:
+        model = build_plan(config_from_dict({"model": model_cfg}).model, shape, seed=0).full
+        model.load_state_dict(state)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a shape of the wrong types, weights of another network
+        raise ConfigError(f"{source}: its model config, data shape and weights make no network "
+                          f"({short(exc)[:200]})") from None
     return model.eval()

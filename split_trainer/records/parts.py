@@ -14,6 +14,9 @@ from split_trainer.core.tensors import average_states
 from split_trainer.model.models import Shape, check_named, given_name
 from split_trainer.records import checkpoint
 
+LOCATION = ("root", "download", "download_timeout_s")
+"""The data section's keys that say where data is read or fetched from, not what it is."""
+
 
 def merged_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model's state_dict from a checkpoint's parts: the edge replicas averaged, the central's."""
@@ -24,7 +27,9 @@ def merged_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
 def load_parts(path: Path, edge_parts: Optional[Path] = None, overrides: Sequence[str] = ()
                ) -> tuple[dict[str, Any], Shape, dict[str, Any]]:
     """(config dict, data shape, every part by name: central, edge1, ...) of a checkpoint, the edges'
-    own parts found under ``edge_parts`` when they kept them."""
+    own parts found under ``edge_parts`` when they kept them. The config holds no data location
+    (``LOCATION``): a checkpoint, perhaps someone else's, says what the model was trained on, never
+    where this machine reads or downloads data; that is the user's (the defaults, or ``--set``)."""
     loaded = _checkpoint_at(path)
     config, shape = loaded.manifest.get("config"), loaded.manifest.get("shape")
     if not (isinstance(config, dict) and isinstance(config.get("model"), dict) and isinstance(shape, dict)
@@ -32,9 +37,16 @@ def load_parts(path: Path, edge_parts: Optional[Path] = None, overrides: Sequenc
         raise ConfigError(f"{loaded.path} is not a central's checkpoint (no config, shape or central part): pass a "
                           f"run's checkpoints folder, a step_NNNNNNNN folder in it or a model.pt")
     check_named(config["model"].get("name"), given_name(overrides), str(loaded.path))
+    if isinstance(config.get("data"), dict):
+        config = {**config, "data": {k: v for k, v in config["data"].items() if k not in LOCATION}}
     parts = loaded.parts
     if "edge_parts" in loaded.manifest:
         parts = {**parts, **_edge_parts(loaded, edge_parts or loaded.path.parent)}
+    for name, part in parts.items():  # a file's word: the shape every reader below relies on
+        module = part.get("module") if isinstance(part, dict) else None
+        if not (isinstance(module, dict) and all(isinstance(t, torch.Tensor) for t in module.values())):
+            raise ConfigError(f"{loaded.path}: its part {name} holds no module state (a mapping of tensors): not a "
+                              f"checkpoint this trainer wrote")
     return config, shape, parts
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from split_trainer.config import Config
+from split_trainer.core.errors import JobError
+from split_trainer.core.tensors import non_finite
 from split_trainer.records import checkpoint, state
 from split_trainer.records.state import Progress, Stateful
 from split_trainer.training.fleet import Fleet
@@ -44,8 +46,13 @@ class Exported:
 
 def save(cfg: Config, meta: dict[str, Any], central: Stage, fleet: Fleet, progress: Progress) -> tuple[Path, int]:
     """Both sides' full state at a flush (no batch in flight), as checkpoint ``progress.step``;
-    ``meta`` (fingerprint, job, shape) goes into the manifest."""
+    ``meta`` (fingerprint, job, shape) goes into the manifest. No part that holds an inf or a NaN is
+    written (a step can poison weights while its own loss was finite): the run stops, and a resume
+    starts from the last good checkpoint."""
+    _refuse_poisoned(progress.step, {"central": central.state_dict()})
     edges = fleet.export(progress.step, meta["job"])  # the edges' own parts first: the central's manifest lands last
+    if not fleet.own_weights:  # each edge refuses its own (Edge.save_part)
+        _refuse_poisoned(progress.step, {name: part["module"] for name, part in edges.items()})
     parts: dict[str, Stateful] = {"central": CentralPart(central, progress)}
     meta = {**meta, "epoch": progress.epoch, "position": progress.position, "config": cfg.to_dict()}
     if fleet.own_weights:  # written by each edge on its own disk; the manifest names them
@@ -53,6 +60,13 @@ def save(cfg: Config, meta: dict[str, Any], central: Stage, fleet: Fleet, progre
     else:
         parts.update({name: Exported(part) for name, part in edges.items()})
     return state.save(checkpoint.directory(cfg), progress.step, parts, meta, cfg.checkpoint.keep)
+
+
+def _refuse_poisoned(step: int, modules: dict[str, dict[str, Any]]) -> None:
+    poisoned = [f"{name} ({key})" for name, module in modules.items() if (key := non_finite(module))]
+    if poisoned:
+        raise JobError(f"step {step}: the weights of {', '.join(poisoned)} hold non-finite values: not checkpointed "
+                       f"(run the same command to resume from the last checkpoint)")
 
 
 def restore(loaded: checkpoint.Loaded, central: Stage, fleet: Fleet) -> tuple[Progress, list[str]]:

@@ -31,6 +31,7 @@ from split_trainer.privacy.defences import Defences
 from split_trainer.records import checkpoint
 from split_trainer.records.metrics import resident_bytes
 from split_trainer.training.dispatch import Turns
+from split_trainer.training import policy
 from split_trainer.training.engines import edge_engine
 from split_trainer.training.stage import Stage
 from split_trainer.transport.base import Peers
@@ -52,20 +53,20 @@ def parts_folder(cfg: Config, name: str) -> Path:
 
 class Edge:
     """This edge's replica of the plan's edge segments and its data (data.placement). ``cfg`` is
-    the central's config: it decides everything but where this edge's data lies and where its own
-    checkpoint parts go (``parts``, from ``parts_folder`` of the hosting process's config). ``plan``:
+    the central's config, checked against the edge's own (training.policy); where this edge's data
+    lies and where its own checkpoint parts go (``parts``) and how many it keeps (``keep``) come from
+    the hosting process's config alone. ``plan``:
     the plan its segments come from (training.hosting builds it for this edge's data)."""
 
     def __init__(self, name: str, cfg: Config, plan: Plan, device: torch.device, data: EdgeSide, parts: Path,
-                 peers: Peers, autograd: Any, guard: Callable[[], AbstractContextManager] = nullcontext):
+                 keep: int, peers: Peers, autograd: Any, guard: Callable[[], AbstractContextManager] = nullcontext):
         self.adversary = _adversary(cfg, plan, device)
         self.engine = edge_engine(cfg, plan, Stage(plan.on("edge"), cfg.train, device),
                                   Defences(cfg.privacy, plan.places, self.adversary), autograd)
         self.stage = self.engine.stage
         self.name, self.data, self.peers, self.guard = name, data, peers, guard
-        # privacy.edge_weights: edges: this edge's checkpoint parts, on its own disk; one more kept
-        # than the central keeps, so that a part outlives a central checkpoint that failed to land.
-        self.parts, self.keep = parts, cfg.checkpoint.keep + 1
+        # privacy.edge_weights: edges: this edge's checkpoint parts, on its own disk, as many as it keeps
+        self.parts, self.keep = parts, keep
         checkpoint.remove_stale_temporaries(self.parts)
         self.average: Optional[dict[str, torch.Tensor]] = None
         self.wire = WireFormat(cfg.rpc.wire_types, graph=cfg.train.engine == "autograd")
@@ -89,16 +90,17 @@ class Edge:
                     # .data: under the model's feet, as a bad value would land, not as an edit autograd
                     # would refuse for the previous batch's backward still to come
                     parameter.data.fill_(float("nan"))
-        if method in UNLOCKED:
-            return call(*args)
-        if seq is not None:
-            self.calls.wait(seq)
-        try:
-            with self.lock, self.guard():
+        with policy.said(self.name):
+            if method in UNLOCKED:
                 return call(*args)
-        finally:
             if seq is not None:
-                self.calls.done(seq)
+                self.calls.wait(seq)
+            try:
+                with self.lock, self.guard():
+                    return call(*args)
+            finally:
+                if seq is not None:
+                    self.calls.done(seq)
 
     def _call(self, method: str) -> Callable[..., Any]:
         """The edge's own calls, and those its data placement answers (``EdgeSide.calls``)."""
@@ -166,7 +168,10 @@ class Edge:
 
     def save_part(self, step: int, job: str) -> dict[str, Any]:
         """Write this edge's checkpoint part for ``step`` to its own disk (atomically, as the central
-        writes its own); return its size and SHA-256, which the central's manifest records."""
+        writes its own), unless it holds an inf or a NaN; return its size and SHA-256, which the
+        central's manifest records."""
+        if key := non_finite(self.stage.state_dict()):
+            raise RuntimeError(f"{self.name}'s weights hold non-finite values ({key}) at step {step}: not checkpointed")
         path, _ = checkpoint.save(self.parts, step, {self.name: self.export_state()},
                                   {"job": job, "edge": self.name}, self.keep)
         return checkpoint.manifest_field(path, "files")[f"{self.name}.pt"]

@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from split_trainer.config import Config
+from split_trainer.training import policy
 from split_trainer.training.drivers import driver_for
 from split_trainer.training.edge import Edge, parts_folder
 from split_trainer.transport.base import Peers
@@ -30,13 +31,20 @@ class EdgeHost:
 
     def build(self, name: str, cfg: Config, peers: Peers, autograd: Any,
               guard: Callable[[], AbstractContextManager] = nullcontext) -> Edge:
-        """Edge ``name`` from the central's ``cfg``, which decides the training; this process's own
-        config decides where on this disk its checkpoint parts are written and pruned."""
-        driver = driver_for(cfg)
-        device = device_for(cfg.train.edge_device, "train.edge_device", self.local_rank)
-        data = driver.data.edge_data(cfg, self.loaded, edge_number(name))
-        plan = driver.edge_plan(cfg, data)
-        return Edge(name, cfg, plan, device, data, parts_folder(self.own, name), peers, autograd, guard)
+        """Edge ``name`` from the central's ``cfg``, which decides the training once this process's
+        own config agrees with it on what the edge is the authority on (training.policy); its own
+        config alone decides where on this disk its checkpoint parts go and how many it keeps."""
+        with policy.said(name):
+            policy.check_config(name, self.own, cfg)
+            driver = driver_for(cfg)
+            device = device_for(cfg.train.edge_device, "train.edge_device", self.local_rank)
+            data = driver.data.edge_data(cfg, self.loaded, edge_number(name))
+            plan = driver.edge_plan(cfg, data)
+            policy.check_segment(name, self.own, plan)
+        # One part more than the edge's own checkpoint.keep: a part outlives a central checkpoint
+        # that failed to land.
+        return Edge(name, cfg, plan, device, data, parts_folder(self.own, name), self.own.checkpoint.keep + 1,
+                    peers, autograd, guard)
 
 
 def loopback_transport(cfg: Config, edge_secrets: Optional[dict[str, Optional[str]]] = None) -> "LoopbackTransport":

@@ -88,20 +88,23 @@ def job_key(run_dir: str | Path, env: Optional[Mapping[str, str]] = None) -> Opt
         return _checked(value.strip(), SECRET)
     if path is None:
         path = Path(run_dir) / RUN_FOLDER_FILE
-        if not path.exists():
+        if not os.path.lexists(path):  # a link to nowhere is a secret file gone wrong, not no secret
             return None
     return _checked(_read(Path(path)), f"in {path}")
 
 
 def _read(path: Path) -> str:
     try:
-        mode = path.stat().st_mode
+        info = path.stat()
         text = path.read_text()
     except (OSError, ValueError) as exc:
         raise ConfigError(f"the job's secret file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}")
-    if mode & 0o077:  # as ssh treats a private key: a secret others can read is no secret
-        raise ConfigError(f"the job's secret file {path} can be read by others (mode {mode & 0o777:o}): "
+    if info.st_mode & 0o077:  # as ssh treats a private key: a secret others can read is no secret
+        raise ConfigError(f"the job's secret file {path} can be read by others (mode {info.st_mode & 0o777:o}): "
                           f"chmod 600 {path}")
+    if info.st_uid != os.getuid():  # as ssh: another user's file could be read or changed by that user
+        raise ConfigError(f"the job's secret file {path} belongs to user id {info.st_uid}, not to this user "
+                          f"({os.getuid()}): use a copy of your own (mode 600)")
     return text.strip()
 
 
@@ -115,7 +118,7 @@ def _checked(text: str, source: str) -> bytes:
 def ensure_file(path: Path) -> bool:
     """The job's secret file at ``path``, checked, or made now (64 hex characters, mode 600) when
     there is none; True when made."""
-    if path.exists():
+    if os.path.lexists(path):  # a dangling link is read, and refused, as it stands
         _checked(_read(path), f"in {path}")
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,18 +175,33 @@ class EdgeSide:
     def __init__(self, name: str, key: Optional[bytes], stops_host: bool = False):
         self.name, self.key = name, key
         self.agent = os.getppid() if stops_host else None  # its torchrun agent, while it is sure to be alive
-        self.nonce = secrets.token_bytes(NONCE_BYTES)
+        self.nonce = b""  # this edge's, drawn afresh for the challenge it answers
         self.asked: Optional[bytes] = None  # the central's nonce
+        self.admitted = False  # the central proved the job's secret (or neither side holds one)
         self.out: Optional[str] = None
         self.left = threading.Event()  # set once the edge has done what leaving takes (``leave``)
 
     def prove(self, nonce: bytes) -> Proof:
-        self.asked = nonce
+        """The answer to the central's challenge: one per admission, which this edge opened as it
+        started. A second challenge is refused: the edge is no oracle that MACs any nonce it is sent."""
+        if self.asked is not None:
+            raise RuntimeError(f"{self.name} answers one challenge per admission, and has answered one")
+        if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+            raise RuntimeError(f"{self.name} was sent a challenge that is not {NONCE_BYTES} bytes")
+        self.asked, self.nonce = nonce, secrets.token_bytes(NONCE_BYTES)
         mac = None if self.key is None else _mac(self.key, b"edge", self.name.encode(), nonce, self.nonce)
         return Proof(socket.gethostname(), self.nonce, mac)
 
+    def serves(self) -> None:
+        """Raise unless this edge may take the job: holding a secret, only once the central proved it."""
+        if self.key is not None and not self.admitted:
+            raise RuntimeError(f"{self.name} takes no job before the central has proved the job's secret to it")
+
     def hear(self, verdict: Verdict) -> Optional[str]:
         """The central's verdict; returns why this edge refuses the central, if it does."""
+        if self.asked is None:
+            raise RuntimeError(f"{self.name} hears no verdict on a challenge it was not sent")
+        self.admitted = verdict.kind == "admitted" and (self.key is None or self._proven(verdict.mac))
         if verdict.kind == "refused":
             self.out = f"refused by the central: {REASONS.get(verdict.reason, (verdict.reason,) * 2)[1]}"
         elif verdict.kind == "stopped":
@@ -194,7 +212,7 @@ class EdgeSide:
         return None
 
     def _proven(self, mac: Optional[bytes]) -> bool:
-        if mac is None or self.asked is None:
+        if not isinstance(mac, bytes) or self.asked is None:  # a peer's word, of any type
             return False
         return hmac.compare_digest(mac, _mac(self.key, b"central", self.name.encode(), self.nonce, self.asked))
 

@@ -11,6 +11,7 @@ it holds the job's secret (transport.admission: ``_prove`` and ``_hear`` are its
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -24,6 +25,7 @@ import torch.distributed.autograd as dist_autograd
 from torch.distributed import rpc
 
 from split_trainer.config import Config
+from split_trainer.core.errors import EdgeRefusal
 from split_trainer.transport import admission
 from split_trainer.transport.base import Host, Served
 from split_trainer.transport.topology import ROLE, Topology, edge_number, init_rpc, members
@@ -34,6 +36,7 @@ from split_trainer.transport.topology import ROLE, Topology, edge_number, init_r
 _served: list[Optional[Served]] = [None]
 _host: list[Optional[Host]] = [None]
 _finished = threading.Event()
+_refused = threading.Event()  # this edge's own policy refused the central's job (training.policy)
 _edge_side: list[Optional[admission.EdgeSide]] = [None]  # this edge's half of admission
 
 
@@ -55,15 +58,36 @@ class _Pending:
         self.fut = fut
 
     def wait(self) -> Any:
-        return self.fut.wait()
+        try:
+            return self.fut.wait()
+        except Exception as exc:
+            raise _edge_words(exc) from None
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         def note(done: torch.futures.Future) -> None:
             try:
                 done.value()
             except Exception as exc:
-                callback(exc)
+                callback(_edge_words(exc))
         self.fut.add_done_callback(note)
+
+
+_REPR = re.compile(r"""^\w+\((['"])(.*)\1\)$""")
+
+
+def _edge_words(exc: Exception) -> Exception:
+    """An edge's error as the edge said it. torch RPC brings it back as "On WorkerInfo(...):", then
+    its repr, then the edge's traceback (behind "Type: " when an RRef's creation failed): the one
+    line a person reads would otherwise be the first."""
+    lines = str(exc).splitlines()
+    for at, line in enumerate(lines[:-1]):
+        found = _REPR.match(lines[at + 1].strip()) if "On WorkerInfo(" in line else None
+        if found:
+            try:
+                return type(exc)(found.group(2))
+            except Exception:  # a type that takes other arguments
+                return RuntimeError(found.group(2))
+    return exc
 
 
 class RpcRemote:
@@ -71,7 +95,11 @@ class RpcRemote:
         self.name, self.rref = name, rref
 
     def send(self, method: str, args: tuple, timeout_s: float, seq: Optional[int] = None) -> _Pending:
-        return _Pending(rpc.rpc_async(self.name, _call_method, args=(self.rref, method, args, seq), timeout=timeout_s))
+        try:  # a call on an edge object whose creation failed fails here, with that failure
+            return _Pending(rpc.rpc_async(self.name, _call_method, args=(self.rref, method, args, seq),
+                                          timeout=timeout_s))
+        except Exception as exc:
+            raise _edge_words(exc) from None
 
 
 def _call_method(rref: rpc.RRef, method: str, args: tuple, seq: Optional[int]) -> Any:
@@ -81,10 +109,36 @@ def _call_method(rref: rpc.RRef, method: str, args: tuple, seq: Optional[int]) -
 
 def _build_edge(cfg: Config) -> Served:
     """On the edge, at the central's ``rpc.remote``: this edge's object, built by this process's
-    host (its own config, the data it loaded) from the central's config, under its name in the group."""
-    _served[0] = _host[0].build(rpc.get_worker_info().name, cfg, partial(_ask_peer, timeout_s=cfg.rpc.timeout_s),
-                                DistAutograd())
+    host (its own config, the data it loaded) from the central's config, under its name in the group;
+    an edge holding the job's secret builds nothing for a central that has not proved it."""
+    _edge_side[0].serves()
+    try:
+        _served[0] = _host[0].build(rpc.get_worker_info().name, cfg, partial(_ask_peer, timeout_s=cfg.rpc.timeout_s),
+                                    DistAutograd())
+    except EdgeRefusal:  # this edge's own policy refuses the job: the central hears why, and the edge leaves
+        _refused.set()
+        _finished.set()
+        raise
     return _served[0]
+
+
+def _alive() -> None:
+    pass
+
+
+def _outlive_the_central(timeout_s: float) -> None:
+    """This edge refused the job (its line is out, and the refusal is the answer the central gets):
+    wait until the central, which stops on a refusal, is gone (a call to it fails), at most
+    ``timeout_s``, then leave with exit 2. Leaving at once could beat the answer to the central;
+    waiting for a job that will never come would hold the edge for rpc.startup_timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            rpc.rpc_sync("central", _alive, timeout=max(1.0, deadline - time.monotonic()))
+        except Exception:
+            break
+        time.sleep(0.2)  # a poll of the central's liveness, bounded by the deadline
+    os._exit(2)
 
 
 def _peer_state() -> dict[str, torch.Tensor]:
@@ -181,5 +235,7 @@ def serve_edge(topo: Topology, cfg: Config, host: Callable[[], Host]) -> None:
         silent = time.monotonic() - since
         if silent > limit:
             raise TimeoutError(f"no call from the central for {silent:.0f} s ({key}={limit:g})")
+    if _refused.is_set():
+        _outlive_the_central(cfg.rpc.timeout_s)
     _edge_side[0].leave()  # refused (or the job stopped): one line, exit 2
     rpc.shutdown(graceful=True)
