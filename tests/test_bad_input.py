@@ -128,7 +128,8 @@ def test_an_idx_set_with_a_damaged_file_loads_or_is_one_line(which, damage, comp
         elif kind == "cut":
             data = data[:arg]
         elif kind == "dims":
-            data = bytearray([0, 0, 0x08, len(arg)]) + b"".join(struct.pack(">I", d) for d in arg) + data[4 + 4 * data[3]:]
+            header = bytearray([0, 0, 0x08, len(arg)]) + b"".join(struct.pack(">I", d) for d in arg)
+            data = header + data[4 + 4 * data[3]:]
         files[which] = bytes(data)
         for name, blob in zip(MNIST_FILES, files):
             (where / (name + (".gz" if compress else ""))).write_bytes(gzip.compress(blob) if compress else blob)
@@ -227,3 +228,20 @@ def test_a_real_model_file_cut_or_flipped_anywhere_is_one_line(in_process, tmp_p
             assert code in (0, 2) and (code == 0 or not out.exists()), err
             assert code == 0 or len(err.strip().splitlines()) == 1, err
             out.unlink(missing_ok=True)
+
+
+def test_a_checkpoint_of_parts_that_are_no_module_states_is_one_line(in_process, tmp_path):
+    """A checkpoint whose hashes hold, written with parts of another shape: no part but the central's,
+    or a part that is no mapping of tensors."""
+    config = {"model": {"name": "mnist_cnn"}}
+    shape = {"in_channels": 1, "image_size": 28, "num_classes": 10}
+    for case, parts in {"central only": {"central": {"module": {"w": torch.ones(1)}}},
+                        "no mapping": {"central": {"module": {"w": torch.ones(1)}}, "edge1": [1, 2]},
+                        "no tensors": {"central": {"module": {"w": "text"}}, "edge1": {"module": {}}}}.items():
+        path, _ = checkpoint.save(tmp_path / case.replace(" ", "_"), 1, parts, {"config": config, "shape": shape},
+                                  keep=1)
+        out = tmp_path / "out.pt"
+        code, stdout, err = in_process("export", "--checkpoint", str(path), "--out", str(out))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "not a checkpoint this trainer wrote" in err, \
+            (case, err)
+        assert not out.exists()

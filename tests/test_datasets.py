@@ -116,6 +116,19 @@ def test_an_image_folder_of_one_colour_is_one_line_not_a_division_by_zero(tmp_pa
     assert torch.isfinite(train.batch(torch.arange(2))[0]).all()
 
 
+def test_an_image_folder_with_a_file_that_is_no_image_is_one_line_naming_it(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label, shade in (("a", 0), ("b", 255)):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("L", (8, 8), shade).save(tmp_path / split / label / "0.png")
+    (tmp_path / "train" / "a" / "1.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ConfigError, match=r"/train/a/1.png is not an image that can be read \(.*\): replace or "
+                                          r"remove it$"):
+        load(DataConfig(name="image_folder", root=str(tmp_path), channels=1, image_size=8, download=False))
+
+
 @pytest.mark.parametrize("name, words", [
     ("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"), ("svhn", "train_32x32.mat")])
 def test_checksummed_sets_without_their_files_say_where_they_go(tmp_path, name, words):

@@ -70,7 +70,9 @@ def test_a_central_that_asks_for_the_labels_of_a_u_shaped_edge_is_refused(edges_
     code, out, err = in_process("--config", str(PRIVATE), *argv)
     expected = ("refuses to send the labels of its train batch 0: its own plan keeps the labels on the edge "
                 "(the loss is computed there)")
-    assert code == 1 and f"split_trainer: [edge1] error: edge1 {expected}" in edge_lines(err), err[-3000:]
+    refused = [line for line in edge_lines(err) if line.endswith(expected)]  # each edge's first batch is its 0
+    assert code == 1 and refused and all(line.startswith(f"split_trainer: [{line[16:21]}] error: {line[16:21]} ")
+                                         for line in refused), err[-3000:]
     assert err.splitlines()[-1].endswith(expected), err[-3000:]
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoints").exists()
 
@@ -119,8 +121,10 @@ def test_on_grpc_the_edges_refuse_the_hostile_central(in_process, mnist_root, tm
     for thread in threads:
         thread.join(60)
     refusal = "refuses the central's config, which gives model.name=mlp (this edge: mnist_cnn); model.split=flatten"
-    assert code != 0 and "split_trainer: [edge1] error: edge1 " + refusal in err, err[-3000:]
-    assert refusal in err.strip().splitlines()[-1] and "[central]" in err.strip().splitlines()[-1], err[-3000:]
+    # whichever edge the central connects first refuses, and the central stops the job on it
+    assert code != 0 and any(f"split_trainer: [edge{k}] error: edge{k} {refusal}" in err for k in (1, 2)), err[-3000:]
+    central = [line for line in err.splitlines() if line.startswith("split_trainer: [central] error:")]
+    assert len(central) == 1 and refusal in central[0], err[-3000:]  # (gRPC's own log lines may follow it)
     assert not any(thread.is_alive() for thread in threads) and sorted(errors) == [1, 2], errors
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoints").exists()
 

@@ -143,11 +143,15 @@ class FolderSource(Source):
 
         images = []
         for i in idx.tolist():
-            with Image.open(self.paths[i]) as img:
-                img = img.convert("L" if self.channels == 1 else "RGB")
-                if img.size != (self.size, self.size):
-                    img = img.resize((self.size, self.size), Image.BILINEAR)
-                images.append(pil_to_tensor(img))
+            try:
+                with Image.open(self.paths[i]) as img:
+                    img = img.convert("L" if self.channels == 1 else "RGB")
+                    if img.size != (self.size, self.size):
+                        img = img.resize((self.size, self.size), Image.BILINEAR)
+                    images.append(pil_to_tensor(img))
+            except (OSError, ValueError, SyntaxError) as exc:  # PIL's words for a file that is no image
+                raise ConfigError(f"{self.paths[i]} is not an image that can be read ({str(exc)[:120]}): replace "
+                                  f"or remove it") from None
         return torch.stack(images)
 
     def subset(self, idx: Tensor) -> "FolderSource":

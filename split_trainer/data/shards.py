@@ -134,8 +134,8 @@ class Shard:
         """The edge's side of a batch reference (placement.py): (inputs, labels, the labels to send the
         central: only when the loss is there, which the edge's own plan says, not the reference)."""
         if ref.labels and not self.labels_leave:
-            raise EdgeRefusal(f"edge{self.edge} refuses to send the labels of its {ref.split} batch {ref.index}: its own "
-                          f"plan keeps the labels on the edge (the loss is computed there)")
+            raise EdgeRefusal(f"edge{self.edge} refuses to send the labels of its {ref.split} batch {ref.index}: its "
+                              f"own plan keeps the labels on the edge (the loss is computed there)")
         x, y = self.batch(ref)
         if ref.split == "train":
             self.position = (ref.epoch, ref.index + 1)

@@ -183,10 +183,12 @@ class PartyData:
         own = _prefixed({s: self.records[s].ids for s in SPLITS})
         asked, most = alignment.request_size(request), int(self.cfg.psi_max_ratio * len(own))
         if asked != count:
-            raise EdgeRefusal(f"party edge{self.number} refuses an alignment request of {asked:,} ids that claims {count:,}")
+            raise EdgeRefusal(f"party edge{self.number} refuses an alignment request of {asked:,} ids that claims "
+                              f"{count:,}")
         if asked > most:
-            raise EdgeRefusal(f"party edge{self.number} refuses an alignment request of {asked:,} ids: it answers at most "
-                          f"data.psi_max_ratio={self.cfg.psi_max_ratio:g} x the {len(own):,} it holds ({most:,})")
+            raise EdgeRefusal(f"party edge{self.number} refuses an alignment request of {asked:,} ids: it answers at "
+                              f"most data.psi_max_ratio={self.cfg.psi_max_ratio:g} x the {len(own):,} it holds "
+                              f"({most:,})")
         return alignment.answer(own, request, asked)
 
     def align(self, ids: Tensor) -> None:
@@ -194,7 +196,8 @@ class PartyData:
         own PSI answer; refuse the whole list, without saying which, if it names a record this party
         does not hold (a PSI false positive, another run's list, or a probe)."""
         if not self.answered or self.aligned:
-            raise EdgeRefusal(f"party edge{self.number} takes the shared records once per run, after its own PSI answer")
+            raise EdgeRefusal(f"party edge{self.number} takes the shared records once per run, after its own PSI "
+                              f"answer")
         self.aligned = True
         rows = {split: {rid: i for i, rid in enumerate(self.records[split].ids)} for split in SPLITS}
         shared: dict[str, list[int]] = {split: [] for split in SPLITS}

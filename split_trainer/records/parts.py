@@ -42,6 +42,8 @@ def load_parts(path: Path, edge_parts: Optional[Path] = None, overrides: Sequenc
     parts = loaded.parts
     if "edge_parts" in loaded.manifest:
         parts = {**parts, **_edge_parts(loaded, edge_parts or loaded.path.parent)}
+    if len(parts) < 2:
+        raise ConfigError(f"{loaded.path} holds no edge's part: not a checkpoint this trainer wrote")
     for name, part in parts.items():  # a file's word: the shape every reader below relies on
         module = part.get("module") if isinstance(part, dict) else None
         if not (isinstance(module, dict) and all(isinstance(t, torch.Tensor) for t in module.values())):

@@ -26,9 +26,9 @@ from split_trainer.core.errors import EdgeRefusal
 from split_trainer.model.plan import Plan
 
 OWN_KEYS = ("model.name", "model.args", "model.split", "model.plan", "model.bottleneck", "model.merge",
-            "data.name", "data.placement", "data.regions", "data.share_label_counts", "data.psi_max_ratio", "train.edge_loss",
-            "privacy.edge_weights", "privacy.clip", "privacy.noise", "privacy.nopeek", "privacy.label_noise",
-            "privacy.adversary", "privacy.adversary_ssim", "privacy.raw_inputs")
+            "data.name", "data.placement", "data.regions", "data.share_label_counts", "data.psi_max_ratio",
+            "train.edge_loss", "privacy.edge_weights", "privacy.clip", "privacy.noise", "privacy.nopeek",
+            "privacy.label_noise", "privacy.adversary", "privacy.adversary_ssim", "privacy.raw_inputs")
 """The keys an edge is the authority on: what its segment is (the model and its cuts), what it holds
 (its data and who takes the labels), and the defences it applies before anything leaves it."""
 
@@ -50,8 +50,8 @@ def check_config(name: str, own: Config, theirs: Config) -> None:
     """Refuse the central's config ``theirs`` where it differs from this edge's own on its keys."""
     found = differences(own, theirs)
     if found:
-        raise EdgeRefusal(f"{name} refuses the central's config, which gives {'; '.join(found)}: start the central "
-                      f"with the edges' settings, or change this edge's own config")
+        raise EdgeRefusal(f"{name} refuses the central's config, which gives {'; '.join(found)}: start the "
+                          f"central with the edges' settings, or change this edge's own config")
 
 
 def check_segment(name: str, own: Config, plan: Plan) -> None:
@@ -61,9 +61,10 @@ def check_segment(name: str, own: Config, plan: Plan) -> None:
     if own.data.placement == "central" or own.privacy.raw_inputs or first.place != "edge":
         return
     if not any(isinstance(p, nn.Parameter) and p.requires_grad for p in first.module.parameters()):
-        raise EdgeRefusal(f"{name} refuses to send its raw inputs: its first segment ({', '.join(first.layers)}) has no "
-                      f"learned layer before the cut; cut after a learned layer (model.split), or set "
-                      f"privacy.raw_inputs=true in this edge's own config")
+        layers = ", ".join(first.layers)
+        raise EdgeRefusal(f"{name} refuses to send its raw inputs: its first segment ({layers}) has no learned "
+                          f"layer before the cut; cut after a learned layer (model.split), or set "
+                          f"privacy.raw_inputs=true in this edge's own config")
 
 
 @contextmanager
