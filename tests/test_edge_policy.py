@@ -37,7 +37,35 @@ def edges_own(in_process, monkeypatch):
         loopback = launchers._loopback()
         monkeypatch.setattr(launchers, "_loopback", lambda: dataclasses.replace(
             loopback, transport=lambda cfg, topo: LoopbackTransport(cfg, EdgeHost(own, [1, 2]))))
+        return None  # nothing to join: the edges live in the central's transport
     return arrange
+
+
+GRPC = {"topology.transport": "grpc", "train.engine": "relay", "rpc.startup_timeout_s": 30}
+
+
+def dialling_edges(own_config, argv, run_dir):
+    """Edges 1 and 2 on threads of this process, each dialling the grpc central with its own config
+    (``own_config`` with ``argv``); returns the join: the errors they ended with, by edge number."""
+    from split_trainer.transport.grpc_edge import serve_edge_in_run_folder
+
+    own, errors = load_config(own_config, argv[1:]), {}
+
+    def edge(k):
+        try:
+            serve_edge_in_run_folder(run_dir, f"edge{k}", EdgeHost(own, [k]), own)
+        except Exception as exc:
+            errors[k] = exc
+    threads = [threading.Thread(target=edge, args=(k,), daemon=True) for k in (1, 2)]
+    for thread in threads:
+        thread.start()
+
+    def join():
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+        return errors
+    return join
 
 
 def edge_lines(err: str) -> list[str]:
@@ -59,21 +87,26 @@ def test_a_central_whose_config_asks_for_raw_inputs_and_labels_is_refused(edges_
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("transport", ["loopback", "grpc"])
 def test_a_central_that_asks_for_the_labels_of_a_u_shaped_edge_is_refused(edges_own, in_process, mnist_root,
-                                                                         tmp_path, monkeypatch):
+                                                                         tmp_path, monkeypatch, transport):
     """The hostile central's own code asks for the labels in its batch references: the edge's plan,
-    not the reference, says whether they leave."""
+    not the reference, says whether they leave. On loopback, and with the edges dialling a grpc
+    central from threads of their own."""
     honest = placement.EdgeData.__init__
     monkeypatch.setattr(placement.EdgeData, "__init__", lambda self, cfg, labels_here: honest(self, cfg, True))
-    argv = overrides(mnist_root, tmp_path, 2)
-    edges_own(PRIVATE, argv)
+    argv = overrides(mnist_root, tmp_path, 2, **(GRPC if transport == "grpc" else {}))
+    join = dialling_edges(PRIVATE, argv, tmp_path) if transport == "grpc" else edges_own(PRIVATE, argv)
     code, out, err = in_process("--config", str(PRIVATE), *argv)
+    errors = join() if join else {}
     expected = ("refuses to send the labels of its train batch 0: its own plan keeps the labels on the edge "
                 "(the loss is computed there)")
     refused = [line for line in edge_lines(err) if line.endswith(expected)]  # each edge's first batch is its 0
     assert code == 1 and refused and all(line.startswith(f"split_trainer: [{line[16:21]}] error: {line[16:21]} ")
                                          for line in refused), err[-3000:]
-    assert err.splitlines()[-1].endswith(expected), err[-3000:]
+    central = [line for line in err.splitlines() if line.startswith("split_trainer: [central] error:")]
+    assert len(central) == 1 and central[0].endswith(expected), err[-3000:]
+    assert transport == "loopback" or sorted(errors) == [1, 2], errors
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoints").exists()
 
 
@@ -102,30 +135,16 @@ def test_central_held_data_needs_no_consent_to_send_inputs(in_process, mnist_roo
 
 def test_on_grpc_the_edges_refuse_the_hostile_central(in_process, mnist_root, tmp_path):
     """The central in this process, each edge on a thread that dials it with its own config."""
-    from split_trainer.transport.grpc_edge import serve_edge_in_run_folder
-
-    keys = {"topology.transport": "grpc", "train.engine": "relay", "rpc.startup_timeout_s": 30}
-    own = load_config(PRIVATE, quick_overrides(mnist_root, tmp_path, 2, **SMALL, **keys)[1:])
-    errors = {}
-
-    def edge(k):
-        try:
-            serve_edge_in_run_folder(tmp_path, f"edge{k}", EdgeHost(own, [k]), own)
-        except Exception as exc:
-            errors[k] = exc
-    threads = [threading.Thread(target=edge, args=(k,), daemon=True) for k in (1, 2)]
-    for thread in threads:
-        thread.start()
+    join = dialling_edges(PRIVATE, quick_overrides(mnist_root, tmp_path, 2, **SMALL, **GRPC), tmp_path)
     code, out, err = in_process("--config", str(PRIVATE), *quick_overrides(mnist_root, tmp_path, 2, **SMALL,
-                                                                           **keys, **RAW))
-    for thread in threads:
-        thread.join(60)
+                                                                           **GRPC, **RAW))
+    errors = join()
     refusal = "refuses the central's config, which gives model.name=mlp (this edge: mnist_cnn); model.split=flatten"
     # whichever edge the central connects first refuses, and the central stops the job on it
     assert code != 0 and any(f"split_trainer: [edge{k}] error: edge{k} {refusal}" in err for k in (1, 2)), err[-3000:]
     central = [line for line in err.splitlines() if line.startswith("split_trainer: [central] error:")]
     assert len(central) == 1 and refusal in central[0], err[-3000:]  # (gRPC's own log lines may follow it)
-    assert not any(thread.is_alive() for thread in threads) and sorted(errors) == [1, 2], errors
+    assert sorted(errors) == [1, 2], errors
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoints").exists()
 
 
