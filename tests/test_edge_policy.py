@@ -167,6 +167,7 @@ def test_on_rpc_hosts_the_edges_refuse_the_hostile_central(mnist_root, tmp_path)
     refusal = "refuses the central's config, which gives model.name=mlp (this edge: mnist_cnn); model.split=flatten"
     assert central.returncode != 0 and edge.returncode != 0, central_out[-3000:] + edge_out[-3000:]
     assert f"split_trainer: [edge1] error: edge1 {refusal}" in edge_out, edge_out[-3000:]
+    assert f'File "{ROOT / "split_trainer"}' not in edge_out, edge_out  # a line, not a crash (torchrun's report aside)
     central_line = [line for line in central_out.splitlines() if line.startswith("split_trainer: [central] error")]
     assert len(central_line) == 1 and refusal in central_line[0], central_out[-3000:]
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoints").exists()

@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Optional
 
@@ -59,9 +60,12 @@ class _Pending:
 
     def wait(self) -> Any:
         try:
-            return self.fut.wait()
+            value = self.fut.wait()
         except Exception as exc:
             raise _edge_words(exc) from None
+        if isinstance(value, _Refusal):
+            raise EdgeRefusal(value.line)
+        return value
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         def note(done: torch.futures.Future) -> None:
@@ -102,12 +106,26 @@ class RpcRemote:
             raise _edge_words(exc) from None
 
 
+@dataclass(frozen=True)
+class _Refusal:
+    """An edge's refusal (training.policy) as the value of its call: torch RPC prints the traceback
+    of every exception a remote function raises, and a refusal is one line, not a crash. The
+    central's ``_Pending`` raises it as an EdgeRefusal."""
+    line: str
+
+
 def _call_method(rref: rpc.RRef, method: str, args: tuple, seq: Optional[int]) -> Any:
     """The trampoline: every call the central makes of an edge object lands here, on the edge."""
-    return rref.local_value().serve(method, args, seq)
+    edge = rref.local_value()
+    if isinstance(edge, _Refusal):  # the edge refused the job as it was built: every call hears it again
+        return edge
+    try:
+        return edge.serve(method, args, seq)
+    except EdgeRefusal as exc:
+        return _Refusal(str(exc))
 
 
-def _build_edge(cfg: Config) -> Served:
+def _build_edge(cfg: Config) -> Served | _Refusal:
     """On the edge, at the central's ``rpc.remote``: this edge's object, built by this process's
     host (its own config, the data it loaded) from the central's config, under its name in the group;
     an edge holding the job's secret builds nothing for a central that has not proved it."""
@@ -115,10 +133,10 @@ def _build_edge(cfg: Config) -> Served:
     try:
         _served[0] = _host[0].build(rpc.get_worker_info().name, cfg, partial(_ask_peer, timeout_s=cfg.rpc.timeout_s),
                                     DistAutograd())
-    except EdgeRefusal:  # this edge's own policy refuses the job: the central hears why, and the edge leaves
+    except EdgeRefusal as exc:  # this edge's own policy refuses the job: the central hears why, and the edge leaves
         _refused.set()
         _finished.set()
-        raise
+        return _Refusal(str(exc))
     return _served[0]
 
 
