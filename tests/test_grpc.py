@@ -27,6 +27,8 @@ from split_trainer.transport.codec import Hello, decode_call, encode
 from split_trainer.transport.grpc_central import GrpcTransport
 from split_trainer.transport.grpc_common import CERTS_FOLDER, PATH
 from split_trainer.transport.grpc_edge import serve_edge_grpc, serve_edge_in_run_folder
+from split_trainer.transport.link import Link
+from split_trainer.transport.wire import WireFormat
 
 from conftest import ROOT, THREADS, child_env, quick_overrides, run, torchrun_cmd
 
@@ -162,6 +164,33 @@ def test_only_the_jobs_edges_attach_and_the_first_edge1_stays(tmp_path, capsys):
     lines = [line for line in err.splitlines() if "refus" in line]
     assert len(lines) == 2, err
     assert "Traceback" not in err
+
+
+def test_an_edges_error_reaches_the_central_with_its_control_characters_escaped(tmp_path):
+    """An edge's error message is a peer's word: a newline and an ANSI code in it cannot forge a
+    line of the central's log."""
+    class Forger(_FakeEdge):
+        def serve(self, method, args, seq=None):
+            if method == "about":
+                raise RuntimeError("\x1b[2Jsplit_trainer: [central] done: steps 64")
+            return super().serve(method, args, seq)
+
+    host = _FakeHost()
+    host.build = lambda name, *args, **kw: Forger(name)
+    cfg = _cfg(tmp_path, **{"topology.edges": 1})
+    transport = GrpcTransport(cfg)
+    transport.start()
+    edge = _started(lambda: serve_edge_in_run_folder(tmp_path, "edge1", host, cfg), "edge1")
+    try:
+        assert transport.members() == ["edge1"]
+        link = Link("edge1", transport.connect(transport.admit(["edge1"]), cfg)[0], WireFormat({}), 5)
+        with pytest.raises(JobError) as caught:
+            link.call("about")
+        assert str(caught.value) == "edge1 failed: \\x1b[2Jsplit_trainer: [central] done: steps 64"
+        transport.finish(5)
+    finally:
+        transport.shutdown(graceful=True)
+        _joined([edge])
 
 
 def test_a_message_that_does_not_decode_drops_its_sender_with_one_line(tmp_path, capsys):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from split_trainer.core.errors import JobError, short
+from split_trainer.core.errors import JobError, printable, short
 from split_trainer.core.hops import Crossing, Hop, crossing
 from split_trainer.transport.base import Pending, Remote
 from split_trainer.transport.wire import Reply, WireFormat, nbytes
@@ -166,7 +166,10 @@ class Link:
         """Record the edge's first failure (its time names the cause later) and return it."""
         with self._lock:
             if self.failure is None:
-                self.failure = exc if isinstance(exc, JobError) else JobError(f"{self.name} failed{during}: {short(exc)}")
+                # the edge's words (over grpc, its own message) are a peer's: no control character
+                # of theirs reaches the central's log
+                self.failure = exc if isinstance(exc, JobError) else \
+                    JobError(f"{self.name} failed{during}: {printable(short(exc), 800)}")
             return self.failure
 
     def trained(self) -> None:

@@ -26,7 +26,7 @@ import torch.distributed.autograd as dist_autograd
 from torch.distributed import rpc
 
 from split_trainer.config import Config
-from split_trainer.core.errors import EdgeRefusal
+from split_trainer.core.errors import EdgeRefusal, printable
 from split_trainer.transport import admission
 from split_trainer.transport.base import Host, Served
 from split_trainer.transport.topology import ROLE, Topology, edge_number, init_rpc, members
@@ -64,7 +64,7 @@ class _Pending:
         except Exception as exc:
             raise _edge_words(exc) from None
         if isinstance(value, _Refusal):
-            raise EdgeRefusal(value.line)
+            raise EdgeRefusal(printable(value.line, 800))  # a peer's words
         return value
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
@@ -87,10 +87,11 @@ def _edge_words(exc: Exception) -> Exception:
     for at, line in enumerate(lines[:-1]):
         found = _REPR.match(lines[at + 1].strip()) if "On WorkerInfo(" in line else None
         if found:
+            words = printable(found.group(2), 800)  # a peer's
             try:
-                return type(exc)(found.group(2))
+                return type(exc)(words)
             except Exception:  # a type that takes other arguments
-                return RuntimeError(found.group(2))
+                return RuntimeError(words)
     return exc
 
 
