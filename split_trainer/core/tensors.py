@@ -36,6 +36,11 @@ def non_finite(state: dict[str, Tensor]) -> Optional[str]:
     return next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
 
 
+def poisoned(states: dict[str, dict[str, Tensor]]) -> list[str]:
+    """``name (entry)`` for every named state that holds an inf or a NaN (``non_finite``)."""
+    return [f"{name} ({key})" for name, state in states.items() if (key := non_finite(state))]
+
+
 def load_weights(data: bytes, source: str) -> Any:
     """The tensors and plain containers in ``data``, a file ``torch.save`` wrote; ValueError (one
     line naming ``source``) for anything else. ``torch.load(weights_only=True)`` runs no code, but

@@ -10,7 +10,7 @@ from typing import Any
 
 from split_trainer.config import Config
 from split_trainer.core.errors import JobError
-from split_trainer.core.tensors import non_finite
+from split_trainer.core.tensors import poisoned
 from split_trainer.records import checkpoint, state
 from split_trainer.records.state import Progress, Stateful
 from split_trainer.training.fleet import Fleet
@@ -63,9 +63,9 @@ def save(cfg: Config, meta: dict[str, Any], central: Stage, fleet: Fleet, progre
 
 
 def _refuse_poisoned(step: int, modules: dict[str, dict[str, Any]]) -> None:
-    poisoned = [f"{name} ({key})" for name, module in modules.items() if (key := non_finite(module))]
-    if poisoned:
-        raise JobError(f"step {step}: the weights of {', '.join(poisoned)} hold non-finite values: not checkpointed "
+    bad = poisoned(modules)
+    if bad:
+        raise JobError(f"step {step}: the weights of {', '.join(bad)} hold non-finite values: not checkpointed "
                        f"(run the same command to resume from the last checkpoint)")
 
 

@@ -23,7 +23,7 @@ import torch
 from split_trainer.config import Config
 from split_trainer.core import faults
 from split_trainer.core.hops import Hop, crossing
-from split_trainer.core.tensors import average_states, non_finite
+from split_trainer.core.tensors import average_states, non_finite, poisoned
 from split_trainer.data.placement import EdgeSide
 from split_trainer.model.plan import Plan
 from split_trainer.privacy.adversary import Adversary
@@ -198,9 +198,9 @@ class Edge:
         their average for ``apply_average``: every edge computes the same one."""
         waits = [None if peer == self.name else self.peers(peer) for peer in peers]  # all asked at once
         replicas = [self.serve("peer_state", ()) if w is None else w() for w in waits]
-        poisoned = [f"{peer} ({key})" for peer, replica in zip(peers, replicas) if (key := non_finite(replica))]
-        if poisoned:
-            raise RuntimeError(f"{self.name}: the replicas of {', '.join(poisoned)} hold non-finite values: not averaged")
+        bad = poisoned(dict(zip(peers, replicas)))
+        if bad:
+            raise RuntimeError(f"{self.name}: the replicas of {', '.join(bad)} hold non-finite values: not averaged")
         self.average = average_states(replicas)
 
     def apply_average(self) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from split_trainer.config import Config
 from split_trainer.core.errors import JobError, printable
-from split_trainer.core.tensors import average_states, non_finite
+from split_trainer.core.tensors import average_states, poisoned
 from split_trainer.transport.base import Transport
 from split_trainer.transport.link import Link, LinkSnapshot
 from split_trainer.transport.wire import WireFormat
@@ -94,9 +94,9 @@ class Fleet:
             self.on_all("apply_average")
             return
         states = self.on_all("get_state", kind="edge_state")
-        poisoned = [f"{name} ({key})" for name, s in zip(self.names, states) if (key := non_finite(s))]
-        if poisoned:  # averaged, it would reach every edge; checkpointed, every resume
-            raise JobError(f"the replicas of {', '.join(poisoned)} hold non-finite values at a sync: nothing of them "
+        bad = poisoned(dict(zip(self.names, states)))
+        if bad:  # averaged, it would reach every edge; checkpointed, every resume
+            raise JobError(f"the replicas of {', '.join(bad)} hold non-finite values at a sync: nothing of them "
                            f"is averaged or checkpointed (run the same command to resume from the last checkpoint)")
         average = average_states([s for name, s in zip(self.names, states) if name in trained] or states)
         self.on_all("set_state", [(average,)] * n, "edge_state")
