@@ -12,6 +12,7 @@ from split_trainer.config import load_config
 from split_trainer.core.batch import Batch
 from split_trainer.core.errors import JobError
 from split_trainer.data.datasets import load
+from split_trainer.data.placement import edge_of
 from split_trainer.data.shards import Shard
 from split_trainer.training.central import Cadence
 from split_trainer.training.dispatch import FirstCome, Turns, shares
@@ -126,13 +127,41 @@ def test_the_edges_are_flushed_at_every_sync_checkpoint_and_epoch_end():
 def test_round_robin_gives_batch_i_to_edge_i_mod_n_and_free_first_to_whoever_asks():
     chunk = [Batch(step, step % 3, None) for step in range(7)]
     taken = []
-    lanes = shares("round_robin", chunk, 3, lambda b: taken.append(b) or b)
+    lanes = shares("round_robin", chunk, 3, lambda b: taken.append(b) or b, [0, 1, 2])
     assert [[b.step for b in lane] for lane in lanes] == [[0, 3, 6], [1, 4], [2, 5]]
-    lanes = shares("free_first", chunk, 2, lambda b: b)
+    lanes = shares("free_first", chunk, 2, lambda b: b, [0, 1])
     first, second = iter(lanes[0]), iter(lanes[1])
     got = [next(first), next(first), next(second), next(first)]
     assert [(b.step, b.edge) for b in got] == [(0, 0), (1, 0), (2, 1), (3, 0)]  # a new record names the lane
     assert chunk[2].edge == 2  # the chunk's own records are left as they were
+
+
+def test_free_first_hands_a_span_only_to_its_takers():
+    chunk = [Batch(step, 0, None) for step in range(5)]
+    lanes = shares("free_first", chunk, 4, lambda b: b, [1, 2])
+    assert lanes[0] == lanes[3] == []
+    assert sorted(b.step for lane in (lanes[1], lanes[2]) for b in lane) == list(range(5))
+
+
+def test_each_sync_has_its_edges_per_sync_edges_in_turn():
+    """128 edges, 3 per sync, a sync every 20 steps: each sync's 20 batches go round robin to three
+    edges, the next three after every sync, and every edge comes round within an epoch."""
+    edges = [edge_of(step, 128, 3, 20) for step in range(938)]
+    for start in range(0, 938, 20):
+        window = edges[start:start + 20]
+        assert set(window) == {(start // 20 * 3 + k) % 128 for k in range(3)}
+        assert max(map(window.count, window)) - min(map(window.count, window)) <= 1
+    assert set(edges) == set(range(128))
+    assert [edge_of(step, 5, 0, 4) for step in range(12)] == [edge_of(step, 5, 5, 4) for step in range(12)] == \
+        [step % 5 for step in range(12)]  # 0, or every edge: batch i to edge i mod N
+
+
+def test_a_run_trains_each_sync_on_its_edges_per_sync_edges(loopback, tmp_path):
+    """1+5, 2 edges per sync, a sync every 4 steps, 12 steps: edge1 trains in the first and third
+    syncs' turns, the others in one each (round robin over all five would give 3, 3, 2, 2, 2)."""
+    summary = loopback(tmp_path, 5, **{"train.edges_per_sync": 2, "train.edge_sync_every": 4, "train.max_steps": 12})
+    batches = [summary["bytes"]["per_edge"][f"edge{k}"]["batches"] for k in range(1, 6)]
+    assert batches == [4, 2, 2, 2, 2], batches
 
 
 def test_turns_go_in_order_and_a_failure_releases_every_waiter():

@@ -64,6 +64,9 @@ class Placement(Protocol):
     def reach(self, span: list[Batch], free_first: bool) -> dict[str, int]:
         """Per set of ``passes``, the most batches of ``span`` it can serve."""
 
+    def takers(self, span: list[Batch]) -> list[int]:
+        """The edges that may ask for ``span``'s batches under free_first (horizontal placements)."""
+
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
         """Per edge, its (test batch number, key) pairs; ``test_batch(key)`` gives (source, labels)."""
 
@@ -109,9 +112,18 @@ def computes_statistics(cfg: Config) -> bool:
     return cfg.data.name == "image_folder" and cfg.data.mean is None
 
 
+def edge_of(step: int, edges: int, per_sync: int, sync_every: int) -> int:
+    """The edge of batch ``step`` under central placement: round robin over ``per_sync`` of the
+    ``edges`` at a time, the next ``per_sync`` after every ``sync_every`` steps (train.edges_per_sync;
+    0, or as many as there are edges: batch i to edge i mod N)."""
+    group = per_sync if 0 < per_sync < edges else edges
+    return ((step // sync_every) * group + step % group) % edges
+
+
 class CentralData:
     """The central holds the data set and sends each batch's inputs to the edge whose turn it is
-    (batch i to edge i mod N); the test batches are spread over the edges the same way."""
+    (``edge_of``: batch i to edge i mod N when every edge trains between two syncs); the test
+    batches are spread over every edge."""
 
     def __init__(self, cfg: Config, labels_here: bool):
         self.cfg = cfg
@@ -132,7 +144,8 @@ class CentralData:
         for i, (x, y) in enumerate(loader, position):
             if self.cfg.data.augment == "crop_flip":
                 x = crop_flip(x, self.cfg.train.seed, epoch, i)
-            yield Batch(start + i, (start + i) % self.edges, x, y)
+            yield Batch(start + i, edge_of(start + i, self.edges, self.cfg.train.edges_per_sync,
+                                           self.cfg.train.edge_sync_every), x, y)
 
     def assign(self, batch: Batch) -> Batch:
         if batch.step % self.steps_per_epoch == 0:  # an epoch is one pass over the data set
@@ -144,6 +157,9 @@ class CentralData:
 
     def reach(self, span: list[Batch], free_first: bool) -> dict[str, int]:
         return {DATA: len(span)}
+
+    def takers(self, span: list[Batch]) -> list[int]:
+        return sorted({batch.edge for batch in span})  # the edges of this sync's turn
 
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
         n = self.edges
@@ -210,6 +226,9 @@ class EdgeData:
 
     def passes(self, step: int) -> dict[str, tuple[int, int]]:
         return {name: (self.served.get(name, 0), s["train_batches"]) for name, s in zip(self.names, self.shards)}
+
+    def takers(self, span: list[Batch]) -> list[int]:
+        return list(range(len(self.names)))  # each runs the batch from its own shard
 
     def reach(self, span: list[Batch], free_first: bool) -> dict[str, int]:
         """Round robin gives each edge its rotation's batches; under free_first any edge may take them all."""

@@ -93,7 +93,7 @@ class Central:
         total = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.max_steps or total)
         self.cadence = Cadence(cfg, self.steps_per_epoch, self.total_steps, self.fleet.replicas)
-        self.train_time, self.checkpoint_time = 0.0, 0.0
+        self.train_time, self.checkpoint_time, self.sync_times = 0.0, 0.0, []
         self.run_dir = Path(cfg.output.run_dir)
         self.resumed_from = loaded.step if loaded else None
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through=self.resumed_from,
@@ -136,7 +136,9 @@ class Central:
                 self.progress.step = span[-1].step + 1
                 self.progress.trained = sorted(trained)
                 if self.cadence.sync(self.step):
+                    synced = time.perf_counter()
                     self.fleet.sync(trained)
+                    self.sync_times.append(time.perf_counter() - synced)
                     self.progress.trained = []
                 self.train_time += time.perf_counter() - t0
                 self.log.span(span)
@@ -202,6 +204,7 @@ class Central:
                 "wall_time_s": round(wall, 3), "train_time_s": round(self.train_time, 3),
                 "samples_per_s": self.log.samples / max(self.train_time, 1e-9),
                 "checkpoint_time_s": round(self.checkpoint_time, 3),
+                "syncs": len(self.sync_times), "sync_time_s": round(sum(self.sync_times), 3),
                 "edges": len(self.fleet), "restarts": self.topo.restart, "resumed_from_step": self.resumed_from,
                 "privacy": {"edge_weights": self.cfg.privacy.edge_weights, "delta": self.cfg.privacy.delta,
                             **self._privacy()},

@@ -2,12 +2,14 @@
 which order batches take the central's turn (``train.dispatch``), with the classes that hand out
 turns.
 
-    round_robin  batch i to edge i mod N (edge placement: the shards' rotation); turns in step
-                 order. A run is a function of its seed and config.
-    free_first   the next batch to whichever edge asks first (an edge asks when its previous batch
-                 has had its turn); the turn to whichever batch is ready first. A slow edge takes
-                 fewer batches and holds no one's turn; which edge trains which batch, and the turn
-                 order, follow the timing, so runs are not bit-reproducible.
+    round_robin  batch i to edge i mod N (central placement with more edges than
+                 train.edges_per_sync: among that many at a time, data.placement.edge_of; edge
+                 placement: the shards' rotation); turns in step order. A run is a function of
+                 its seed and config.
+    free_first   the next batch to whichever of the span's takers asks first (an edge asks when
+                 its previous batch has had its turn); the turn to whichever batch is ready first.
+                 A slow edge takes fewer batches and holds no one's turn; which edge trains which
+                 batch, and the turn order, follow the timing, so runs are not bit-reproducible.
 
 Either way a batch is *assigned* (``Placement.assign``) on the driver thread of the edge that runs
 it, in that edge's order: an edge-held batch gets its place in that edge's own shard only then.
@@ -26,8 +28,9 @@ from split_trainer.core.errors import JobError
 Assign = Callable[[Batch], Batch]
 
 
-def shares(mode: str, span: list[Batch], edges: int, assign: Assign) -> list[Iterable[Batch]]:
-    """Per edge, the batches its driver thread runs (an empty list: none)."""
+def shares(mode: str, span: list[Batch], edges: int, assign: Assign, takers: list[int]) -> list[Iterable[Batch]]:
+    """Per edge, the batches its driver thread runs (an empty list: none); under free_first only
+    ``takers`` ask."""
     if mode == "round_robin":
         fixed = [[b for b in span if b.edge == k] for k in range(edges)]
         return [map(assign, share) if share else [] for share in fixed]
@@ -41,7 +44,7 @@ def shares(mode: str, span: list[Batch], edges: int, assign: Assign) -> list[Ite
                 batch = queue.popleft()
             yield assign(dataclasses.replace(batch, edge=k))
 
-    return [asks(k) for k in range(edges)]
+    return [asks(k) if k in takers else [] for k in range(edges)]
 
 
 class Turns:

@@ -60,7 +60,8 @@ class Horizontal(Driver):
 
             self.engine.drive(link, batches, turns, lr, done)
 
-        self.fleet.per_edge(drive, dispatch.shares(mode, span, len(self.fleet), self.placement.assign), turns.fail)
+        shares = dispatch.shares(mode, span, len(self.fleet), self.placement.assign, self.placement.takers(span))
+        self.fleet.per_edge(drive, shares, turns.fail)
         return trained
 
     def evaluate(self, epoch: int) -> tuple[float, float, dict[str, Any]]:
