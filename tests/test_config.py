@@ -182,3 +182,15 @@ def test_config_resolves_a_file_without_starting_anything(in_process):
 def test_a_number_that_is_not_finite_is_refused(override):
     with pytest.raises(ConfigError, match=f"{override.split('=')[0]} must be finite"):
         load_config(None, [override])
+
+
+LIVE_KEYS = {"topology.transport": "grpc", "topology.membership": "live", "train.dispatch": "free_first"}
+
+
+def test_a_live_fleet_refuses_what_it_cannot_carry():
+    for key, value in (("topology.transport", "rpc"), ("train.dispatch", "round_robin"),
+                       ("data.placement", "edge"), ("privacy.edge_weights", "edges")):
+        keys = {**LIVE_KEYS, key: value}
+        with pytest.raises(ConfigError, match=f"topology.membership=live does not take {key}={value}"):
+            load_config(None, [f"{k}={v}" for k, v in keys.items()])
+

@@ -101,7 +101,8 @@ def test_a_checkpoint_of_three_edges_resumes_on_two_and_on_four(in_process, mnis
     saved = slow_edge_runs["round_robin"] / "checkpoints" / "step_00000032"  # the end of epoch 1
     for edges, change in ((2, "edge3 left"), (4, "edge4 joined")):
         code, out, err = in_process("--resume", str(saved), *loopback_overrides(
-            mnist_root, tmp_path / str(edges), edges, **{"train.epochs": 2, "train.max_steps": 40}))
+            mnist_root, tmp_path / str(edges), edges, **{"train.epochs": 2, "train.max_steps": 40,
+                                                         "train.edges_per_sync": 0}))  # every edge trains
         assert code == 0, (out + err)[-3000:]
         lines = [line for line in out.splitlines() if line.startswith("membership: ")]
         assert lines == [f"membership: {edges} edges present; {change} at step 32 (was edge1, edge2, edge3)"

@@ -26,6 +26,13 @@ class TopologyConfig:
     central over mutual TLS and keeps one stream, nothing listens on an edge, no pickle on the wire
     (across machines: python -m split_trainer serve / edge; under torchrun on one machine:
     certificates made in the run folder), relay engine only (docs/hosts-and-security.md)."""
+    membership: Literal["fixed", "live"] = "fixed"
+    """fixed: a lost edge ends the attempt, and the job resumes from its newest checkpoint (torchrun's
+    or serve's restarts; docs/elastic.md); live (grpc): an edge that leaves is let go and its
+    batches trained by the others, an edge that dials in joins at the next flush, and nothing
+    restarts; below min_edges the central waits rpc.startup_timeout_s. Needs data.placement
+    central, train.dispatch free_first, privacy.edge_weights central and a single cut
+    (docs/elastic.md#a-live-fleet)."""
 
     def __post_init__(self) -> None:
         _require(self.edges >= 1, f"topology.edges must be at least 1, got {self.edges}")

@@ -38,6 +38,8 @@ class Config:
                  "use train.engine=relay")
         if self.topology.transport == "grpc":
             self._check_grpc()
+        if self.topology.membership == "live":
+            self._check_live()
         places = [segment.get("place") for segment in self.model.plan] if self.model.plan else ["edge", "central"]
         _require(self.train.edge_loss == "central" or places == ["edge", "central"],
                  f"train.edge_loss=local needs a single-cut plan (edge, then central), got "
@@ -58,6 +60,17 @@ class Config:
         _require(self.train.engine == "relay",
                  "train.engine=autograd needs topology.transport=rpc or loopback: distributed autograd does not "
                  "cross the grpc transport; use train.engine=relay")
+
+    def _check_live(self) -> None:
+        """What a live fleet (training.live) needs: edges that dial in, batches any edge can take,
+        weights the central can hand a newcomer, and a turn that calls no edge."""
+        for ok, what in ((self.topology.transport == "grpc", f"topology.transport={self.topology.transport} (use grpc)"),
+                         (self.data.placement == "central", f"data.placement={self.data.placement} (use central)"),
+                         (self.train.dispatch == "free_first", f"train.dispatch={self.train.dispatch} (use free_first)"),
+                         (self.train.edge_loss == "central", "train.edge_loss=local (use central)"),
+                         (self.privacy.edge_weights == "central", "privacy.edge_weights=edges (use central)"),
+                         (self.model.plan is None, "model.plan (use model.split: a single cut)")):
+            _require(ok, f"topology.membership=live does not take {what}: docs/elastic.md#a-live-fleet")
 
     def _check_vertical(self, places: list) -> None:
         """What a vertical fleet cannot do: every party holds a part of every batch."""

@@ -34,6 +34,7 @@ from split_trainer.training.drivers import driver_for
 from split_trainer.training.engines import central_engine
 from split_trainer.training.failures import Terminated, cause_of, raise_on_sigterm
 from split_trainer.training.fleet import Fleet, Membership
+from split_trainer.training.live import LiveFleet
 from split_trainer.training.log import Reporter, TrainLog
 from split_trainer.training.optim import lr_at
 from split_trainer.training.stage import Stage
@@ -78,7 +79,8 @@ class Central:
         self.engine = central_engine(cfg, plan.places, Stage(plan.on("central"), cfg.train, device),
                                      transport.autograd, transport.guard)
         self.stage = self.engine.stage
-        self.fleet = Fleet(cfg, transport, transport.members(), driver.replicas)
+        fleet = LiveFleet if cfg.topology.membership == "live" else Fleet
+        self.fleet = fleet(cfg, transport, transport.members(), driver.replicas)
         self.driver = driver(cfg, self.engine, self.fleet, placement)
         self.driver.prepare()
         self.progress, averaged = Progress(seed=cfg.train.seed), []
@@ -135,6 +137,7 @@ class Central:
                 trained = set(self.progress.trained) | self.driver.train_span(span, lr, self._finished)
                 self.progress.step = span[-1].step + 1
                 self.progress.trained = sorted(trained)
+                self._membership()
                 if self.cadence.sync(self.step):
                     synced = time.perf_counter()
                     self.fleet.sync(trained)
@@ -149,6 +152,15 @@ class Central:
                     if self.cadence.checkpoint(self.step):
                         self._checkpoint()
         return self._finish(time.perf_counter() - started)
+
+    def _membership(self) -> None:
+        """At a flush: the edges that left and joined (a live fleet's), in metrics.jsonl and on the console."""
+        change = self.fleet.refresh(self.step)
+        if change is None:
+            return
+        self.placement.bind(self.fleet.reports, self.fleet.names, self.progress.served, self.progress.releases)
+        self.log.metrics.write(event="membership", attempt=self.topo.restart, **change.record())
+        self.console.print(f"membership: {change.banner(self.cfg)}")
 
     def _spans(self, epoch: int) -> Iterator[list[Batch]]:
         """This epoch's batches from the current position, cut at every flush."""

@@ -34,17 +34,43 @@ def shares(mode: str, span: list[Batch], edges: int, assign: Assign, takers: lis
     if mode == "round_robin":
         fixed = [[b for b in span if b.edge == k] for k in range(edges)]
         return [map(assign, share) if share else [] for share in fixed]
-    queue, lock = deque(span), threading.Lock()
+    return Queue(span).shares(edges, assign, takers)
 
-    def asks(k: int) -> Iterator[Batch]:
+
+class Queue:
+    """A span's batches under free_first: whoever asks takes the next one. An edge that leaves a
+    live fleet gives back what it took and had not finished (its turn not taken), to the front, so
+    that the others train it: no batch is lost and none is trained twice."""
+
+    def __init__(self, span: list[Batch]):
+        self.batches, self.lock = deque(span), threading.Lock()
+        self.taken: dict[int, dict[int, Batch]] = {}  # edge -> its batches not finished, by step
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def shares(self, edges: int, assign: Assign, takers: list[int]) -> list[Iterable[Batch]]:
+        return [self._asks(k, assign) if k in takers else [] for k in range(edges)]
+
+    def _asks(self, k: int, assign: Assign) -> Iterator[Batch]:
         while True:
-            with lock:
-                if not queue:
+            with self.lock:
+                if not self.batches:
                     return
-                batch = queue.popleft()
+                batch = self.batches.popleft()
+                self.taken.setdefault(k, {})[batch.step] = batch
             yield assign(dataclasses.replace(batch, edge=k))
 
-    return [asks(k) if k in takers else [] for k in range(edges)]
+    def finished(self, batch: Batch) -> None:
+        with self.lock:
+            self.taken.get(batch.edge, {}).pop(batch.step, None)
+
+    def give_back(self, k: int) -> int:
+        """Edge k's unfinished batches back to the front, in step order; how many."""
+        with self.lock:
+            back = sorted(self.taken.pop(k, {}).values(), key=lambda b: b.step)
+            self.batches.extendleft(reversed(back))
+        return len(back)
 
 
 class Turns:

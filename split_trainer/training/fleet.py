@@ -34,14 +34,15 @@ class Fleet:
         self.own_weights = cfg.privacy.edge_weights == "edges"  # the edges keep their weights to themselves
         self.replicas = replicas  # False: each edge runs a segment of its own (its placement's driver says)
         self.timeout_s = cfg.rpc.timeout_s
-        wire = WireFormat(cfg.rpc.wire_types, graph=cfg.train.engine == "autograd")
-        self.links = [Link(name, remote, wire, cfg.rpc.timeout_s)
+        self.wire = WireFormat(cfg.rpc.wire_types, graph=cfg.train.engine == "autograd")
+        self.links = [Link(name, remote, self.wire, cfg.rpc.timeout_s)
                       for name, remote in zip(names, transport.connect(names, cfg))]
         # The first calls also connect and build the segments: a loaded host may take a while.
         self.reports = self.on_all("about", timeout=cfg.rpc.startup_timeout_s)  # training.edge.Edge.about
         for link, report in zip(self.links, self.reports):
             link.host = printable(report["host"])  # a peer's word, printed in the banner and in errors
-        self.pool = ThreadPoolExecutor(len(names), thread_name_prefix="edge-driver")
+        self.pool = ThreadPoolExecutor(cfg.topology.edges, thread_name_prefix="edge-driver")  # the most edges
+        self.average: Optional[dict[str, Tensor]] = None  # the last sync's, where the central holds the weights
         self.in_flight: list[Future] = []  # the driver threads at work, one per edge
 
     def __len__(self) -> int:
@@ -51,10 +52,12 @@ class Fleet:
         return [link.snapshot() for link in self.links]
 
     def per_edge(self, work: Callable[[int, list], None], shares: list[list],
-                 on_failure: Optional[Callable[[], None]] = None) -> None:
+                 on_failure: Optional[Callable[[], None]] = None,
+                 give_back: Optional[Callable[[int], int]] = None) -> None:
         """``work(k, shares[k])`` for every edge k at once, one thread each; the first failure
         ends them all and is raised (the report goes out now: torchrun stops the job about 0.1 s
-        after a rank dies). ``on_failure`` releases the other threads' waits."""
+        after a rank dies). ``on_failure`` releases the other threads' waits; ``give_back(k)``
+        puts edge k's unfinished batches back, where an edge may leave (training.live)."""
         futures = [self.pool.submit(self._guarded, work, k, share) for k, share in enumerate(shares) if share]
         self.in_flight = futures
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -71,6 +74,19 @@ class Fleet:
             raise
         except Exception as exc:
             raise self.links[k].fail(exc) from exc
+
+    def takers(self, wanted: list[int]) -> list[int]:
+        """The edges of ``wanted`` that can take batches now (a live fleet's present ones)."""
+        return wanted
+
+    def refresh(self, step: int) -> Optional["Membership"]:
+        """At a flush: the edges that left and joined since the last one (a live fleet's; None
+        when nothing changed, and always for a fixed fleet)."""
+        return None
+
+    def await_edge(self) -> None:
+        """Mid-span, with batches left and no edge to take them: a live fleet waits for one."""
+        raise JobError("batches are left in a span and no edge is present")
 
     def on_all(self, method: str, per_edge_args: Optional[list[tuple]] = None, kind: str = "control",
                names: Optional[list[str]] = None, timeout: Optional[float] = None) -> list[Any]:
@@ -98,8 +114,8 @@ class Fleet:
         if bad:  # averaged, it would reach every edge; checkpointed, every resume
             raise JobError(f"the replicas of {', '.join(bad)} hold non-finite values at a sync: nothing of them "
                            f"is averaged or checkpointed (run the same command to resume from the last checkpoint)")
-        average = average_states([s for name, s in zip(self.names, states) if name in trained] or states)
-        self.on_all("set_state", [(average,)] * n, "edge_state")
+        self.average = average_states([s for name, s in zip(self.names, states) if name in trained] or states)
+        self.on_all("set_state", [(self.average,)] * n, "edge_state")
 
     def state(self) -> dict[str, Tensor]:
         """The edge segments of the one synchronised model (after a sync any replica will do)."""
@@ -146,13 +162,19 @@ class Membership:
     """The edges present in this attempt against those of the attempt before (``before``: None in
     a run's first): what the banner and metrics.jsonl record of every change."""
 
-    def __init__(self, before: Optional[list[str]], now: list[str], step: int, averaged: list[str]):
+    def __init__(self, before: Optional[list[str]], now: list[str], step: int, averaged: list[str],
+                 why: Optional[dict[str, str]] = None, requeued: int = 0, joined: Optional[list[str]] = None):
         self.before, self.now, self.step, self.averaged = before, now, step, averaged  # averaged: checkpointing.restore
-        self.left = [name for name in before or [] if name not in now]
-        self.joined = [name for name in now if before is not None and name not in before]
+        # A live fleet's (training.live): why each left, the batches given back, and who joined (an
+        # edge may leave and dial in again before one flush: it is in both lists)
+        self.why, self.requeued = why or {}, requeued
+        self.left = list(self.why) or [name for name in before or [] if name not in now]
+        self.joined = joined if joined is not None else \
+            [name for name in now if before is not None and name not in before]
 
     def record(self) -> dict[str, Any]:
-        return {"step": self.step, "edges": self.now, "left": self.left, "joined": self.joined}
+        live = {"why": self.why, "requeued": self.requeued} if self.why or self.requeued else {}
+        return {"step": self.step, "edges": self.now, "left": self.left, "joined": self.joined, **live}
 
     def banner(self, cfg: Config) -> Optional[str]:
         """The banner's line: None for a fixed fleet that did not change."""
@@ -166,6 +188,10 @@ class Membership:
                    if names]
         if changes:
             text += f"; {' and '.join(changes)} at step {self.step} (was {', '.join(self.before)})"
+        if self.requeued:
+            text += f"; {self.requeued} of their batches given back to the others"
+        if self.why:
+            text += "; " + "; ".join(f"{name}: {why}" for name, why in self.why.items())
         if self.averaged:
             text += f"; {', '.join(self.averaged)} from the average of the checkpoint's edge weights, optimizer fresh"
         absent = [f"edge{k}" for k in range(1, most + 1) if f"edge{k}" not in self.now]

@@ -49,6 +49,7 @@ class Horizontal(Driver):
         # per edge hop in the turn. One bound more lets a hung edge's own timeout be the report.
         mode, bound = self.cfg.train.dispatch, (2 + self.engine.route.edge_hops_in_turn) * self.cfg.rpc.timeout_s
         turns, trained = dispatch.turns(mode, span[0].step, bound), set()
+        queue = dispatch.Queue(span) if mode == "free_first" else None
 
         def drive(k: int, batches: Iterable[Batch]) -> None:
             link = self.fleet.links[k]
@@ -57,12 +58,24 @@ class Horizontal(Driver):
                 finished(batch, loss)
                 link.trained()
                 trained.add(link.name)
+                if queue is not None:
+                    queue.finished(batch)
 
             self.engine.drive(link, batches, turns, lr, done)
 
-        shares = dispatch.shares(mode, span, len(self.fleet), self.placement.assign, self.placement.takers(span))
-        self.fleet.per_edge(drive, shares, turns.fail)
-        return trained
+        if queue is None:
+            shares = dispatch.shares(mode, span, len(self.fleet), self.placement.assign, self.placement.takers(span))
+            self.fleet.per_edge(drive, shares, turns.fail)
+            return trained
+        while True:  # a live fleet's edge that leaves gives its batches back: the others, or a newcomer, take them
+            takers = self.fleet.takers(self.placement.takers(span))
+            if not takers:
+                self.fleet.await_edge()
+                continue
+            self.fleet.per_edge(drive, queue.shares(len(self.fleet), self.placement.assign, takers), turns.fail,
+                                queue.give_back)
+            if not len(queue):
+                return trained
 
     def evaluate(self, epoch: int) -> tuple[float, float, dict[str, Any]]:
         return evaluation.evaluate(self.engine, self.fleet, self.placement, epoch)

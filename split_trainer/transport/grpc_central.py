@@ -128,6 +128,9 @@ class GrpcTransport:
         self._relays: dict[int, tuple[str, _Peer, int]] = {}  # relay id -> (edge asked, edge asking, its id)
         self.address: Optional[str] = None
         self._connected = False
+        # A live fleet lets a silent edge go and takes it back when it dials again (training.live).
+        self._silent_code = grpc.StatusCode.UNAVAILABLE if cfg.topology.membership == "live" else \
+            grpc.StatusCode.DEADLINE_EXCEEDED
 
     # -- up and down -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -196,6 +199,21 @@ class GrpcTransport:
                            f"{self.cfg.rpc.startup_timeout_s:g} s ({len(here)} of {len(self.names)} attached"
                            f"{', need ' + str(self.cfg.topology.fewest) if self.cfg.topology.min_edges else ''})")
         return here
+
+    def arrivals(self, known: list[str], need: int, timeout_s: float) -> list[str]:
+        """The attached edges not in ``known`` (a live fleet's newcomers), waited for up to
+        ``timeout_s`` while fewer than ``need``."""
+        with self._lock:
+            self._lock.wait_for(lambda: len(set(self._attached()) - set(known)) >= need, timeout_s if need else 0)
+            return [name for name in self._attached() if name not in known]
+
+    def drop(self, name: str, why: str) -> None:
+        """End edge ``name``'s stream (a live fleet let it go): UNAVAILABLE, so that an edge
+        still running dials again and rejoins."""
+        with self._lock:
+            peer = self._peers.get(name)
+        if peer is not None:
+            self._drop(peer, why, grpc.StatusCode.UNAVAILABLE, say=False)
 
     def _attached(self) -> list[str]:
         return [name for name in self.names if name in self._peers and self._peers[name].closed is None]
@@ -287,7 +305,7 @@ class GrpcTransport:
                 silent = time.monotonic() - peer.last_heard
                 if silent > self.cfg.rpc.timeout_s:
                     self._drop(peer, f"{name} ({address}) fell silent: no message for {silent:.0f} s "
-                                     f"(rpc.timeout_s={self.cfg.rpc.timeout_s:g})", grpc.StatusCode.DEADLINE_EXCEEDED)
+                                     f"(rpc.timeout_s={self.cfg.rpc.timeout_s:g})", self._silent_code)
                     continue
                 yield encode(Heartbeat(time.time())) if item is None else item
         finally:

@@ -88,8 +88,8 @@ def serve_edge_grpc(address: Callable[[], str], bundle: identity.Bundle, host: H
                                       f"and the central's of one job's CA?): {exc.details}") from None
                 if exc.lost:  # it was serving us: give a restarted central the whole start-up time again
                     deadline, backoff = time.monotonic() + own.rpc.startup_timeout_s, 0.1
-                    _say(bundle.name, f"the central at {target} is gone ({exc.details}): dialling it again for up "
-                                      f"to rpc.startup_timeout_s={own.rpc.startup_timeout_s:g} s")
+                    _say(bundle.name, f"the stream to the central at {target} ended ({exc.details}): dialling it "
+                                      f"again for up to rpc.startup_timeout_s={own.rpc.startup_timeout_s:g} s")
                 elif time.monotonic() + backoff > deadline:
                     raise JobError(f"cannot reach the central at {target} within rpc.startup_timeout_s="
                                    f"{own.rpc.startup_timeout_s:g} s: {exc.details}") from None
@@ -158,6 +158,8 @@ class _Session:
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
             if self.why is not None:
+                if self.own.topology.membership == "live":  # a live fleet takes an edge back at its next flush
+                    raise _Unavailable(self.why, lost=True) from None
                 raise JobError(self.why) from None
             if code in REFUSED:
                 raise ConfigError(f"refused by the central ({target}): {details}") from None

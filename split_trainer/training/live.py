@@ -1,0 +1,131 @@
+"""A live fleet (``topology.membership: live``, grpc transport): edges leave and join while the
+others train, and no process restarts.
+
+An edge *leaves* when its stream ends, its heartbeats stop (the transport drops it after
+rpc.timeout_s of silence) or a call to it runs past rpc.timeout_s: the batches it had taken and
+not yet brought to their turn go back to the front of the span's queue (dispatch.Queue), and the
+others train them, so no batch is lost and none is trained twice. What its replica learned since
+the last sync leaves with it. An edge whose certificate is valid *joins* at the next flush: it
+builds its edge from the central's config and takes a present replica (at a sync, the average),
+with a fresh optimizer. Below topology.min_edges the central waits at the flush, up to
+rpc.startup_timeout_s, for edges to dial in, then stops; the newest checkpoint resumes the run.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import FIRST_EXCEPTION, wait
+from typing import Any, Callable, Optional
+
+from split_trainer.config import Config
+from split_trainer.core.errors import JobError, printable, short
+from split_trainer.training.fleet import Fleet, Membership
+from split_trainer.transport.base import Transport
+from split_trainer.transport.link import Link
+
+
+class Left(JobError):
+    """An edge of a live fleet went away (its call failed on the transport, not in its code)."""
+
+
+class LiveFleet(Fleet):
+    """A Fleet whose members may change at every flush (and, with none left, mid-span)."""
+
+    def __init__(self, cfg: Config, transport: Transport, names: list[str], replicas: bool = True):
+        super().__init__(cfg, transport, names, replicas)
+        self.cfg = cfg
+        self.gone: dict[str, str] = {}  # edge -> why it left, since the last flush
+        self.requeued = 0  # batches given back since the last flush
+
+    def _guarded(self, work: Callable, k: int, share: list) -> None:
+        try:
+            super()._guarded(work, k, share)
+        except JobError as exc:
+            if isinstance(exc.__cause__, (ConnectionError, TimeoutError)):
+                raise Left(short(exc)) from exc
+            raise
+
+    def per_edge(self, work: Callable[[int, list], None], shares: list[list],
+                 on_failure: Optional[Callable[[], None]] = None,
+                 give_back: Optional[Callable[[int], int]] = None) -> None:
+        """As Fleet's, but an edge that leaves while ``give_back`` can requeue its batches ends
+        its own thread only; any other failure ends them all."""
+        futures = {self.pool.submit(self._guarded, work, k, share): k for k, share in enumerate(shares) if share}
+        self.in_flight, pending = list(futures), set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                exc, k = fut.exception(), futures[fut]
+                if exc is None:
+                    continue
+                if isinstance(exc, Left) and give_back is not None:
+                    self.gone.setdefault(self.names[k], printable(str(exc), 400))
+                    self.transport.drop(self.names[k], str(exc))  # a slow edge hears it and dials again
+                    self.requeued += give_back(k)
+                    continue
+                if on_failure is not None:
+                    on_failure()
+                raise exc
+
+    def takers(self, wanted: list[int]) -> list[int]:
+        present = [k for k, name in enumerate(self.names) if name not in self.gone]
+        return [k for k in wanted if k in present] or present
+
+    def await_edge(self) -> None:
+        """No edge is left to take the span's remaining batches: wait for one to dial in."""
+        self._join(self.transport.arrivals(self.present(), 1, self.cfg.rpc.startup_timeout_s))
+        if len(self.present()) == 0:
+            raise JobError(f"every edge left and none dialled in within rpc.startup_timeout_s="
+                           f"{self.cfg.rpc.startup_timeout_s:g} s: stopped (run the same command to resume from the "
+                           f"newest checkpoint)")
+
+    def present(self) -> list[str]:
+        return [name for name in self.names if name not in self.gone]
+
+    def refresh(self, step: int) -> Optional[Membership]:
+        """At a flush: drop the edges that left, wait (up to rpc.startup_timeout_s) while fewer
+        than topology.min_edges are present, and take in the edges that dialled in."""
+        before, why, requeued = list(self.names), dict(self.gone), self.requeued
+        keep = [k for k, name in enumerate(self.names) if name not in self.gone]
+        self.links = [self.links[k] for k in keep]
+        self.reports = [self.reports[k] for k in keep]
+        self.names = [self.names[k] for k in keep]
+        self.gone, self.requeued = {}, 0
+        fewest, present = self.cfg.topology.fewest, list(self.names)
+        self._join(self.transport.arrivals(self.names, max(0, fewest - len(self.names)),
+                                           self.cfg.rpc.startup_timeout_s))
+        if len(self.names) < fewest:
+            raise JobError(f"{len(self.names)} edges present, fewer than topology.min_edges={fewest}, and no more "
+                           f"dialled in within rpc.startup_timeout_s={self.cfg.rpc.startup_timeout_s:g} s: stopped "
+                           f"(run the same command to resume from the newest checkpoint)")
+        joined = self.names[len(present):]
+        if not why and not joined:
+            return None
+        return Membership(before, list(self.names), step, [], why, requeued, joined)
+
+    def _join(self, names: list[str]) -> None:
+        """Each of ``names`` (attached to the transport, not in the fleet) builds its edge and takes
+        a present replica, or the last sync's average when none is present."""
+        for name in names:
+            try:
+                present = self.present()
+                state = self.links[self.names.index(present[0])].call("get_state", kind="edge_state") if present \
+                    else self.average
+                if state is None:
+                    raise JobError(f"{name} cannot join: no edge is present to give it a replica, and none had synced")
+                link = self._connect(name)
+                link.call("set_state", (state,), "edge_state")
+            except Left:
+                continue  # it left again as it joined: the next flush tries again
+            self.links.append(link)
+            self.names.append(name)
+            self.reports.append(self._report)
+
+    def _connect(self, name: str) -> Link:
+        try:
+            remote, = self.transport.connect([name], self.cfg)  # grpc: the certificate was the admission
+            link = Link(name, remote, self.wire, self.timeout_s)
+            self._report: dict[str, Any] = link.call("about", timeout=self.cfg.rpc.startup_timeout_s)
+        except JobError as exc:
+            raise Left(f"{name} could not join: {short(exc)}") from exc
+        link.host = printable(self._report["host"])
+        return link
