@@ -1,6 +1,6 @@
 """Entry point: ``torchrun --nproc_per_node 4 -m split_trainer --config configs/mnist.yaml``; the
-grpc transport's two commands across machines, ``serve`` (the central) and ``edge``; and the
-one-process commands ``evaluate``, ``export``, ``audit``, ``config`` and ``certs``."""
+grpc transport's commands across machines, ``serve`` (the central), ``edge`` and ``edges`` (several
+in one process); and the one-process commands ``evaluate``, ``export``, ``audit``, ``config`` and ``certs``."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ def parse_args(argv: list[str] | None, mode: str | None = None) -> argparse.Name
 
 DESCRIPTIONS = {None: "Split-learning trainer.",
                 "serve": "The central of a grpc job across machines: it listens, and the edges dial it.",
-                "edge": "One edge of a grpc job across machines: it dials the central; it is who its certificate says."}
+                "edge": "One edge of a grpc job across machines: it dials the central; it is who its certificate says.",
+                "edges": "Several edges of a grpc job in one process, each with its own certificate and stream (tests and "
+                         "simulation)."}
 
 
 def _say(where: str, message: str, level: str = "error") -> None:
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
         return _command(argv)
-    mode = argv[0] if argv and argv[0] in ("serve", "edge") else None
+    mode = argv[0] if argv and argv[0] in ("serve", "edge", "edges") else None
     args = parse_args(argv[1:] if mode else argv, mode)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file or pipe as they happen
     # torch's C++ side logs every torn pipe with a stack of frames when a peer dies; the central's
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             from split_trainer.training.hosting import EdgeHost
             from split_trainer.transport.topology import edge_number
 
-            launcher.serve(cfg, topo, lambda: EdgeHost(cfg, [edge_number(topo.name)], topo.local_rank))
+            launcher.serve(cfg, topo, lambda number=None: EdgeHost(cfg, [number or edge_number(topo.name)],
+                                                                   topo.local_rank))
             if launcher.exit_hard:
                 sys.stdout.flush()
                 sys.stderr.flush()

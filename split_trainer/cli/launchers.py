@@ -8,6 +8,9 @@
               grpc job across machines; it listens, and the edges dial it
     edge      ``python -m split_trainer edge --central HOST:PORT --certs DIR``: one edge of such a
               job, who its certificate says; nothing listens on its host
+    edges     ``python -m split_trainer edges --central HOST:PORT --certs DIR --count K``: K edges
+              of such a job in one process, each with its own certificate and stream (many edges
+              without a process each, for tests and simulation)
 
 Each is one ``Launcher``: who this process is (its Topology), the transport the central builds,
 how an edge process serves, and how often the central resumes within its own process after an
@@ -27,8 +30,8 @@ from split_trainer.config import Config, ConfigError
 from split_trainer.transport.base import Host, Transport
 from split_trainer.transport.topology import Topology, loopback_topology, topology_from_env
 
-MODES = ("serve", "edge")
-"""The two commands of the grpc transport across machines (``python -m split_trainer serve|edge``)."""
+MODES = ("serve", "edge", "edges")
+"""The commands of the grpc transport across machines (``python -m split_trainer serve|edge|edges``)."""
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,12 @@ class Launcher:
     exit_hard: bool = False
     """An edge process ends with os._exit: gRPC's threads can abort a finished edge in the
     interpreter's teardown ("terminate called without an active exception", 1 run in 3 under load)."""
+    more: tuple[str, ...] = ()
+    """The other edges this edge process serves (``edges``)."""
 
     def names_here(self, cfg: Config, topo: Topology) -> list[str]:
         """Who this process is: its own name, and the edges' when they run in it (faults are armed by name)."""
-        return [topo.name, *(f"edge{k}" for k in range(1, cfg.topology.edges + 1) if self.edges_here)]
+        return [topo.name, *(f"edge{k}" for k in range(1, cfg.topology.edges + 1) if self.edges_here), *self.more]
 
 
 def add_arguments(parser: argparse.ArgumentParser, mode: Optional[str]) -> None:
@@ -64,12 +69,16 @@ def add_arguments(parser: argparse.ArgumentParser, mode: Optional[str]) -> None:
         parser.add_argument("--max-restarts", type=int, default=3, metavar="K",
                             help="after an attempt fails (an edge lost, say), resume from the newest checkpoint in "
                                  "this process up to K times, once the edges have dialled in again (default 3)")
-    elif mode == "edge":
+    elif mode in ("edge", "edges"):
         parser.add_argument("--central", required=True, metavar="HOST:PORT",
                             help="the central's address, as this host reaches it (and as its certificate names it)")
         parser.add_argument("--certs", required=True, type=Path, metavar="DIR",
                             help="this edge's folder from `python -m split_trainer certs` (e.g. DIR/edge1): the "
-                                 "edge is who its certificate says")
+                                 "edge is who its certificate says" if mode == "edge" else
+                                 "the job's folder from `python -m split_trainer certs`, which holds edge1, edge2, ...")
+    if mode == "edges":
+        parser.add_argument("--count", required=True, type=int, metavar="K", help="how many edges this process runs")
+        parser.add_argument("--first", type=int, default=1, metavar="N", help="the first one's number (default 1)")
 
 
 def launcher_for(cfg: Config, mode: Optional[str], args: argparse.Namespace) -> Launcher:
@@ -79,6 +88,10 @@ def launcher_for(cfg: Config, mode: Optional[str], args: argparse.Namespace) -> 
         return _serve(_address(args.listen, "--listen", resolve=True), args.certs, args.max_restarts)
     if mode == "edge":
         return _dial(_address(args.central, "--central", resolve=False), args.certs)
+    if mode == "edges":
+        if args.count < 1 or args.first < 1:
+            raise ConfigError(f"--count {args.count} --first {args.first}: give 1 or more for each")
+        return _dial_many(_address(args.central, "--central", resolve=False), args.certs, args.count, args.first)
     return {"rpc": _rpc, "loopback": _loopback, "grpc": _grpc_torchrun}[cfg.topology.transport]()
 
 
@@ -154,10 +167,29 @@ def _dial(central: str, certs: Path) -> Launcher:
     return Launcher("edge", topology, _no_transport, serve, exit_hard=True)
 
 
+def _dial_many(central: str, certs: Path, count: int, first: int) -> Launcher:
+    """Edges ``first`` .. ``first + count - 1`` in this process, each dialling with its own bundle
+    (``certs/edgeK``) on a thread of its own."""
+    from split_trainer.transport import identity
+
+    names = [f"edge{k}" for k in range(first, first + count)]
+    bundles = [identity.load_bundle(certs / name) for name in names]  # one line now for a missing one
+
+    def topology(cfg: Config) -> Topology:
+        return Topology(rank=0, world_size=1, local_world_size=1, local_rank=0, restart=0, name=names[0],
+                        central_here=False)
+
+    def serve(cfg: Config, topo: Topology, host: Callable[..., Host]) -> None:
+        from split_trainer.transport.grpc_edge import serve_edges_dialling
+        serve_edges_dialling(central, bundles, cfg, host)
+    return Launcher("edges", topology, _no_transport, serve, exit_hard=True, more=tuple(names[1:]))
+
+
 def _no_edges(cfg: Config, topo: Topology, host: Any) -> None:
     raise ConfigError(f"{topo.name} is an edge, and this launch has none: start edges under torchrun or with "
                       f"`python -m split_trainer edge`")
 
 
 def _no_transport(cfg: Config, topo: Topology) -> Transport:
-    raise ConfigError("`python -m split_trainer edge` runs an edge, not the central: start the central with serve")
+    raise ConfigError("`python -m split_trainer edge` and `edges` run edges, not the central: start the central "
+                      "with serve")

@@ -96,6 +96,7 @@ class Central:
         self.total_steps = min(total, cfg.train.max_steps or total)
         self.cadence = Cadence(cfg, self.steps_per_epoch, self.total_steps, self.fleet.replicas)
         self.train_time, self.checkpoint_time, self.sync_times = 0.0, 0.0, []
+        self.train_cpu = 0.0  # this process's CPU while training: the central's own cost, where the edges are elsewhere
         self.run_dir = Path(cfg.output.run_dir)
         self.resumed_from = loaded.step if loaded else None
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through=self.resumed_from,
@@ -133,7 +134,7 @@ class Central:
                 # checkpoint must not take the count of what the central has seen back with it.
                 self.releases.before_span(span[-1].step + 1, self.placement.passes(self.step),
                                           self.placement.reach(span, self.cfg.train.dispatch == "free_first"))
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 trained = set(self.progress.trained) | self.driver.train_span(span, lr, self._finished)
                 self.progress.step = span[-1].step + 1
                 self.progress.trained = sorted(trained)
@@ -144,6 +145,7 @@ class Central:
                     self.sync_times.append(time.perf_counter() - synced)
                     self.progress.trained = []
                 self.train_time += time.perf_counter() - t0
+                self.train_cpu += time.process_time() - cpu0
                 self.log.span(span)
                 with self.log.paused():
                     if self.cadence.epoch_end(self.step):
@@ -214,6 +216,7 @@ class Central:
         return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 4),
                 "test_loss": test_loss, "test_accuracy": test_accuracy,
                 "wall_time_s": round(wall, 3), "train_time_s": round(self.train_time, 3),
+                "train_cpu_s": round(self.train_cpu, 3),
                 "samples_per_s": self.log.samples / max(self.train_time, 1e-9),
                 "checkpoint_time_s": round(self.checkpoint_time, 3),
                 "syncs": len(self.sync_times), "sync_time_s": round(sum(self.sync_times), 3),

@@ -57,6 +57,28 @@ def serve_edge_dialling(central: str, bundle: identity.Bundle, own: Config, host
     serve_edge_grpc(lambda: central, bundle, host(), own)
 
 
+def serve_edges_dialling(central: str, bundles: list[identity.Bundle], own: Config,
+                         host: Callable[[int], Host]) -> None:
+    """Several edges in one process (``python -m split_trainer edges``), each on a thread of its own
+    with its own bundle and stream; they share the process's random stream (seeded once). The first
+    error, once every edge has ended (a refusal first: exit 2)."""
+    torch.manual_seed(own.train.seed + edge_number(bundles[0].name))
+    errors: list[BaseException] = []
+
+    def edge(bundle: identity.Bundle) -> None:
+        try:
+            serve_edge_grpc(lambda: central, bundle, host(edge_number(bundle.name)), own)
+        except BaseException as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=edge, args=(b,), name=f"edge-{b.name}", daemon=True) for b in bundles]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise next((e for e in errors if isinstance(e, ConfigError)), errors[0])
+
+
 def serve_edge_in_run_folder(run_dir: Path, name: str, host: Host, own: Config) -> None:
     """An edge rank on the central's machine: the central's address and this edge's certificates
     from the run folder (``grpc.address``, ``certs/<name>``), both waited for: the central's rank
