@@ -4,6 +4,7 @@ central alone (its certificates made in the run folder) and three edges that dia
 continued; nothing else restarts, and every batch is trained exactly once."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -30,8 +31,25 @@ def _edge(run_dir, k, overrides, fault=""):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _is_change(name, what):
-    return lambda line: line.startswith("membership: ") and f"{name} {what} at step" in line
+class Changes:
+    """The membership changes on a central's console, as they come: ``until(*events)`` waits until
+    each of ``events`` ("edge2 left", "edge2 joined") has been seen, on one line or several."""
+
+    def __init__(self, lines: Lines):
+        self.lines, self.seen, self.said = lines, set(), {}
+
+    def until(self, *events: str) -> dict:
+        def has_all(line: str) -> bool:
+            if line.startswith("membership: ") and " at step " in line:
+                for change in line.split("; ")[1].split(" at step ")[0].split(" and "):
+                    names, what = change.rsplit(" ", 1)
+                    for name in names.split(", "):
+                        self.seen.add(f"{name} {what}")
+                        self.said.setdefault(f"{name} {what}", line)
+            return set(events) <= self.seen
+        if not set(events) <= self.seen:
+            self.lines.wait_for(has_all, 120)
+        return self.said
 
 
 @pytest.mark.seconds(150)
@@ -43,14 +61,14 @@ def test_an_edge_that_dies_or_freezes_leaves_and_rejoins_while_the_others_train(
     edges = {1: _edge(tmp_path, 1, overrides), 2: _edge(tmp_path, 2, overrides, "edge2:train:12:kill"),
              3: _edge(tmp_path, 3, overrides, "edge3:train:40:stop")}
     lines = Lines(central)
+    changes = Changes(lines)
     try:
-        left = lines.wait_for(_is_change("edge2", "left"), 120)
+        left = changes.until("edge2 left")["edge2 left"]
         assert edges[2].wait(30) == -signal.SIGKILL
         edges[2] = _edge(tmp_path, 2, overrides)  # the same command again, without the fault
-        lines.wait_for(_is_change("edge2", "joined"), 120)
-        frozen = lines.wait_for(_is_change("edge3", "left"), 120)
+        frozen = changes.until("edge2 joined", "edge3 left")["edge3 left"]
         edges[3].send_signal(signal.SIGCONT)
-        lines.wait_for(_is_change("edge3", "joined"), 120)
+        changes.until("edge3 joined")
         out = lines.rest(180)
         assert central.returncode == 0, out[-4000:]
         assert [edge.wait(60) for edge in edges.values()] == [0, 0, 0]
@@ -70,3 +88,25 @@ def test_an_edge_that_dies_or_freezes_leaves_and_rejoins_while_the_others_train(
     assert summary["steps"] == TOTAL and summary["restarts"] == 0 and summary["edges"] == 3
     assert summary["test_accuracy"] > 0.8
 
+
+
+@pytest.mark.seconds(40)
+def test_many_edges_dial_from_one_process_each_with_its_own_certificate(mnist_root, tmp_path):
+    """``python -m split_trainer edges --count 3``: three edges, one process, three streams."""
+    overrides = quick_overrides(mnist_root, tmp_path, 3, **{"topology.transport": "grpc", "train.max_steps": 8})
+    central = subprocess.Popen([sys.executable, "-m", "split_trainer", *overrides], cwd=ROOT, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    edges = subprocess.Popen([sys.executable, "-m", "split_trainer", "edges", "--central", read_address(tmp_path, 60),
+                              "--certs", str(tmp_path / "certs"), "--count", "3", *overrides], cwd=ROOT,
+                             env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = Lines(central).rest(120)
+        assert central.returncode == 0 and edges.wait(60) == 0, out[-3000:] + edges.stdout.read()[-3000:]
+    finally:
+        for proc in (central, edges):
+            end_tree(proc.pid)
+    topology = next(line for line in out.splitlines() if line.startswith("topology: "))
+    streams = re.findall(r"edge\d \((ipv4:[^,]+), \S+ pid (\d+)\)", topology)
+    assert len({address for address, _ in streams}) == 3, topology  # three streams, each from a port of its own
+    assert {pid for _, pid in streams} == {str(edges.pid)}, topology  # and one process
+    assert json.loads((tmp_path / "summary.json").read_text())["edges"] == 3

@@ -15,7 +15,7 @@ from split_trainer.data.datasets import load
 from split_trainer.data.placement import edge_of
 from split_trainer.data.shards import Shard
 from split_trainer.training.central import Cadence
-from split_trainer.training.dispatch import FirstCome, Turns, shares
+from split_trainer.training.dispatch import FirstCome, Queue, Turns, shares
 from split_trainer.training.local import train_local
 
 from conftest import THREADS, TUTORIAL_PLAN, quick_overrides, run, torchrun_cmd
@@ -141,6 +141,17 @@ def test_free_first_hands_a_span_only_to_its_takers():
     lanes = shares("free_first", chunk, 4, lambda b: b, [1, 2])
     assert lanes[0] == lanes[3] == []
     assert sorted(b.step for lane in (lanes[1], lanes[2]) for b in lane) == list(range(5))
+
+
+def test_an_edge_that_leaves_gives_back_what_it_took_and_had_not_finished():
+    queue = Queue([Batch(step, 0, None) for step in range(6)])
+    first, second = queue.shares(2, lambda b: b, [0, 1])
+    first, second = iter(first), iter(second)
+    took = [next(first), next(first), next(second), next(first)]  # steps 0, 1, 2 and 3
+    queue.finished(took[0])  # its turn was taken: trained, whatever happens to edge 0 next
+    assert queue.give_back(0) == 2 and len(queue) == 4  # steps 1 and 3 again, ahead of 4 and 5
+    assert [(b.step, b.edge) for b in second] == [(1, 1), (3, 1), (4, 1), (5, 1)]
+    assert queue.give_back(0) == 0
 
 
 def test_each_sync_has_its_edges_per_sync_edges_in_turn():

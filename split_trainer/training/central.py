@@ -34,7 +34,7 @@ from split_trainer.training.drivers import driver_for
 from split_trainer.training.engines import central_engine
 from split_trainer.training.failures import Terminated, cause_of, raise_on_sigterm
 from split_trainer.training.fleet import Fleet, Membership
-from split_trainer.training.live import LiveFleet
+from split_trainer.training.live import Left, LiveFleet
 from split_trainer.training.log import Reporter, TrainLog
 from split_trainer.training.optim import lr_at
 from split_trainer.training.stage import Stage
@@ -96,7 +96,8 @@ class Central:
         self.total_steps = min(total, cfg.train.max_steps or total)
         self.cadence = Cadence(cfg, self.steps_per_epoch, self.total_steps, self.fleet.replicas)
         self.train_time, self.checkpoint_time, self.sync_times = 0.0, 0.0, []
-        self.train_cpu = 0.0  # this process's CPU while training: the central's own cost, where the edges are elsewhere
+        # this process's CPU while training, and in the syncs: the central's own cost, where the edges are elsewhere
+        self.train_cpu, self.sync_cpu = 0.0, 0.0
         self.run_dir = Path(cfg.output.run_dir)
         self.resumed_from = loaded.step if loaded else None
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through=self.resumed_from,
@@ -140,9 +141,10 @@ class Central:
                 self.progress.trained = sorted(trained)
                 self._membership()
                 if self.cadence.sync(self.step):
-                    synced = time.perf_counter()
-                    self.fleet.sync(trained)
+                    synced, cpu = time.perf_counter(), time.process_time()
+                    self._again_if_left(lambda: self.fleet.sync(trained))
                     self.sync_times.append(time.perf_counter() - synced)
+                    self.sync_cpu += time.process_time() - cpu
                     self.progress.trained = []
                 self.train_time += time.perf_counter() - t0
                 self.train_cpu += time.process_time() - cpu0
@@ -152,7 +154,7 @@ class Central:
                         self._evaluate(epoch)
                         self.log.metrics.write(event="privacy", step=self.step, epoch=epoch + 1, **self._privacy())
                     if self.cadence.checkpoint(self.step):
-                        self._checkpoint()
+                        self._again_if_left(self._checkpoint)
         return self._finish(time.perf_counter() - started)
 
     def _membership(self) -> None:
@@ -163,6 +165,15 @@ class Central:
         self.placement.bind(self.fleet.reports, self.fleet.names, self.progress.served, self.progress.releases)
         self.log.metrics.write(event="membership", attempt=self.topo.restart, **change.record())
         self.console.print(f"membership: {change.banner(self.cfg)}")
+
+    def _again_if_left(self, flush: Callable[[], Any]) -> Any:
+        """``flush()`` (a sync, an evaluation, a checkpoint: each can be done again), done again on
+        the edges present when an edge of a live fleet left during it."""
+        while True:
+            try:
+                return flush()
+            except Left:
+                self._membership()
 
     def _spans(self, epoch: int) -> Iterator[list[Batch]]:
         """This epoch's batches from the current position, cut at every flush."""
@@ -186,7 +197,7 @@ class Central:
         faults.hit("train", "central")
 
     def _evaluate(self, epoch: int) -> None:
-        loss, accuracy, record = self.driver.evaluate(epoch)
+        loss, accuracy, record = self._again_if_left(lambda: self.driver.evaluate(epoch))
         self.progress.last_eval = [loss, accuracy]
         self.log.metrics.write(event="eval", step=self.step, epoch=epoch + 1, test_loss=loss, test_accuracy=accuracy,
                                **record)
@@ -220,6 +231,7 @@ class Central:
                 "samples_per_s": self.log.samples / max(self.train_time, 1e-9),
                 "checkpoint_time_s": round(self.checkpoint_time, 3),
                 "syncs": len(self.sync_times), "sync_time_s": round(sum(self.sync_times), 3),
+                "sync_cpu_s": round(self.sync_cpu, 3),
                 "edges": len(self.fleet), "restarts": self.topo.restart, "resumed_from_step": self.resumed_from,
                 "privacy": {"edge_weights": self.cfg.privacy.edge_weights, "delta": self.cfg.privacy.delta,
                             **self._privacy()},

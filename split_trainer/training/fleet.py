@@ -104,17 +104,17 @@ class Fleet:
         n = len(self.links)
         if n == 1 or not self.replicas:
             return  # one replica is its own average; a segment of the edge's own is no replica
+        moved = [name for name in self.names if name in trained] or self.names  # the others hold the last average
         if self.own_weights:  # the edges fetch each other's replicas: the central only says when
-            peers = [name for name in self.names if name in trained] or self.names
-            self.on_all("gather_average", [(peers,)] * n)
+            self.on_all("gather_average", [(moved,)] * n)
             self.on_all("apply_average")
             return
-        states = self.on_all("get_state", kind="edge_state")
-        bad = poisoned(dict(zip(self.names, states)))
+        states = self.on_all("get_state", kind="edge_state", names=moved)
+        bad = poisoned(dict(zip(moved, states)))
         if bad:  # averaged, it would reach every edge; checkpointed, every resume
             raise JobError(f"the replicas of {', '.join(bad)} hold non-finite values at a sync: nothing of them "
                            f"is averaged or checkpointed (run the same command to resume from the last checkpoint)")
-        self.average = average_states([s for name, s in zip(self.names, states) if name in trained] or states)
+        self.average = average_states(states)
         self.on_all("set_state", [(self.average,)] * n, "edge_state")
 
     def state(self) -> dict[str, Tensor]:

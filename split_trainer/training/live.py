@@ -27,6 +27,15 @@ class Left(JobError):
     """An edge of a live fleet went away (its call failed on the transport, not in its code)."""
 
 
+def _left(exc: JobError) -> JobError:
+    """``exc`` as a Left when the edge went away (the call failed on the transport), else itself."""
+    if isinstance(exc, Left) or not isinstance(exc.__cause__, (ConnectionError, TimeoutError)):
+        return exc
+    left = Left(short(exc))
+    left.__cause__ = exc
+    return left
+
+
 class LiveFleet(Fleet):
     """A Fleet whose members may change at every flush (and, with none left, mid-span)."""
 
@@ -40,31 +49,78 @@ class LiveFleet(Fleet):
         try:
             super()._guarded(work, k, share)
         except JobError as exc:
-            if isinstance(exc.__cause__, (ConnectionError, TimeoutError)):
-                raise Left(short(exc)) from exc
-            raise
+            left = _left(exc)
+            if left is exc:
+                raise
+            raise left from exc
+
+    def _let_go(self, link: Link, exc: BaseException) -> None:
+        self.gone.setdefault(link.name, printable(str(exc), 400))
+        self.transport.drop(link.name, str(exc), link.remote.stream)  # a slow edge hears it and dials again
+
+    def on_all(self, method: str, per_edge_args: Optional[list[tuple]] = None, kind: str = "control",
+               names: Optional[list[str]] = None, timeout: Optional[float] = None) -> list[Any]:
+        """As Fleet's; an edge that leaves during the call is let go, and, once every call has
+        ended, Left is raised: the central refreshes the membership and does it again."""
+        links = self.links if names is None else [self.links[self.names.index(name)] for name in names]
+        waits = [link.send(method, args, kind, timeout)
+                 for link, args in zip(links, per_edge_args or [()] * len(links))]
+        results, left = [], None
+        for link, wait_ in zip(links, waits):
+            try:
+                results.append(wait_())
+            except JobError as exc:
+                left = _left(exc)
+                if not isinstance(left, Left):
+                    raise
+                self._let_go(link, left)
+        if left is not None:
+            raise left
+        return results
 
     def per_edge(self, work: Callable[[int, list], None], shares: list[list],
                  on_failure: Optional[Callable[[], None]] = None,
                  give_back: Optional[Callable[[int], int]] = None) -> None:
-        """As Fleet's, but an edge that leaves while ``give_back`` can requeue its batches ends
-        its own thread only; any other failure ends them all."""
+        """As Fleet's, but an edge that leaves ends its own thread only: its batches are given back
+        (``give_back``), or, where nothing can take them (an evaluation's), Left is raised once the
+        others are done, and the central does it again. Any other failure ends them all."""
         futures = {self.pool.submit(self._guarded, work, k, share): k for k, share in enumerate(shares) if share}
-        self.in_flight, pending = list(futures), set(futures)
+        self.in_flight, pending, left = list(futures), set(futures), None
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for fut in done:
                 exc, k = fut.exception(), futures[fut]
                 if exc is None:
                     continue
-                if isinstance(exc, Left) and give_back is not None:
-                    self.gone.setdefault(self.names[k], printable(str(exc), 400))
-                    self.transport.drop(self.names[k], str(exc))  # a slow edge hears it and dials again
-                    self.requeued += give_back(k)
+                if isinstance(exc, Left):
+                    self._let_go(self.links[k], exc)
+                    if give_back is not None:
+                        self.requeued += give_back(k)
+                    else:
+                        left = exc
                     continue
                 if on_failure is not None:
                     on_failure()
                 raise exc
+        if left is not None:
+            raise left
+
+    def state(self) -> dict[str, Any]:
+        """The edge segments from the first edge still present (after a sync every replica is the average)."""
+        for link in self.links:
+            try:
+                return link.call("get_state", kind="edge_state")
+            except JobError:
+                continue
+        raise JobError("every edge left before the edge segments could be fetched for model.pt (the newest "
+                       "checkpoint holds them: python -m split_trainer export --checkpoint CHECKPOINT --out model.pt)")
+
+    def memory_bytes(self) -> list[int]:
+        """Every edge's RSS, 0 for one that left during the probe (it is let go)."""
+        try:
+            return super().memory_bytes()
+        except Left:
+            return [0] * len(self.links)
 
     def takers(self, wanted: list[int]) -> list[int]:
         present = [k for k, name in enumerate(self.names) if name not in self.gone]
@@ -84,6 +140,9 @@ class LiveFleet(Fleet):
     def refresh(self, step: int) -> Optional[Membership]:
         """At a flush: drop the edges that left, wait (up to rpc.startup_timeout_s) while fewer
         than topology.min_edges are present, and take in the edges that dialled in."""
+        for link in self.links:
+            if not link.remote.attached():  # its stream ended while it had nothing to do
+                self.gone.setdefault(link.name, f"{link.name}'s stream to the central ended")
         before, why, requeued = list(self.names), dict(self.gone), self.requeued
         keep = [k for k, name in enumerate(self.names) if name not in self.gone]
         self.links = [self.links[k] for k in keep]
@@ -106,26 +165,20 @@ class LiveFleet(Fleet):
         """Each of ``names`` (attached to the transport, not in the fleet) builds its edge and takes
         a present replica, or the last sync's average when none is present."""
         for name in names:
+            present = self.present()
+            if not present and self.average is None:
+                raise JobError(f"{name} cannot join: no edge is present to give it a replica, and none had synced "
+                               f"(run the same command to resume from the newest checkpoint)")
             try:
-                present = self.present()
                 state = self.links[self.names.index(present[0])].call("get_state", kind="edge_state") if present \
                     else self.average
-                if state is None:
-                    raise JobError(f"{name} cannot join: no edge is present to give it a replica, and none had synced")
-                link = self._connect(name)
+                remote, = self.transport.connect([name], self.cfg)  # grpc: the certificate was the admission
+                link = Link(name, remote, self.wire, self.timeout_s)
+                report = link.call("about", timeout=self.cfg.rpc.startup_timeout_s)
                 link.call("set_state", (state,), "edge_state")
-            except Left:
-                continue  # it left again as it joined: the next flush tries again
+            except JobError:
+                continue  # it (or the edge it was to copy) left as it joined: the next flush tries again
+            link.host = printable(report["host"])
             self.links.append(link)
             self.names.append(name)
-            self.reports.append(self._report)
-
-    def _connect(self, name: str) -> Link:
-        try:
-            remote, = self.transport.connect([name], self.cfg)  # grpc: the certificate was the admission
-            link = Link(name, remote, self.wire, self.timeout_s)
-            self._report: dict[str, Any] = link.call("about", timeout=self.cfg.rpc.startup_timeout_s)
-        except JobError as exc:
-            raise Left(f"{name} could not join: {short(exc)}") from exc
-        link.host = printable(self._report["host"])
-        return link
+            self.reports.append(report)

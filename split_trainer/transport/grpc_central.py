@@ -50,8 +50,8 @@ class _Peer:
     """One attached edge: its stream's outbox, its calls in flight (id -> method, future), and
     when it was last heard."""
 
-    def __init__(self, name: str, address: str):
-        self.name, self.address = name, address
+    def __init__(self, name: str, address: str, stream: int):
+        self.name, self.address, self.stream = name, address, stream  # stream: this connection's number
         self.outbox: queue.Queue = queue.Queue()
         self.calls: dict[int, tuple[Optional[str], Future]] = {}
         self.lock = threading.Lock()
@@ -97,11 +97,18 @@ class _Peer:
 
 
 class GrpcRemote:
-    def __init__(self, transport: "GrpcTransport", name: str):
-        self.transport, self.name = transport, name
+    """One edge object, reached over the stream it was built on: an edge that dialled again is
+    another edge object (its calls on this remote fail, as a lost edge's)."""
+
+    def __init__(self, transport: "GrpcTransport", name: str, stream: int):
+        self.transport, self.name, self.stream = transport, name, stream
 
     def send(self, method: str, args: tuple, timeout_s: float, seq: Optional[int] = None) -> FuturePending:
-        return self.transport.call(self.name, method, args, timeout_s, seq)
+        return self.transport.call(self.name, method, args, timeout_s, seq, self.stream)
+
+    def attached(self) -> bool:
+        """Whether the stream this edge object lives on is still up."""
+        return self.transport.stream_of(self.name) == self.stream
 
 
 class GrpcTransport:
@@ -123,6 +130,7 @@ class GrpcTransport:
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Condition()
         self._ids = itertools.count(CONNECT_ID + 1)
+        self._streams = itertools.count(1)
         self._server: Optional[grpc.Server] = None
         self._folder, self._ca_pem = Path(), b""  # the central's bundle, once started
         self._relays: dict[int, tuple[str, _Peer, int]] = {}  # relay id -> (edge asked, edge asking, its id)
@@ -207,12 +215,12 @@ class GrpcTransport:
             self._lock.wait_for(lambda: len(set(self._attached()) - set(known)) >= need, timeout_s if need else 0)
             return [name for name in self._attached() if name not in known]
 
-    def drop(self, name: str, why: str) -> None:
-        """End edge ``name``'s stream (a live fleet let it go): UNAVAILABLE, so that an edge
-        still running dials again and rejoins."""
+    def drop(self, name: str, why: str, stream: int) -> None:
+        """End edge ``name``'s stream number ``stream`` (a live fleet let it go; a newer one stays):
+        UNAVAILABLE, so that an edge still running dials again and rejoins."""
         with self._lock:
             peer = self._peers.get(name)
-        if peer is not None:
+        if peer is not None and peer.stream == stream:
             self._drop(peer, why, grpc.StatusCode.UNAVAILABLE, say=False)
 
     def _attached(self) -> list[str]:
@@ -229,26 +237,37 @@ class GrpcTransport:
     def connect(self, names: list[str], cfg: Config) -> list[GrpcRemote]:
         """Each edge builds its edge object from ``cfg``, one after the other (an edge process
         seeds its model's initialisation from the config; in one process, edges take turns)."""
+        streams = {}
         for name in names:
-            pending = self._send(name, None, Connect(name, cfg), CONNECT_ID, cfg.rpc.startup_timeout_s)
+            streams[name] = self.stream_of(name)
+            pending = self._send(name, None, Connect(name, cfg), CONNECT_ID, cfg.rpc.startup_timeout_s, streams[name])
             try:
                 pending.wait()
             except Exception as exc:
                 raise JobError(f"{name} ({self.where(name)}) could not build its edge: {short(exc)}") from exc
         self._connected = True
-        return [GrpcRemote(self, name) for name in names]
+        return [GrpcRemote(self, name, streams[name]) for name in names]
 
-    def call(self, name: str, method: str, args: tuple, timeout_s: float, seq: Optional[int]) -> FuturePending:
+    def stream_of(self, name: str) -> Optional[int]:
+        """The number of edge ``name``'s stream, while it is up."""
+        with self._lock:
+            peer = self._peers.get(name)
+            return peer.stream if peer is not None and peer.closed is None else None
+
+    def call(self, name: str, method: str, args: tuple, timeout_s: float, seq: Optional[int],
+             stream: Optional[int] = None) -> FuturePending:
         id = next(self._ids)
-        return self._send(name, method, Call(id, method, tuple(args), float(timeout_s), seq), id, timeout_s)
+        return self._send(name, method, Call(id, method, tuple(args), float(timeout_s), seq), id, timeout_s, stream)
 
-    def _send(self, name: str, method: Optional[str], message: Any, id: int, timeout_s: float) -> FuturePending:
+    def _send(self, name: str, method: Optional[str], message: Any, id: int, timeout_s: float,
+              stream: Optional[int] = None) -> FuturePending:
         data = encode(message)  # a call the schema refuses fails here, on the central, before it is sent
         with self._lock:
             peer = self._peers.get(name)
-        if peer is None:
+        if peer is None or stream not in (None, peer.stream):
             fut: Future = Future()
-            fut.set_exception(ConnectionError(f"{name} is not attached"))
+            fut.set_exception(ConnectionError(f"{name} is not attached" if peer is None else
+                                              f"{name} dialled again: the stream its edge object lived on ended"))
         else:
             fut = peer.call(id, method, data)
         return FuturePending(fut, timeout_s, name, method or "connect")
@@ -336,7 +355,7 @@ class GrpcTransport:
             if name in self._peers and self._peers[name].closed is None:
                 return None, (f"a second connection for {name} from {address} is refused: {name} is attached from "
                               f"{self._peers[name].address} (the first connection stays)")
-            self._peers[name] = peer = _Peer(name, address)
+            self._peers[name] = peer = _Peer(name, address, next(self._streams))
             self._lock.notify_all()
             return peer, ""
 
