@@ -1,8 +1,8 @@
-"""The grpc transport's central side (issue 36, in progress): a gRPC server with mutual TLS on
-one port, which every edge dials (nothing listens on an edge). Each edge keeps one bidirectional
-stream (transport.grpc_common): the central's calls go down it as transport.codec ``Call``
-messages and each ``Answer`` comes up, matched to its call by id (an answer does not name its
-method: the central keeps it per id and checks the reply against it).
+"""The grpc transport's central side: a gRPC server with mutual TLS on one port, which every
+edge dials (nothing listens on an edge). Each edge keeps one bidirectional stream
+(transport.grpc_common): the central's calls go down it as transport.codec ``Call`` messages and
+each ``Answer`` comes up, matched to its call by id (an answer does not name its method: the
+central keeps it per id and checks the reply against it).
 
 An edge is who its client certificate says (transport.identity.peer_name; the TLS handshake has
 checked it against the job's CA). Refused with one line on the central's log and an error status
@@ -10,7 +10,9 @@ to the edge, before anything of the job is sent: a revoked certificate (transpor
 name outside edge1..edgeN (topology.edges), and a second stream for a name already attached (the
 first stays). A message from an edge that does not
 decode, or that an edge may not send, is refused with one line, counted (``refusals``), and that
-edge is dropped: its calls in flight fail with the line.
+edge is dropped: its calls in flight fail with the line. Each stream has a number: an edge object
+lives on the stream it was built on (``GrpcRemote``), so an edge that dialled again is a newcomer
+to a live fleet (training.live), never the old edge object.
 """
 
 from __future__ import annotations
