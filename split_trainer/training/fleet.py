@@ -95,6 +95,10 @@ class Fleet:
         links = self.links if names is None else [self.links[self.names.index(name)] for name in names]
         per_edge_args = per_edge_args or [()] * len(links)
         waits = [link.send(method, args, kind, timeout) for link, args in zip(links, per_edge_args)]
+        return self._gather(links, waits)
+
+    def _gather(self, links: list[Link], waits: list[Callable[[], Any]]) -> list[Any]:
+        """The results of calls sent to ``links``, in order; the first failure is raised."""
         return [wait_() for wait_ in waits]
 
     def sync(self, trained: set[str]) -> None:

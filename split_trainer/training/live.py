@@ -58,13 +58,9 @@ class LiveFleet(Fleet):
         self.gone.setdefault(link.name, printable(str(exc), 400))
         self.transport.drop(link.name, str(exc), link.remote.stream)  # a slow edge hears it and dials again
 
-    def on_all(self, method: str, per_edge_args: Optional[list[tuple]] = None, kind: str = "control",
-               names: Optional[list[str]] = None, timeout: Optional[float] = None) -> list[Any]:
-        """As Fleet's; an edge that leaves during the call is let go, and, once every call has
-        ended, Left is raised: the central refreshes the membership and does it again."""
-        links = self.links if names is None else [self.links[self.names.index(name)] for name in names]
-        waits = [link.send(method, args, kind, timeout)
-                 for link, args in zip(links, per_edge_args or [()] * len(links))]
+    def _gather(self, links: list[Link], waits: list[Callable[[], Any]]) -> list[Any]:
+        """As Fleet's (for on_all); an edge that leaves during the call is let go, and, once every
+        call has ended, Left is raised: the central refreshes the membership and does it again."""
         results, left = [], None
         for link, wait_ in zip(links, waits):
             try:
