@@ -188,9 +188,10 @@ LIVE_KEYS = {"topology.transport": "grpc", "topology.membership": "live", "train
 
 
 def test_a_live_fleet_refuses_what_it_cannot_carry():
-    for key, value in (("topology.transport", "rpc"), ("train.dispatch", "round_robin"),
-                       ("data.placement", "edge"), ("privacy.edge_weights", "edges")):
-        keys = {**LIVE_KEYS, key: value}
+    for key, value in (("topology.transport", "rpc"), ("train.engine", "autograd"), ("train.edge_loss", "local")):
+        keys = {**LIVE_KEYS, "topology.transport": "loopback", key: value}
         with pytest.raises(ConfigError, match=f"topology.membership=live does not take {key}={value}"):
             load_config(None, [f"{k}={v}" for k, v in keys.items()])
-
+    for keys in ({"topology.transport": "loopback"}, {"train.dispatch": "round_robin"}, {"data.placement": "edge"},
+                 {"privacy.edge_weights": "edges"}, {"data.placement": "vertical", "train.dispatch": "round_robin"}):
+        load_config(None, [f"{k}={v}" for k, v in {**LIVE_KEYS, **keys}.items()])  # each is carried

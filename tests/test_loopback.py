@@ -15,7 +15,7 @@ from split_trainer.data.datasets import load
 from split_trainer.data.placement import edge_of
 from split_trainer.data.shards import Shard
 from split_trainer.training.central import Cadence
-from split_trainer.training.dispatch import FirstCome, Queue, Turns, shares
+from split_trainer.training.dispatch import FirstCome, Queue, Rotation, Turns
 from split_trainer.training.local import train_local
 
 from conftest import THREADS, TUTORIAL_PLAN, quick_overrides, run, torchrun_cmd
@@ -127,9 +127,9 @@ def test_the_edges_are_flushed_at_every_sync_checkpoint_and_epoch_end():
 def test_round_robin_gives_batch_i_to_edge_i_mod_n_and_free_first_to_whoever_asks():
     chunk = [Batch(step, step % 3, None) for step in range(7)]
     taken = []
-    lanes = shares("round_robin", chunk, 3, lambda b: taken.append(b) or b, [0, 1, 2])
+    lanes = Rotation(chunk).shares(3, lambda b: taken.append(b) or b, [0, 1, 2])
     assert [[b.step for b in lane] for lane in lanes] == [[0, 3, 6], [1, 4], [2, 5]]
-    lanes = shares("free_first", chunk, 2, lambda b: b, [0, 1])
+    lanes = Queue(chunk).shares(2, lambda b: b, [0, 1])
     first, second = iter(lanes[0]), iter(lanes[1])
     got = [next(first), next(first), next(second), next(first)]
     assert [(b.step, b.edge) for b in got] == [(0, 0), (1, 0), (2, 1), (3, 0)]  # a new record names the lane
@@ -138,7 +138,7 @@ def test_round_robin_gives_batch_i_to_edge_i_mod_n_and_free_first_to_whoever_ask
 
 def test_free_first_hands_a_span_only_to_its_takers():
     chunk = [Batch(step, 0, None) for step in range(5)]
-    lanes = shares("free_first", chunk, 4, lambda b: b, [1, 2])
+    lanes = Queue(chunk).shares(4, lambda b: b, [1, 2])
     assert lanes[0] == lanes[3] == []
     assert sorted(b.step for lane in (lanes[1], lanes[2]) for b in lane) == list(range(5))
 
@@ -152,6 +152,29 @@ def test_an_edge_that_leaves_gives_back_what_it_took_and_had_not_finished():
     assert queue.give_back(0) == 2 and len(queue) == 4  # steps 1 and 3 again, ahead of 4 and 5
     assert [(b.step, b.edge) for b in second] == [(1, 1), (3, 1), (4, 1), (5, 1)]
     assert queue.give_back(0) == 0
+
+
+def test_under_round_robin_a_leaving_edges_batches_leave_the_turns_and_go_round_the_others():
+    """1+3, steps 0..8 round robin; edge 1 leaves after step 1's turn: the others' turns skip its
+    steps 4 and 7, and the next pass hands them to edges 0 and 2 in turn, in step order."""
+    rotation = Rotation([Batch(step, step % 3, None) for step in range(9)])
+    turns = rotation.turns(timeout_s=0.05)
+    lanes = [list(lane) for lane in rotation.shares(3, lambda b: b, [0, 1, 2])]
+    for step in (0, 1):
+        turns.wait(step)
+        rotation.finished(lanes[step % 3][step // 3])
+        turns.done(step)
+    assert rotation.give_back(1) == 2
+    for step in (2, 3, 5, 6, 8):  # 4 and 7 no longer hold the turn
+        turns.wait(step)
+        rotation.finished(lanes[step % 3][step // 3])
+        turns.done(step)
+    again = rotation.turns(timeout_s=0.05)
+    lanes = [list(lane) for lane in rotation.shares(3, lambda b: b, [0, 2])]
+    assert [[(b.step, b.edge) for b in lane] for lane in lanes] == [[(4, 0)], [], [(7, 2)]]
+    with pytest.raises(JobError, match="batch 7 waited"):
+        again.wait(7)  # 4 first
+    again.wait(4)
 
 
 def test_each_sync_has_its_edges_per_sync_edges_in_turn():

@@ -28,11 +28,12 @@ class TopologyConfig:
     certificates made in the run folder), relay engine only (docs/hosts-and-security.md)."""
     membership: Literal["fixed", "live"] = "fixed"
     """fixed: a lost edge ends the attempt, and the job resumes from its newest checkpoint (torchrun's
-    or serve's restarts; docs/elastic.md); live (grpc): an edge that leaves is let go and its
-    batches trained by the others, an edge that dials in joins at the next flush, and nothing
-    restarts; below min_edges the central waits rpc.startup_timeout_s. Needs data.placement
-    central, train.dispatch free_first, privacy.edge_weights central and a single cut
-    (docs/elastic.md#a-live-fleet)."""
+    or serve's restarts; docs/elastic.md); live (grpc, or loopback to try it): an edge that leaves
+    is let go and its batches trained by the others, an edge that dials in joins at the next flush,
+    and nothing restarts; below min_edges the central waits rpc.startup_timeout_s. Central or
+    edge placement (not vertical), the loss on the central, a single cut; free_first keeps a
+    frozen edge from holding the others' turns, round_robin makes the same joins and leaves give
+    the same run (docs/elastic.md#a-live-fleet)."""
 
     def __post_init__(self) -> None:
         _require(self.edges >= 1, f"topology.edges must be at least 1, got {self.edges}")

@@ -62,13 +62,13 @@ class Config:
                  "cross the grpc transport; use train.engine=relay")
 
     def _check_live(self) -> None:
-        """What a live fleet (training.live) needs: edges that dial in, batches any edge can take,
-        weights the central can hand a newcomer, and a turn that calls no edge."""
-        for ok, what in ((self.topology.transport == "grpc", f"topology.transport={self.topology.transport} (use grpc)"),
-                         (self.data.placement == "central", f"data.placement={self.data.placement} (use central)"),
-                         (self.train.dispatch == "free_first", f"train.dispatch={self.train.dispatch} (use free_first)"),
+        """What a live fleet (training.live) needs: edges that can come and go (grpc's dial in;
+        loopback's, at SPLIT_TRAINER_FAULT's leave and join), the engine whose every call stands
+        alone (relay), and a turn that calls no edge."""
+        for ok, what in ((self.topology.transport in ("grpc", "loopback"),
+                          f"topology.transport={self.topology.transport} (use grpc, or loopback to try it)"),
+                         (self.train.engine == "relay", "train.engine=autograd (use relay, the grpc transport's)"),
                          (self.train.edge_loss == "central", "train.edge_loss=local (use central)"),
-                         (self.privacy.edge_weights == "central", "privacy.edge_weights=edges (use central)"),
                          (self.model.plan is None, "model.plan (use model.split: a single cut)")):
             _require(ok, f"topology.membership=live does not take {what}: docs/elastic.md#a-live-fleet")
 

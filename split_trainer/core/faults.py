@@ -7,12 +7,17 @@ edge1, ...) does ``action`` the ``n``-th time it reaches ``point`` in torchrun a
 (default 0, the first). Points: ``train`` (an edge's training call, or the end of a batch's turn
 on the central), ``eval`` (an edge's evaluation call), ``sync`` (an edge handing its replica for
 averaging), ``export`` (an edge handing its checkpoint part), ``checkpoint`` (the central about
-to write a checkpoint file). Actions: ``kill`` (SIGKILL), ``stop`` (SIGSTOP: a hang), ``kill_soon``
-(SIGKILL 50 ms later, after the current call has replied), ``enospc`` (the write fails: no space),
-``slow`` (from then on, every time: SPLIT_TRAINER_SLOW_MS more, default 100 ms, about twice an
-edge's own work on a batch), ``nan`` (the caller poisons what it computes: an edge's weights turn
-NaN). A process that hosts several names (loopback: the central and every edge) arms them all.
-Unset, every hook is one dictionary lookup.
+to write a checkpoint file), ``flush`` (a live loopback fleet's edge, each time the central looks
+for edges that dialled in: at every flush). Actions: ``kill`` (SIGKILL), ``stop`` (SIGSTOP: a
+hang), ``kill_soon`` (SIGKILL 50 ms later, after the current call has replied), ``enospc`` (the
+write fails: no space), ``slow`` (from then on, every time: SPLIT_TRAINER_SLOW_MS more, default
+100 ms, about twice an edge's own work on a batch), ``nan`` (the caller poisons what it computes:
+an edge's weights turn NaN), ``leave`` (a live loopback fleet's edge: its stream ends with the
+call, which fails as a lost connection's), ``join`` (at ``flush``: an edge that left dials in
+again, a fresh edge object as a restarted process would be). ``leave`` and ``join`` make the
+membership events of a live fleet happen at fixed steps (docs/elastic.md#a-live-fleet). A process
+that hosts several names (loopback: the central and every edge) arms them all. Unset, every hook
+is one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from typing import Iterable, Optional
 
 from split_trainer.core.errors import ConfigError
 
-POINTS = ("train", "eval", "sync", "export", "checkpoint")
-ACTIONS = ("kill", "stop", "kill_soon", "enospc", "slow", "nan")
+POINTS = ("train", "eval", "sync", "export", "checkpoint", "flush")
+ACTIONS = ("kill", "stop", "kill_soon", "enospc", "slow", "nan", "leave", "join")
 SLOW_S = float(os.environ.get("SPLIT_TRAINER_SLOW_MS", "100")) / 1000
 _armed: dict[tuple[str, str], tuple[int, str]] = {}  # (who, point) -> (n, action) in this process and attempt
 _seen: Counter[tuple[str, str]] = Counter()

@@ -61,11 +61,12 @@ class Placement(Protocol):
         """Per set of training samples this fleet trains on (each present edge's shard; central
         placement: ``DATA``), (batches served so far, batches in one pass over it), at ``step``."""
 
-    def reach(self, span: list[Batch], free_first: bool) -> dict[str, int]:
-        """Per set of ``passes``, the most batches of ``span`` it can serve."""
+    def reach(self, span: list[Batch], any_edge: bool) -> dict[str, int]:
+        """Per set of ``passes``, the most batches of ``span`` it can serve (``any_edge``: any edge
+        may take any of them, under free_first or in a live fleet, which hands a leaving edge's round)."""
 
     def takers(self, span: list[Batch]) -> list[int]:
-        """The edges that may ask for ``span``'s batches under free_first (horizontal placements)."""
+        """The edges that may take ``span``'s batches (horizontal placements)."""
 
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
         """Per edge, its (test batch number, key) pairs; ``test_batch(key)`` gives (source, labels)."""
@@ -155,7 +156,7 @@ class CentralData:
     def passes(self, step: int) -> dict[str, tuple[int, int]]:
         return {DATA: (step, self.steps_per_epoch)}
 
-    def reach(self, span: list[Batch], free_first: bool) -> dict[str, int]:
+    def reach(self, span: list[Batch], any_edge: bool) -> dict[str, int]:
         return {DATA: len(span)}
 
     def takers(self, span: list[Batch]) -> list[int]:
@@ -230,9 +231,9 @@ class EdgeData:
     def takers(self, span: list[Batch]) -> list[int]:
         return list(range(len(self.names)))  # each runs the batch from its own shard
 
-    def reach(self, span: list[Batch], free_first: bool) -> dict[str, int]:
-        """Round robin gives each edge its rotation's batches; under free_first any edge may take them all."""
-        return {name: len(span) if free_first else sum(b.edge == k for b in span) for k, name in enumerate(self.names)}
+    def reach(self, span: list[Batch], any_edge: bool) -> dict[str, int]:
+        """Round robin gives each edge its rotation's batches; under free_first (or in a live fleet) any edge may take them all."""
+        return {name: len(span) if any_edge else sum(b.edge == k for b in span) for k, name in enumerate(self.names)}
 
     def eval_shares(self, epoch: int) -> list[list[tuple[int, Any]]]:
         return [[(j, ShardBatch("test", epoch, j, self.labels_here)) for j in range(s["test_batches"])] for s in self.shards]

@@ -261,6 +261,7 @@ class VerticalData:
             self.labels = {"train": train.labels, "test": test.labels}
             self.ids = {split: [str(i) for i in range(len(self.labels[split]))] for split in SPLITS}
         self.shared: dict[str, Tensor] = {}
+        self.agreed: Optional[Tensor] = None  # the shared records' ids, as every party took them
         self.steps_per_epoch = 0
         self.parties: list[dict[str, Any]] = []  # what each party holds (PartyData.held)
         self.releases: dict[str, int] = {}
@@ -273,7 +274,8 @@ class VerticalData:
         n = len(fleet)
         answers = fleet.on_all("psi_answer", [(client.request, len(client.ids))] * n, "alignment")
         shared = alignment.intersect(client, answers)
-        fleet.on_all("align", [(alignment.encode_ids(shared),)] * n, "alignment")
+        self.agreed = alignment.encode_ids(shared)
+        fleet.on_all("align", [(self.agreed,)] * n, "alignment")
         rows = {split: {rid: i for i, rid in enumerate(self.ids[split])} for split in SPLITS}
         by_split: dict[str, list[int]] = {split: [] for split in SPLITS}
         for pid in shared:
@@ -285,6 +287,14 @@ class VerticalData:
                               "their files name the same ids")
         self.steps_per_epoch = -(-len(self.shared["train"]) // self.cfg.data.batch_size)
         self.seconds = time.perf_counter() - started
+
+    def realign(self, link: Any) -> None:
+        """A party back in a live fleet takes the shared records again: its own PSI answer first
+        (as at the start), then the list the fleet agreed on, which it refuses if it no longer holds
+        every record of it."""
+        client = alignment.Client(_prefixed(self.ids))
+        link.call("psi_answer", (client.request, len(client.ids)), "alignment")
+        link.call("align", (self.agreed,), "alignment")
 
     def bind(self, reports: list[dict[str, Any]], names: list[str], served: dict[str, int],
              releases: dict[str, int]) -> None:
@@ -305,7 +315,7 @@ class VerticalData:
     def passes(self, step: int) -> dict[str, tuple[int, int]]:
         return {DATA: (step, self.steps_per_epoch)}
 
-    def reach(self, span: list[Batch], free_first: bool) -> dict[str, int]:
+    def reach(self, span: list[Batch], any_edge: bool) -> dict[str, int]:
         return {DATA: len(span)}
 
     def test_batches(self) -> list[tuple[Aligned, Tensor]]:

@@ -83,9 +83,11 @@ class Central:
         self.fleet = fleet(cfg, transport, transport.members(), driver.replicas)
         self.driver = driver(cfg, self.engine, self.fleet, placement)
         self.driver.prepare()
+        self.fleet.welcome, self.fleet.changed = self.driver.welcome, self._changed  # a live fleet's newcomers
         self.progress, averaged = Progress(seed=cfg.train.seed), []
         if loaded:
             self.progress, averaged = checkpointing.restore(loaded, self.stage, self.fleet)
+            self.fleet.newest = loaded.path
         self.placement.bind(self.fleet.reports, self.fleet.names, self.progress.served, self.progress.releases)
         self.releases = defences.Releases(self.progress.releases, Path(cfg.output.run_dir) / defences.LEDGER)
         console.attach(self.fleet.snapshots)
@@ -95,6 +97,8 @@ class Central:
         total = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.max_steps or total)
         self.cadence = Cadence(cfg, self.steps_per_epoch, self.total_steps, self.fleet.replicas)
+        # whether any edge may train any batch of a span (the release ledger's bound)
+        self.any_edge = cfg.train.dispatch == "free_first" or cfg.topology.membership == "live"
         self.train_time, self.checkpoint_time, self.sync_times = 0.0, 0.0, []
         # this process's CPU while training, and in the syncs: the central's own cost, where the edges are elsewhere
         self.train_cpu, self.sync_cpu = 0.0, 0.0
@@ -134,7 +138,7 @@ class Central:
                 # On disk before any of the span's batches leaves an edge: a failure past the next
                 # checkpoint must not take the count of what the central has seen back with it.
                 self.releases.before_span(span[-1].step + 1, self.placement.passes(self.step),
-                                          self.placement.reach(span, self.cfg.train.dispatch == "free_first"))
+                                          self.placement.reach(span, self.any_edge))
                 t0, cpu0 = time.perf_counter(), time.process_time()
                 trained = set(self.progress.trained) | self.driver.train_span(span, lr, self._finished)
                 self.progress.step = span[-1].step + 1
@@ -158,11 +162,16 @@ class Central:
         return self._finish(time.perf_counter() - started)
 
     def _membership(self) -> None:
-        """At a flush: the edges that left and joined (a live fleet's), in metrics.jsonl and on the console."""
-        change = self.fleet.refresh(self.step)
+        """At a flush: the edges that left and joined (a live fleet's)."""
+        self._changed(self.fleet.refresh(self.step))
+
+    def _changed(self, change: Optional[Membership]) -> None:
+        """A change of a live fleet's members (at a flush, or a vertical party's mid-span), in
+        metrics.jsonl and on the console."""
         if change is None:
             return
         self.placement.bind(self.fleet.reports, self.fleet.names, self.progress.served, self.progress.releases)
+        self.placement.steps_per_epoch = self.steps_per_epoch  # fixed when the run started
         self.log.metrics.write(event="membership", attempt=self.topo.restart, **change.record())
         self.console.print(f"membership: {change.banner(self.cfg)}")
 
@@ -208,6 +217,7 @@ class Central:
         self.progress.epoch, self.progress.position = divmod(self.step, self.steps_per_epoch)
         self.progress.edges = list(self.fleet.names)
         path, size = checkpointing.save(self.cfg, self.meta, self.stage, self.fleet, self.progress)
+        self.fleet.newest = path
         seconds = time.perf_counter() - started
         self.checkpoint_time += seconds
         self.log.metrics.write(event="checkpoint", step=self.step, seconds=round(seconds, 4), bytes=size,
@@ -235,7 +245,7 @@ class Central:
                 "edges": len(self.fleet), "restarts": self.topo.restart, "resumed_from_step": self.resumed_from,
                 "privacy": {"edge_weights": self.cfg.privacy.edge_weights, "delta": self.cfg.privacy.delta,
                             **self._privacy()},
-                "bytes": wire_summary(self.fleet.snapshots(), self.log.samples, self.plan.cuts)}
+                "bytes": wire_summary(self.fleet.all_snapshots(), self.log.samples, self.plan.cuts)}
 
     def _privacy(self) -> dict[str, Any]:
         """The releases counted so far and their epsilon (per edge with edge-held data)."""

@@ -20,21 +20,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import deque
-from typing import Callable, Iterable, Iterator
+from itertools import cycle
+from typing import Callable, Iterable, Iterator, Optional
 
 from split_trainer.core.batch import Batch
 from split_trainer.core.errors import JobError
 
 Assign = Callable[[Batch], Batch]
-
-
-def shares(mode: str, span: list[Batch], edges: int, assign: Assign, takers: list[int]) -> list[Iterable[Batch]]:
-    """Per edge, the batches its driver thread runs (an empty list: none); under free_first only
-    ``takers`` ask."""
-    if mode == "round_robin":
-        fixed = [[b for b in span if b.edge == k] for k in range(edges)]
-        return [map(assign, share) if share else [] for share in fixed]
-    return Queue(span).shares(edges, assign, takers)
 
 
 class Queue:
@@ -49,7 +41,12 @@ class Queue:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def turns(self, timeout_s: float) -> "Turns":
+        """The central's turns for one pass over what is left (free first: whichever batch is ready)."""
+        return FirstCome(timeout_s)
+
     def shares(self, edges: int, assign: Assign, takers: list[int]) -> list[Iterable[Batch]]:
+        """Per edge, the batches its driver thread runs (an empty list: none); only ``takers`` ask."""
         return [self._asks(k, assign) if k in takers else [] for k in range(edges)]
 
     def _asks(self, k: int, assign: Assign) -> Iterator[Batch]:
@@ -73,13 +70,58 @@ class Queue:
         return len(back)
 
 
+class Rotation(Queue):
+    """A span's batches under round_robin: each to the edge its placement gave it (``batch.edge``),
+    or, where that edge is not among the takers (it left a live fleet), to the takers in turn, in
+    step order; the central's turns in step order. An edge that leaves gives back its unfinished
+    batches; they leave this pass's turns, so the others go on, and the next pass hands them
+    round. Which edge trains which batch follows from the membership alone: the same joins and
+    leaves at the same batches give the same run."""
+
+    def __init__(self, span: list[Batch]):
+        super().__init__(span)
+        self.pass_turns: Optional[Turns] = None
+
+    def turns(self, timeout_s: float) -> "Turns":
+        steps = sorted(batch.step for batch in self.batches)
+        self.pass_turns = Turns(steps[0], timeout_s, skip=set(range(steps[0], steps[-1] + 1)) - set(steps))
+        return self.pass_turns
+
+    def shares(self, edges: int, assign: Assign, takers: list[int]) -> list[Iterable[Batch]]:
+        lanes: list[list[Batch]] = [[] for _ in range(edges)]
+        spare = cycle(takers)
+        with self.lock:
+            for batch in sorted(self.batches, key=lambda b: b.step):
+                k = batch.edge if batch.edge in takers else next(spare)
+                lanes[k].append(batch)
+                self.taken.setdefault(k, {})[batch.step] = batch
+            self.batches.clear()
+        return [map(assign, [dataclasses.replace(b, edge=k) for b in lane]) if lane else []
+                for k, lane in enumerate(lanes)]
+
+    def give_back(self, k: int) -> int:
+        with self.lock:
+            steps = list(self.taken.get(k, {}))
+        if self.pass_turns is not None:
+            self.pass_turns.withdraw(steps)  # the others' turns no longer wait for them
+        return super().give_back(k)
+
+
+def queue(mode: str, span: list[Batch]) -> Queue:
+    """The span's batches as ``train.dispatch`` hands them out."""
+    return Rotation(span) if mode == "round_robin" else Queue(span)
+
+
 class Turns:
     """Hands a turn to numbered comers strictly in order (the central's turn to batches in dispatch
     order; an edge's to the training calls in the order they were sent); ``fail`` releases every waiter."""
 
-    def __init__(self, first: int, timeout_s: float, what: str = "batch {} waited {:g} s for the central's turn"):
+    def __init__(self, first: int, timeout_s: float, what: str = "batch {} waited {:g} s for the central's turn",
+                 skip: Iterable[int] = ()):
         self.next, self.timeout_s, self.failed, self.what = first, timeout_s, False, what
+        self.skip = set(skip)  # numbers that will not come (withdrawn): their turn passes on
         self.cond = threading.Condition()
+        self._pass_skipped()
 
     def wait(self, step: int) -> None:
         with self.cond:
@@ -92,7 +134,19 @@ class Turns:
     def done(self, step: int) -> None:
         with self.cond:
             self.next = step + 1
+            self._pass_skipped()
             self.cond.notify_all()
+
+    def withdraw(self, steps: Iterable[int]) -> None:
+        """``steps`` will not come in this pass: the turn passes over them."""
+        with self.cond:
+            self.skip.update(steps)
+            self._pass_skipped()
+            self.cond.notify_all()
+
+    def _pass_skipped(self) -> None:
+        while self.next in self.skip:
+            self.next += 1
 
     def fail(self) -> None:
         with self.cond:
@@ -121,7 +175,3 @@ class FirstCome(Turns):
         with self.cond:
             self.busy = False
             self.cond.notify_all()
-
-
-def turns(mode: str, first_step: int, timeout_s: float) -> Turns:
-    return Turns(first_step, timeout_s) if mode == "round_robin" else FirstCome(timeout_s)

@@ -15,6 +15,7 @@ from split_trainer.model.plan import Plan, layout_text
 from split_trainer.privacy.audit import AuditTarget
 from split_trainer.training.engines import Engine, Finished
 from split_trainer.training.fleet import Fleet
+from split_trainer.transport.link import Link
 
 
 class Driver:
@@ -58,6 +59,10 @@ class Driver:
 
     def prepare(self) -> None:
         """The fleet is up, before the placement binds to it: anything the edges must agree on first."""
+
+    def welcome(self, link: Link) -> None:
+        """An edge joins a live fleet (training.live), before it takes its weights: what its
+        placement must first agree with it (a vertical party: the shared records)."""
 
     def served_by(self, batch: Batch) -> str:
         """Who computed ``batch``'s way to the central, for messages: its edge."""

@@ -84,7 +84,10 @@ class Edge:
         call = self._call(method)
         self.last_seen = time.monotonic()
         point = FAULT_POINTS.get(method) or (method == "run" and ("eval" if _evaluating(args[0]) else "train"))
-        if point and faults.hit(point, self.name) == "nan":  # a fault on purpose: a poisoned edge
+        action = point and faults.hit(point, self.name)
+        if action == "leave":  # a fault on purpose: the edge goes away, as a lost connection (loopback's)
+            raise ConnectionError(f"{self.name} left at its {point} call (SPLIT_TRAINER_FAULT)")
+        if action == "nan":  # a fault on purpose: a poisoned edge
             for module in self.stage.modules.values():
                 for parameter in module.parameters():
                     # .data: under the model's feet, as a bad value would land, not as an edit autograd

@@ -11,6 +11,7 @@ own work.
 from __future__ import annotations
 
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -44,12 +45,22 @@ class Fleet:
         self.pool = ThreadPoolExecutor(cfg.topology.edges, thread_name_prefix="edge-driver")  # the most edges
         self.average: Optional[dict[str, Tensor]] = None  # the last sync's, where the central holds the weights
         self.in_flight: list[Future] = []  # the driver threads at work, one per edge
+        # Set by the central for a live fleet (training.live): what a newcomer's placement needs
+        # (the driver's welcome), where a change mid-span is recorded, and the newest checkpoint.
+        self.welcome: Callable[[Link], None] = lambda link: None
+        self.changed: Callable[[Membership], None] = lambda change: None
+        self.newest: Optional[Path] = None
+        self.departed: list[LinkSnapshot] = []  # the last word of each link a live fleet let go
 
     def __len__(self) -> int:
         return len(self.links)
 
     def snapshots(self) -> list[LinkSnapshot]:
         return [link.snapshot() for link in self.links]
+
+    def all_snapshots(self) -> list[LinkSnapshot]:
+        """Every link the run has had, those of edges that left a live fleet included: its bytes."""
+        return self.departed + self.snapshots()
 
     def per_edge(self, work: Callable[[int, list], None], shares: list[list],
                  on_failure: Optional[Callable[[], None]] = None,
@@ -83,6 +94,15 @@ class Fleet:
         """At a flush: the edges that left and joined since the last one (a live fleet's; None
         when nothing changed, and always for a fixed fleet)."""
         return None
+
+    def lost(self, exc: JobError) -> JobError:
+        """``exc``, as a live fleet's Left where an edge went away (training.live)."""
+        return exc
+
+    def pause(self, exc: JobError, step: int) -> None:
+        """Mid-span, a call of a fleet whose every edge takes every batch (vertical parties) failed
+        with ``exc``: a live fleet waits for the party to come back; a fixed one cannot go on."""
+        raise exc
 
     def await_edge(self) -> None:
         """Mid-span, with batches left and no edge to take them: a live fleet waits for one."""
@@ -167,18 +187,21 @@ class Membership:
     a run's first): what the banner and metrics.jsonl record of every change."""
 
     def __init__(self, before: Optional[list[str]], now: list[str], step: int, averaged: list[str],
-                 why: Optional[dict[str, str]] = None, requeued: int = 0, joined: Optional[list[str]] = None):
+                 why: Optional[dict[str, str]] = None, requeued: int = 0, joined: Optional[list[str]] = None,
+                 restored: Optional[dict[str, Optional[int]]] = None):
         self.before, self.now, self.step, self.averaged = before, now, step, averaged  # averaged: checkpointing.restore
-        # A live fleet's (training.live): why each left, the batches given back, and who joined (an
-        # edge may leave and dial in again before one flush: it is in both lists)
-        self.why, self.requeued = why or {}, requeued
+        # A live fleet's (training.live): why each left, the batches given back, who joined (an edge
+        # may leave and dial in again before one flush: it is in both lists), and, for a segment of
+        # an edge's own (a vertical party), the checkpoint step it came back from (None: its first weights)
+        self.why, self.requeued, self.restored = why or {}, requeued, restored or {}
         self.left = list(self.why) or [name for name in before or [] if name not in now]
         self.joined = joined if joined is not None else \
             [name for name in now if before is not None and name not in before]
 
     def record(self) -> dict[str, Any]:
         live = {"why": self.why, "requeued": self.requeued} if self.why or self.requeued else {}
-        return {"step": self.step, "edges": self.now, "left": self.left, "joined": self.joined, **live}
+        restored = {"restored_from_step": self.restored} if self.restored else {}
+        return {"step": self.step, "edges": self.now, "left": self.left, "joined": self.joined, **live, **restored}
 
     def banner(self, cfg: Config) -> Optional[str]:
         """The banner's line: None for a fixed fleet that did not change."""
@@ -196,6 +219,9 @@ class Membership:
             text += f"; {self.requeued} of their batches given back to the others"
         if self.why:
             text += "; " + "; ".join(f"{name}: {why}" for name, why in self.why.items())
+        for name, step in self.restored.items():
+            text += f"; {name} took " + ("its first weights (no checkpoint yet)" if step is None else
+                                         f"its part of the checkpoint of step {step}")
         if self.averaged:
             text += f"; {', '.join(self.averaged)} from the average of the checkpoint's edge weights, optimizer fresh"
         absent = [f"edge{k}" for k in range(1, most + 1) if f"edge{k}" not in self.now]

@@ -10,6 +10,7 @@ turns, is dispatch.py's (round robin, by default: a run is a function of its see
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Iterable
 
 from split_trainer.config import Config
@@ -47,35 +48,29 @@ class Horizontal(Driver):
     def train_span(self, span: list[Batch], lr: float, finished: Finished) -> set[str]:
         # A batch waits at most for the batch before it: its first call, then its turn, one call
         # per edge hop in the turn. One bound more lets a hung edge's own timeout be the report.
-        mode, bound = self.cfg.train.dispatch, (2 + self.engine.route.edge_hops_in_turn) * self.cfg.rpc.timeout_s
-        turns, trained = dispatch.turns(mode, span[0].step, bound), set()
-        queue = dispatch.Queue(span) if mode == "free_first" else None
+        bound = (2 + self.engine.route.edge_hops_in_turn) * self.cfg.rpc.timeout_s
+        queue, trained = dispatch.queue(self.cfg.train.dispatch, span), set()
 
-        def drive(k: int, batches: Iterable[Batch]) -> None:
+        def drive(turns: dispatch.Turns, k: int, batches: Iterable[Batch]) -> None:
             link = self.fleet.links[k]
 
             def done(batch: Batch, loss: float) -> None:
                 finished(batch, loss)
                 link.trained()
                 trained.add(link.name)
-                if queue is not None:
-                    queue.finished(batch)
+                queue.finished(batch)
 
             self.engine.drive(link, batches, turns, lr, done)
 
-        if queue is None:
-            shares = dispatch.shares(mode, span, len(self.fleet), self.placement.assign, self.placement.takers(span))
-            self.fleet.per_edge(drive, shares, turns.fail)
-            return trained
-        while True:  # a live fleet's edge that leaves gives its batches back: the others, or a newcomer, take them
+        while len(queue):  # a live fleet's edge that leaves gives its batches back: the others, or a newcomer, take them
             takers = self.fleet.takers(self.placement.takers(span))
             if not takers:
                 self.fleet.await_edge()
                 continue
-            self.fleet.per_edge(drive, queue.shares(len(self.fleet), self.placement.assign, takers), turns.fail,
-                                queue.give_back)
-            if not len(queue):
-                return trained
+            turns = queue.turns(bound)
+            self.fleet.per_edge(partial(drive, turns), queue.shares(len(self.fleet), self.placement.assign, takers),
+                                turns.fail, queue.give_back)
+        return trained
 
     def evaluate(self, epoch: int) -> tuple[float, float, dict[str, Any]]:
         return evaluation.evaluate(self.engine, self.fleet, self.placement, epoch)

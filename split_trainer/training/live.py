@@ -1,14 +1,17 @@
-"""A live fleet (``topology.membership: live``, grpc transport): edges leave and join while the
-others train, and no process restarts.
+"""A live fleet (``topology.membership: live``; grpc, or loopback to try it): edges leave and join
+while the others train, and no process restarts.
 
 An edge *leaves* when its stream ends, its heartbeats stop (the transport drops it after
 rpc.timeout_s of silence) or a call to it runs past rpc.timeout_s: the batches it had taken and
-not yet brought to their turn go back to the front of the span's queue (dispatch.Queue), and the
-others train them, so no batch is lost and none is trained twice. What its replica learned since
-the last sync leaves with it. An edge whose certificate is valid *joins* at the next flush: it
-builds its edge from the central's config and takes a present replica (at a sync, the average),
-with a fresh optimizer. Below topology.min_edges the central waits at the flush, up to
-rpc.startup_timeout_s, for edges to dial in, then stops; the newest checkpoint resumes the run.
+not yet brought to their turn go back to the span's queue, and the others train them, so no
+batch is lost and none is trained twice (dispatch.Queue, or dispatch.Rotation under round robin,
+which hands them round the others in turn). What its replica learned since the last sync leaves
+with it. An edge whose certificate is valid *joins* at the next flush: it builds its edge from
+the central's config and takes a present replica (at a sync, the average; sealed from a peer when
+the edges hold the weights), with a fresh optimizer; with edge-held data it picks up its own
+shard where it stopped (data.placement.EdgeData). Below topology.min_edges the central waits at
+the flush, up to rpc.startup_timeout_s, for edges to dial in, then stops; the newest checkpoint
+resumes the run.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from typing import Any, Callable, Optional
 
 from split_trainer.config import Config
 from split_trainer.core.errors import JobError, printable, short
+from split_trainer.records import checkpoint
 from split_trainer.training.fleet import Fleet, Membership
 from split_trainer.transport.base import Transport
 from split_trainer.transport.link import Link
+from split_trainer.transport.topology import edge_number
 
 
 class Left(JobError):
@@ -44,6 +49,7 @@ class LiveFleet(Fleet):
         self.cfg = cfg
         self.gone: dict[str, str] = {}  # edge -> why it left, since the last flush
         self.requeued = 0  # batches given back since the last flush
+        self.restored: dict[str, Optional[int]] = {}  # edge -> the checkpoint step its own segment came back from
 
     def _guarded(self, work: Callable, k: int, share: list) -> None:
         try:
@@ -141,10 +147,11 @@ class LiveFleet(Fleet):
                 self.gone.setdefault(link.name, f"{link.name}'s stream to the central ended")
         before, why, requeued = list(self.names), dict(self.gone), self.requeued
         keep = [k for k, name in enumerate(self.names) if name not in self.gone]
+        self.departed += [link.snapshot() for link in self.links if link.name in self.gone]
         self.links = [self.links[k] for k in keep]
         self.reports = [self.reports[k] for k in keep]
         self.names = [self.names[k] for k in keep]
-        self.gone, self.requeued = {}, 0
+        self.gone, self.requeued, self.restored = {}, 0, {}
         fewest, present = self.cfg.topology.fewest, list(self.names)
         self._join(self.transport.arrivals(self.names, max(0, fewest - len(self.names)),
                                            self.cfg.rpc.startup_timeout_s))
@@ -152,29 +159,79 @@ class LiveFleet(Fleet):
             raise JobError(f"{len(self.names)} edges present, fewer than topology.min_edges={fewest}, and no more "
                            f"dialled in within rpc.startup_timeout_s={self.cfg.rpc.startup_timeout_s:g} s: stopped "
                            f"(run the same command to resume from the newest checkpoint)")
-        joined = self.names[len(present):]
+        joined = [name for name in self.names if name not in present]
         if not why and not joined:
             return None
-        return Membership(before, list(self.names), step, [], why, requeued, joined)
+        return Membership(before, list(self.names), step, [], why, requeued, joined, self.restored)
+
+    def lost(self, exc: JobError) -> JobError:
+        """``exc`` as a Left when an edge went away (each edge whose call failed so is let go)."""
+        left = _left(exc)
+        if isinstance(left, Left):
+            for link in self.links:
+                if link.failure is not None and isinstance(_left(link.failure), Left):
+                    self._let_go(link, _left(link.failure))
+        return left
+
+    def pause(self, exc: JobError, step: int) -> None:
+        """A party that left (every batch needs every party) is let go, and the step waits, up to
+        rpc.startup_timeout_s, for it to dial in again; any other failure is raised."""
+        if not isinstance(self.lost(exc), Left):
+            raise exc
+        change = self.refresh(step)
+        if change is not None:
+            self.changed(change)
 
     def _join(self, names: list[str]) -> None:
-        """Each of ``names`` (attached to the transport, not in the fleet) builds its edge and takes
-        a present replica, or the last sync's average when none is present."""
+        """Each of ``names`` (attached to the transport, not in the fleet) builds its edge, takes
+        its weights (``_weights_to``) and what its placement needs (``welcome``), and takes its
+        place in the fleet's order (by edge number: a vertical party's part of the merge)."""
         for name in names:
             present = self.present()
-            if not present and self.average is None:
-                raise JobError(f"{name} cannot join: no edge is present to give it a replica, and none had synced "
-                               f"(run the same command to resume from the newest checkpoint)")
+            if self.replicas and not present and self.average is None:
+                raise JobError(f"{name} cannot join: no edge is present to give it a replica, and "
+                               + ("the central holds no average (privacy.edge_weights=edges)" if self.own_weights
+                                  else "none had synced") + " (run the same command to resume from the newest checkpoint)")
             try:
-                state = self.links[self.names.index(present[0])].call("get_state", kind="edge_state") if present \
-                    else self.average
                 remote, = self.transport.connect([name], self.cfg)  # grpc: the certificate was the admission
                 link = Link(name, remote, self.wire, self.timeout_s)
                 report = link.call("about", timeout=self.cfg.rpc.startup_timeout_s)
-                link.call("set_state", (state,), "edge_state")
+                self.welcome(link)
+                self._weights_to(link, present[0] if present else None)
             except JobError:
                 continue  # it (or the edge it was to copy) left as it joined: the next flush tries again
             link.host = printable(report["host"])
-            self.links.append(link)
-            self.names.append(name)
-            self.reports.append(report)
+            at = sum(edge_number(other) < edge_number(name) for other in self.names)
+            self.links.insert(at, link)
+            self.names.insert(at, name)
+            self.reports.insert(at, report)
+
+    def _weights_to(self, link: Link, source: Optional[str]) -> None:
+        """The newcomer ``link`` takes the replica of edge ``source`` (None: the last average), or,
+        where each edge holds a segment of its own, its part of the newest checkpoint."""
+        if not self.replicas:
+            self.restored[link.name] = self._part_to(link)
+        elif self.own_weights:  # edge to edge, as at a sync: the central never holds the weights
+            link.call("gather_average", ([source],))
+            link.call("apply_average")
+        else:
+            state = self.average if source is None else \
+                self.links[self.names.index(source)].call("get_state", kind="edge_state")
+            link.call("set_state", (state,), "edge_state")
+
+    def _part_to(self, link: Link) -> Optional[int]:
+        """Edge ``link``'s part of the newest checkpoint, put back (from its own disk when the edges
+        hold the weights); its step, or None when there is none yet (it keeps the weights its seed
+        drew, the run's first). What it learned since is lost with it."""
+        if self.newest is None:
+            return None
+        try:
+            loaded = checkpoint.load(self.newest)
+        except ValueError as exc:
+            raise JobError(f"{link.name} cannot take its part of the newest checkpoint: {exc}") from exc
+        written = loaded.manifest.get("edge_parts")
+        if written is not None:
+            link.call("load_part", (loaded.step, written[link.name]))
+        else:
+            link.call("import_state", (loaded.parts[link.name],), "edge_state")
+        return loaded.step

@@ -94,7 +94,7 @@ class TrainLog:
                 loss, speed, edge_loss = self.window.take()
                 epoch = batch.step // self.steps_per_epoch
                 links = self.fleet.snapshots()
-                sent, received = train_bytes(links)
+                sent, received = train_bytes(self.fleet.all_snapshots())  # what left with an edge was sent too
                 local = {} if edge_loss is None else {"edge_loss": edge_loss}
                 self.metrics.write(step=step, epoch=epoch + 1, loss=loss, **local, samples_per_s=speed,
                                    bytes_sent=sent, bytes_received=received,

@@ -19,12 +19,14 @@ attacks (each party's segment on its own region of the images).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Callable, Optional
 
 import torch
 
 from split_trainer.config import Config, ConfigError
 from split_trainer.core.batch import Batch
+from split_trainer.core.errors import JobError
 from split_trainer.data.datasets import spec_of
 from split_trainer.data.vertical import PartyData, VerticalData, party_inputs, regions
 from split_trainer.model.plan import Plan
@@ -33,6 +35,8 @@ from split_trainer.privacy.audit import AuditTarget
 from split_trainer.training.driver import Driver
 from split_trainer.training.engines import Autograd, Engine, Finished
 from split_trainer.training.fleet import Fleet
+from split_trainer.transport.link import Link
+from split_trainer.transport.wire import Reply
 
 Tensor = torch.Tensor
 
@@ -118,19 +122,36 @@ class Vertical(Driver):
                                f"depends on its party's feature count cannot be sized by the central (docs/vertical.md)")
         return x
 
+    def welcome(self, link: Link) -> None:
+        self.placement.realign(link)
+
     def _relay(self, span: list[Batch], lr: float, finished: Finished) -> None:
-        engine, links = self.engine, self.fleet.links
-        waits = [link.submit(engine.first(span[0]), None, lr) for link in links]
-        for i, batch in enumerate(span):
-            batch = self.placement.assign(batch)
-            parts = [wait().output for wait in waits]
+        """The span from its first batch; in a live fleet a party that leaves pauses the step until
+        it is back (Fleet.pause), and the span goes on from the batch it stopped at, with the parts
+        of that batch the others had sent (none is computed, or released, twice)."""
+        done: list[Batch] = []  # the span's batches trained, each assigned once
+        arrived: dict[str, Tensor] = {}  # the next batch's parts, by party, once they reach the central
+        while len(done) < len(span):
+            try:
+                self._relay_from(span, done, arrived, lr, finished)
+            except JobError as exc:
+                self.fleet.pause(exc, span[0].step + len(done))
+
+    def _relay_from(self, span: list[Batch], done: list[Batch], arrived: dict[str, Tensor], lr: float,
+                    finished: Finished) -> None:
+        engine, links, start = self.engine, self.fleet.links, len(done)
+        waits = [partial(arrived.pop, link.name) if link.name in arrived else
+                 _output(link.submit(engine.first(span[start]), None, lr)) for link in links]
+        for i in range(start, len(span)):
+            parts = _gathered(links, waits, arrived)
+            batch = self.placement.assign(span[i])
             grad, loss = engine.turn(None, batch, self._merged(parts), lr)
             grads = unmerge(grad, [tuple(p.shape[1:]) for p in parts], self.how)
             ahead = engine.first(span[i + 1]) if i + 1 < len(span) else []
-            waits = [link.submit([*engine.last(g), *ahead], None, lr) for link, g in zip(links, grads)]
+            waits = [_output(link.submit([*engine.last(g), *ahead], None, lr)) for link, g in zip(links, grads)]
             self._finished(batch, loss, finished)
-        for wait in waits:
-            wait()
+            done.append(batch)
+        _gathered(links, waits, {})
 
     def _autograd(self, span: list[Batch], lr: float, finished: Finished) -> None:
         engine, links = self.engine, self.fleet.links
@@ -152,7 +173,14 @@ class Vertical(Driver):
 
     def evaluate(self, epoch: int) -> tuple[float, float, dict[str, Any]]:
         """(test loss, test accuracy, {}) on the shared test records, one batch at a time, every
-        party's part of it at once."""
+        party's part of it at once (a party that leaves a live fleet: Left, and the central does
+        it again once the party is back)."""
+        try:
+            return self._evaluate()
+        except JobError as exc:
+            raise self.fleet.lost(exc) from exc
+
+    def _evaluate(self) -> tuple[float, float, dict[str, Any]]:
         infer, score = self.engine.eval_hops
         total: list[float] = [0.0, 0.0, 0.0]
         self.engine.stage.train(False)
@@ -165,3 +193,22 @@ class Vertical(Driver):
         finally:
             self.engine.stage.train(True)
         return total[0] / total[2], total[1] / total[2], {}
+
+
+def _output(wait: Callable[[], Reply]) -> Callable[[], Optional[Tensor]]:
+    return lambda: wait().output
+
+
+def _gathered(links: list[Link], waits: list[Callable[[], Optional[Tensor]]],
+              arrived: dict[str, Tensor]) -> list[Tensor]:
+    """Every party's part of a batch, in fleet order; when a call fails, the parts that did arrive
+    are kept in ``arrived`` (by party) and the first failure is raised once every call has ended."""
+    failure = None
+    for link, wait in zip(links, waits):
+        try:
+            arrived[link.name] = wait()
+        except JobError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+    return [arrived.pop(link.name) for link in links]

@@ -202,8 +202,16 @@ def statuses(snapshots: list[LinkSnapshot]) -> dict[str, str]:
 
 
 def summary(snapshots: list[LinkSnapshot], train_samples: int, cut_names: list[str]) -> dict[str, Any]:
-    """The run's wire accounting (summary.json's ``bytes``)."""
-    per_edge = {s.name: s.totals() for s in snapshots}
+    """The run's wire accounting (summary.json's ``bytes``); an edge that left a live fleet and
+    joined again has a snapshot per link, added up under its name."""
+    per_edge: dict[str, dict[str, Any]] = {}
+    for s in snapshots:
+        totals, before = s.totals(), per_edge.get(s.name)
+        if before is not None:
+            totals.update({key: before[key] + totals[key] for key in ("batches", "sent_total", "received_total")})
+            totals.update({way: {kind: before[way].get(kind, 0) + totals[way].get(kind, 0)
+                                 for kind in {**before[way], **totals[way]}} for way in ("sent", "received")})
+        per_edge[s.name] = totals
     sent, received = train_bytes(snapshots)
     per_cut = {f"after {name}": {way: sum(s.cuts.get((cut, way), 0) for s in snapshots)
                                  for way in ("forward", "backward")}

@@ -17,13 +17,14 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
 from split_trainer.config import Config
+from split_trainer.core import faults
 from split_trainer.transport import admission
 from split_trainer.transport.base import FuturePending, Host, Served
 from split_trainer.transport.topology import edge_number
@@ -72,11 +73,23 @@ class _Now:
 
 
 class LoopbackRemote:
-    def __init__(self, edge: Served, pool: ThreadPoolExecutor):
-        self.edge, self.pool = edge, pool
+    """One edge object, reached over the stream (a number) it was built on, as over grpc: an edge
+    that left and joined again is another object (training.live)."""
+
+    def __init__(self, transport: "LoopbackTransport", name: str, stream: int):
+        self.transport, self.name, self.stream = transport, name, stream
 
     def send(self, method: str, args: tuple, timeout_s: float, seq: Optional[int] = None) -> FuturePending:
-        return FuturePending(self.pool.submit(self.edge.serve, method, args, seq), timeout_s, self.edge.name, method)
+        return FuturePending(self.transport.submit(self.name, self.stream, method, args, seq), timeout_s, self.name,
+                             method)
+
+    def attached(self) -> bool:
+        return self.transport.stream_of(self.name) == self.stream
+
+    @property
+    def edge(self) -> Served:
+        """The edge object itself (in this process: for a debugger, a notebook or a test)."""
+        return self.transport.edge(self.name)
 
 
 class LoopbackTransport:
@@ -93,6 +106,10 @@ class LoopbackTransport:
         self._baton = threading.RLock()  # the central's compute and the edges' take turns
         self._edges: dict[str, Served] = {}
         self._pools: dict[str, ThreadPoolExecutor] = {}
+        # A live fleet's membership (training.live): each edge object's stream, while it is up, and
+        # the edges that left and "dialled in" again (SPLIT_TRAINER_FAULT's leave and join, core.faults).
+        self._numbers, self._streams = itertools.count(1), {}
+        self._dialled: set[str] = set()
 
     def start(self) -> None:
         pass
@@ -115,16 +132,56 @@ class LoopbackTransport:
         return answer
 
     def connect(self, names: list[str], cfg: Config) -> list[LoopbackRemote]:
+        """Build each edge object afresh, as an edge process that (re)started would."""
         for name in names:
             # The stream an edge process would have seeded for itself (transport.rpc.serve_edge).
             rng = [torch.Generator().manual_seed(cfg.train.seed + edge_number(name)).get_state()]
             self._edges[name] = self.host.build(name, cfg, self._ask_peer, self.autograd, self._edge_guard(rng))
+            if name in self._pools:  # the threads of the object it was before it left
+                self._pools[name].shutdown(wait=False, cancel_futures=True)
             # As many threads as an RPC agent has: a call waiting on a peer must not block the peer's reply.
             self._pools[name] = ThreadPoolExecutor(cfg.rpc.num_worker_threads, thread_name_prefix=name)
-        return [LoopbackRemote(self._edges[name], self._pools[name]) for name in names]
+            self._dialled.discard(name)
+            self._streams[name] = next(self._numbers)
+        return [LoopbackRemote(self, name, self._streams[name]) for name in names]
+
+    def submit(self, name: str, stream: int, method: str, args: tuple, seq: Optional[int]) -> Future:
+        """Call ``method`` on the edge object of ``stream``; a stream that ended fails the call as
+        a lost connection would."""
+        if self.stream_of(name) != stream:
+            failed: Future = Future()
+            failed.set_exception(ConnectionError(f"{name}'s stream to the central ended"))
+            return failed
+        return self._pools[name].submit(self._serve, name, stream, method, args, seq)
+
+    def _serve(self, name: str, stream: int, method: str, args: tuple, seq: Optional[int]) -> Any:
+        try:
+            return self._edges[name].serve(method, args, seq)
+        except ConnectionError:  # the edge left (a fault on purpose): its stream ends with the call
+            self.drop(name, "it left", stream)
+            raise
+
+    def edge(self, name: str) -> Served:
+        return self._edges[name]
+
+    def stream_of(self, name: str) -> Optional[int]:
+        return self._streams.get(name)
+
+    def drop(self, name: str, why: str, stream: int) -> None:
+        """End edge ``name``'s stream number ``stream``: its calls fail from now on."""
+        if self._streams.get(name) == stream:
+            del self._streams[name]
+
+    def arrivals(self, known: list[str], need: int, timeout_s: float) -> list[str]:
+        """The edges not in ``known`` that dialled in: on loopback, those SPLIT_TRAINER_FAULT has
+        join at this look (core.faults' point ``flush``). Nothing else dials in, so nothing is waited for."""
+        for name in self.members():
+            if faults.hit("flush", name) == "join" and name not in self._streams:
+                self._dialled.add(name)
+        return [name for name in self.members() if name not in known and (name in self._dialled or name in self._streams)]
 
     def _ask_peer(self, name: str) -> Callable[[], dict[str, torch.Tensor]]:
-        return LoopbackRemote(self._edges[name], self._pools[name]).send("peer_state", (), self.cfg.rpc.timeout_s).wait
+        return LoopbackRemote(self, name, self._streams.get(name, 0)).send("peer_state", (), self.cfg.rpc.timeout_s).wait
 
     def _edge_guard(self, rng: list[torch.Tensor]) -> Callable[[], AbstractContextManager[None]]:
         @contextmanager
