@@ -102,7 +102,7 @@ def test_the_label_attack_on_a_model_that_learned_nothing_scores_the_largest_cla
 
 # The small decoder alone: these tests ask whether a leak is found, not which capacity finds it most.
 AUDIT = ["--decoders", "small", "--public", "1000", "--private", "400", "--reidentify", "60", "--candidates", "30", "--decoder-epochs", "6",
-         "--inversions", "4", "--inversion-steps", "60", "--unsplit", "8", "--unsplit-rounds", "5"]
+         "--inversions", "4", "--inversion-steps", "60", "--unsplit", "8", "--unsplit-rounds", "5", "--hijack-steps", "0"]
 
 
 @pytest.mark.parametrize("bad, says", [(["--public", "0"], "--public: must be a whole number of at least 1"),
@@ -145,7 +145,7 @@ def test_the_audit_refuses_a_decoder_it_does_not_know(in_process, tmp_path):
 
 # Enough images that the two decoders' rows differ, little enough to take seconds.
 SMALL_AUDIT = ["--public", "64", "--private", "64", "--reidentify", "20", "--candidates", "5", "--decoder-epochs", "1",
-               "--inversions", "1", "--inversion-steps", "1", "--unsplit", "1", "--unsplit-rounds", "1"]
+               "--inversions", "1", "--inversion-steps", "1", "--unsplit", "1", "--unsplit-rounds", "1", "--hijack-steps", "0"]
 
 
 def test_the_audit_reports_each_decoder_and_the_worst_case_per_cut(in_process, mnist_root, tmp_path, monkeypatch):

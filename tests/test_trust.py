@@ -36,7 +36,7 @@ def net(marker: str, in_channels: int = 1, image_size: int = 28, num_classes: in
 '''
 # The smallest audit: the refusal must come before any of it, and consent must reach its end.
 AUDIT = ["--decoders", "small", "--public", "8", "--private", "8", "--reidentify", "2", "--candidates", "2", "--decoder-epochs", "1",
-         "--inversions", "1", "--inversion-steps", "1", "--unsplit", "1", "--unsplit-rounds", "1"]
+         "--inversions", "1", "--inversion-steps", "1", "--unsplit", "1", "--unsplit-rounds", "1", "--hijack-steps", "0"]
 
 
 @pytest.fixture

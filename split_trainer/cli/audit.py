@@ -17,14 +17,16 @@ from typing import Any
 
 import torch
 
-from split_trainer.config import ConfigError, config_from_dict
+from split_trainer.cli.watch import Watch
+from split_trainer.config import Config, ConfigError, config_from_dict
 from split_trainer.core.files import write_json
 from split_trainer.model.losses import loss_fn
 from split_trainer.privacy import attacks
-from split_trainer.privacy.audit import attack, audit_data, label_attacks, picture
+from split_trainer.privacy.audit import AuditTarget, attack, audit_data, label_attacks, picture, score_inputs
 from split_trainer.privacy.defences import epsilon
 from split_trainer.records import checkpoint
 from split_trainer.records.parts import load_parts
+from split_trainer.training import malicious
 from split_trainer.training.drivers import driver_for
 
 
@@ -33,6 +35,18 @@ def _count(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
     return int(text)
+
+
+def _steps(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number (0: none), got {text!r}")
+    return int(text)
+
+
+HIJACK_STEPS = 600
+QUICK = {"public": 1000, "private": 500, "reidentify": 100, "decoder_epochs": 5, "decoders": ("small",),
+         "inversions": 4, "inversion_steps": 100, "unsplit": 16, "unsplit_rounds": 10, "hijack_steps": 300}
+"""--quick: every attack, on fewer images for fewer epochs: a first answer, weaker than the default's."""
 
 
 def _decoders(text: str) -> tuple[str, ...]:
@@ -63,11 +77,50 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--inversion-steps", type=_count, default=300)
     parser.add_argument("--unsplit", type=_count, default=64, help="images attacked by UnSplit (no weights)")
     parser.add_argument("--unsplit-rounds", type=_count, default=40)
+    parser.add_argument("--hijack-steps", type=_steps, default=HIJACK_STEPS,
+                        help=f"steps of the malicious central's hijacking attack against edge1, with edge-held data "
+                             f"(default {HIJACK_STEPS}; 0: not run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a first answer in a few minutes: " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                                                             for k, v in QUICK.items()))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv[1:])
+    if args.quick:  # what the command line names itself stays as given
+        given = {a.split("=")[0] for a in argv[1:] if a.startswith("--")}
+        for key, value in QUICK.items():
+            if f"--{key.replace('_', '-')}" not in given:
+                setattr(args, key, value)
     if args.reidentify > args.private:
         parser.error(f"--reidentify {args.reidentify} is more than the --private {args.private} images attacked")
     return args
+
+
+def _hijacking(cfg: Config, parts: dict[str, Any], targets: list[AuditTarget], data: dict[str, Any],
+               args: argparse.Namespace, into: tuple[dict, list], tick: attacks.Tick) -> dict[str, Any]:
+    """The malicious central's attack (training.malicious), where it means something: its row joins
+    the first cut's (``into``: the rows by cut, the picture's rows)."""
+    if not args.hijack_steps:
+        return {"measured": False, "why": "--hijack-steps 0"}
+    if cfg.data.placement != "edge":
+        why = ("the central holds the inputs (data.placement=central): it needs no attack" if
+               cfg.data.placement == "central" else "not built for vertical parties")
+        return {"measured": False, "why": why}
+    every = torch.arange(len(data["pool"]))
+
+    def score(images: torch.Tensor) -> dict[str, Any]:
+        return score_inputs({NAME: (every, images)}, data, args)[NAME]
+
+    images, info = malicious.hijack(cfg, parts, targets[0], data, args.hijack_steps, args.seed, score,
+                                    lambda done: tick("hijacking", done, args.hijack_steps))
+    row = {**score(images), **info}
+    cuts, pictures = into
+    where = targets[0].cuts[0][1]
+    cuts[where][NAME] = row
+    pictures.append((f"{NAME}, {where}", (every, images)))
+    return {"measured": True, "cut": where, **info}
+
+
+NAME = "hijacking (malicious central, no weights)"
 
 
 def _table(report: dict[str, Any]) -> None:
@@ -104,11 +157,13 @@ def main(argv: list[str]) -> int:
     targets = driver_for(cfg).audit_targets(cfg, parts)
     torch.manual_seed(args.seed)
     data = audit_data(cfg, args)
-    cuts, pictures, budget = attack(targets, cfg, data, args)
-    report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "edge_weights": cfg.privacy.edge_weights,
-                              "privacy": dataclasses.asdict(cfg.privacy),
-                              "epsilon": epsilon(cfg.privacy, cfg.train.epochs), "decoder_budget": budget,
-                              "cuts": cuts}
+    with Watch() as watch:
+        cuts, pictures, budget = attack(targets, cfg, data, args, watch.tick)
+        report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "edge_weights": cfg.privacy.edge_weights,
+                                  "privacy": dataclasses.asdict(cfg.privacy),
+                                  "epsilon": epsilon(cfg.privacy, cfg.train.epochs), "decoder_budget": budget,
+                                  "cuts": cuts,
+                                  "hijacking": _hijacking(cfg, parts, targets, data, args, (cuts, pictures), watch.tick)}
     plan = targets[0].plan
     if plan.places[-1] == "edge":
         report["labels"] = label_attacks(plan, cfg.privacy, data, args.seed, loss_fn(cfg.train.loss))

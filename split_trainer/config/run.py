@@ -174,6 +174,13 @@ class PrivacyConfig:
     adversary_ssim: float = 0.3
     """The SSIM of the edge's own decoder below which the adversary term stops pushing (and
     training stays stable): about the SSIM that the class-mean image reaches on MNIST."""
+    hijack_check: float = 0.1
+    """An edge's check of the gradients the central sends back, where the edge holds its data and
+    the loss is the central's or a U-shaped plan's (relay engine): an honest central's gradients
+    depend on each sample's label, so the edge averages the label gap (mean cosine similarity of
+    its per-sample gradients within classes minus across) over about its last 10 batches, and stops
+    in one line when it falls below this: the central is sending gradients of its own choosing
+    (feature-space hijacking; docs/privacy.md#a-malicious-central). 0: off."""
     delta: float = 1e-5
     """The delta of the (epsilon, delta) reported for the activation noise."""
     raw_inputs: bool = False
@@ -188,6 +195,7 @@ class PrivacyConfig:
                  "privacy.noise needs privacy.clip: the noise is scaled to the clipping norm (set both)")
         _require(self.nopeek >= 0, f"privacy.nopeek must be 0 or more, got {self.nopeek}")
         _require(self.label_noise >= 0, f"privacy.label_noise must be 0 or more, got {self.label_noise}")
+        _require(0 <= self.hijack_check < 1, f"privacy.hijack_check must be in [0, 1), got {self.hijack_check}")
         _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
         _require(self.adversary >= 0, f"privacy.adversary must be 0 or more, got {self.adversary}")
         _require(-1 < self.adversary_ssim < 1, f"privacy.adversary_ssim must be in (-1, 1), got {self.adversary_ssim}")

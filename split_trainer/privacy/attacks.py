@@ -19,7 +19,7 @@ Images are compared in pixel space, [0, 1].
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,13 @@ from torch import nn
 
 Tensor = torch.Tensor
 Receive = Callable[[Tensor], Tensor]  # images (normalised) -> what the central receives at a cut
+Tick = Optional[Callable[[str, int, int], None]]
+"""Told (attack, done, total) as an attack goes: its epochs, steps or rounds (the audit's progress lines)."""
+
+
+def _told(tick: Tick, what: str, done: int, total: int) -> None:
+    if tick is not None:
+        tick(what, done, total)
 
 
 def total_variation(x: Tensor) -> Tensor:
@@ -42,7 +49,8 @@ DECODER_LR, DECODER_BATCH = 1e-3, 128  # every capacity's budget, with the numbe
 
 
 def decoder_attack(receive: Receive, public: Tensor, public_pixels: Tensor, private_received: Tensor,
-                   epochs: int, seed: int, kinds: tuple[str, ...] = DECODERS) -> dict[str, tuple[Tensor, int]]:
+                   epochs: int, seed: int, kinds: tuple[str, ...] = DECODERS,
+                   tick: Tick = None) -> dict[str, tuple[Tensor, int]]:
     """For each capacity in ``kinds``: a decoder trained from scratch, from what ``receive`` gives
     for the public images back to their pixels, on the same pairs for the same budget; its decoding
     of the private activations, and its parameter count."""
@@ -59,22 +67,26 @@ def decoder_attack(receive: Receive, public: Tensor, public_pixels: Tensor, priv
             if index:
                 torch.manual_seed(seed + index)
             decoder = make_decoder(kind, tuple(pairs.shape[1:]), tuple(public_pixels.shape[1:]))
-            _fit(decoder, pairs, public_pixels, epochs, torch.Generator().manual_seed(seed + index))
+            _fit(decoder, pairs, public_pixels, epochs, torch.Generator().manual_seed(seed + index),
+                 lambda done: _told(tick, f"decoder[{kind}]", done, epochs))
         with torch.no_grad():
             images = torch.cat([decoder(b) for b in private_received.split(256)]).clamp(0, 1)
         decoded[kind] = (images, sum(p.numel() for p in decoder.parameters()))
     return decoded
 
 
-def _fit(decoder: nn.Module, pairs: Tensor, pixels: Tensor, epochs: int, gen: torch.Generator) -> None:
+def _fit(decoder: nn.Module, pairs: Tensor, pixels: Tensor, epochs: int, gen: torch.Generator,
+         epoch_done: Callable[[int], None] = lambda done: None) -> None:
     """The budget every capacity gets: ``epochs`` passes, Adam, the same batches' size, MSE."""
     optimizer = torch.optim.Adam(decoder.parameters(), lr=DECODER_LR)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        epoch_done(epoch)
         for idx in _batches(len(pairs), DECODER_BATCH, gen):
             loss = F.mse_loss(decoder(pairs[idx]), pixels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    epoch_done(epochs)
 
 
 def make_decoder(kind: str, given: tuple[int, ...], image: tuple[int, ...]) -> nn.Module:
@@ -128,20 +140,23 @@ def stretched(images: Tensor) -> Tensor:
     return (images - low) / (high - low).clamp_min(1e-6)
 
 
-def inversion_attack(receive: Receive, received: Tensor, start: Tensor, steps: int, tv: float = 0.05) -> Tensor:
+def inversion_attack(receive: Receive, received: Tensor, start: Tensor, steps: int, tv: float = 0.05,
+                     tick: Tick = None) -> Tensor:
     """Optimise inputs, from ``start``, until their activations match ``received``."""
     x = start.clone().requires_grad_()
     optimizer = torch.optim.Adam([x], lr=0.05)
-    for _ in range(steps):
+    for step in range(steps):
+        _told(tick, "inversion", step, steps)
         loss = F.mse_loss(receive(x), received) + tv * total_variation(x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    _told(tick, "inversion", steps, steps)
     return x.detach()
 
 
 def unsplit_attack(segment: nn.Module, received: Tensor, start: Tensor, rounds: int, seed: int,
-                   tv: float = 0.05) -> Tensor:
+                   tv: float = 0.05, tick: Tick = None) -> Tensor:
     """UnSplit: a fresh clone of the edge segment and the inputs, optimised in turn to match ``received``."""
     torch.manual_seed(seed)
     clone = copy.deepcopy(segment).train()
@@ -150,7 +165,8 @@ def unsplit_attack(segment: nn.Module, received: Tensor, start: Tensor, rounds: 
             module.reset_parameters()  # the architecture, not the weights
     x = start.clone().requires_grad_()
     inputs, weights = torch.optim.Adam([x], lr=0.05), torch.optim.Adam(clone.parameters(), lr=1e-3)
-    for _ in range(rounds):
+    for done in range(rounds):
+        _told(tick, "unsplit", done, rounds)
         for optimizer in (inputs, weights):
             for _ in range(10):
                 loss = F.mse_loss(clone(x), received) + tv * total_variation(x)
@@ -158,6 +174,7 @@ def unsplit_attack(segment: nn.Module, received: Tensor, start: Tensor, rounds: 
                 weights.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+    _told(tick, "unsplit", rounds, rounds)
     return x.detach()
 
 

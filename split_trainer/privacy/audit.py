@@ -102,7 +102,7 @@ def audit_data(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
             "classes": spec.classes}
 
 
-def _input_attacks(views: Views, plan: Plan, data: dict, args: argparse.Namespace
+def _input_attacks(views: Views, plan: Plan, data: dict, args: argparse.Namespace, tick: attacks.Tick = None
                    ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, int]]:
     """attack name -> (indices into the pool it attacked, reconstructions in pixels), one
     ``decoder[capacity]`` per decoder; and each decoder's parameter count."""
@@ -111,16 +111,16 @@ def _input_attacks(views: Views, plan: Plan, data: dict, args: argparse.Namespac
         received = torch.cat([views.received(b) for b in pool.split(256)])
     start = data["public"].mean(0, keepdim=True)
     decoded = attacks.decoder_attack(views.received, data["public"], data["public_pixels"], received,
-                                     args.decoder_epochs, args.seed, args.decoders)
+                                     args.decoder_epochs, args.seed, args.decoders, tick)
     found = {f"decoder[{kind}]": (torch.arange(len(pool)), images) for kind, (images, _) in decoded.items()}
     some = targets[:args.inversions]
     found["inversion"] = (some, attacks.stretched(attacks.inversion_attack(
-        views.model, received[some], start.expand(len(some), -1, -1, -1), args.inversion_steps)))
+        views.model, received[some], start.expand(len(some), -1, -1, -1), args.inversion_steps, tick=tick)))
     if views.cut == 0:  # UnSplit clones the edge segment that makes this activation
         some = targets[:args.unsplit]
         found["unsplit"] = (some, attacks.stretched(attacks.unsplit_attack(
             plan.segments[0].module, received[some], start.expand(len(some), -1, -1, -1), args.unsplit_rounds,
-            args.seed)))
+            args.seed, tick=tick)))
     return found, {kind: parameters for kind, (_, parameters) in decoded.items()}
 
 
@@ -130,7 +130,7 @@ def _worst_case(found: dict, data: dict, args: argparse.Namespace, knows_weights
     ``worst_of``); the reconstructions the picture shows (that decoder's, not every capacity's);
     and the worst case's capacity. Attacks that need the edge weights are labelled so when the
     edges keep them."""
-    scored = _score_inputs(found, data, args)
+    scored = score_inputs(found, data, args)
     kind = attacks.worst_case({k: scored[f"decoder[{k}]"] for k in args.decoders})
     rows = {"decoder": {**scored[f"decoder[{kind}]"], "worst_of": kind}, **scored}
     shown = {"decoder": found[f"decoder[{kind}]"],
@@ -141,7 +141,7 @@ def _worst_case(found: dict, data: dict, args: argparse.Namespace, knows_weights
     return rows, shown, kind
 
 
-def attack(targets: list[AuditTarget], cfg: Config, data: dict, args: argparse.Namespace
+def attack(targets: list[AuditTarget], cfg: Config, data: dict, args: argparse.Namespace, tick: attacks.Tick = None
            ) -> tuple[dict[str, Any], list[tuple[str, tuple[Tensor, Tensor]]], dict[str, Any]]:
     """Every target's cuts attacked: the report's rows per cut, the picture's captioned rows, and
     the decoders' budget (the same for every capacity)."""
@@ -150,7 +150,8 @@ def attack(targets: list[AuditTarget], cfg: Config, data: dict, args: argparse.N
         own = data if target.crop is None else {
             **data, **{key: target.crop(data[key]) for key in ("public", "public_pixels", "pool", "pool_pixels")}}
         for cut, where in target.cuts:
-            _attack_cut(target.plan, cut, where, cfg, own, args, (cuts, pictures, budget), target.placed)
+            told = None if tick is None else (lambda what, done, total, where=where: tick(f"{where}: {what}", done, total))
+            _attack_cut(target.plan, cut, where, cfg, own, args, (cuts, pictures, budget), target.placed, told)
     return cuts, pictures, budget
 
 
@@ -162,11 +163,11 @@ def _budget(data: dict, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _attack_cut(plan: Plan, cut: int, where: str, cfg: Config, data: dict, args: argparse.Namespace,
-                into: tuple[dict, list, dict], placed: Any = None) -> None:
+                into: tuple[dict, list, dict], placed: Any = None, tick: attacks.Tick = None) -> None:
     """One cut attacked: its rows, captioned pictures and decoder sizes added to ``into`` (cuts,
     pictures, budget). ``placed`` puts a party's reconstructions back where its region lies."""
     cuts, pictures, budget = into
-    found, parameters = _input_attacks(Views(plan, cfg.privacy, cut), plan, data, args)
+    found, parameters = _input_attacks(Views(plan, cfg.privacy, cut), plan, data, args, tick)
     cuts[where], shown, worst = _worst_case(found, data, args, cfg.privacy.edge_weights == "central")
     for attack, (idx, reconstructed) in shown.items():
         which = f" (worst: {worst})" if attack.startswith("decoder") else ""
@@ -175,7 +176,7 @@ def _attack_cut(plan: Plan, cut: int, where: str, cfg: Config, data: dict, args:
         budget["parameters"][kind][where] = count
 
 
-def _score_inputs(found: dict, data: dict, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def score_inputs(found: dict, data: dict, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Scores on every image an attack reconstructed; re-identification on those among the targets."""
     means = torch.stack([data["public_pixels"][data["public_labels"] == c].mean(0) for c in range(data["classes"])])
     results = {}

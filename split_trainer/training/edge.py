@@ -30,6 +30,7 @@ from split_trainer.privacy.adversary import Adversary
 from split_trainer.privacy.defences import Defences
 from split_trainer.records import checkpoint
 from split_trainer.records.metrics import resident_bytes
+from split_trainer.privacy.scrutiny import GradientCheck
 from split_trainer.training.dispatch import Turns
 from split_trainer.training import policy
 from split_trainer.training.engines import edge_engine
@@ -75,6 +76,7 @@ class Edge:
         # the order the central sent them.
         self.calls = Turns(0, cfg.rpc.timeout_s, "training call {} waited {:g} s for the one before it")
         self.labels: Optional[torch.Tensor] = None  # the labels of this edge's own batch in flight
+        self.check = gradient_check(name, cfg)
         self.last_seen = time.monotonic()  # the last call from the central: a silent one ends the edge
         self.finished = threading.Event()
 
@@ -133,8 +135,12 @@ class Edge:
             if into.kind == "inputs":  # the inputs themselves, or a reference to this edge's own batch
                 x, own, sent = self.data.inputs(payload)
                 self.labels = own if own is not None else self.labels
+                if self.check is not None and not hop.evaluating:
+                    self.check.forward(own)
             else:
                 x = self.wire.decode(payload, into)
+                if self.check is not None and into.kind == "activation_grads" and hop.segment == 0:
+                    self.check.backward(x)  # stops the edge, in one line, when the central is hijacking it
             reply = self.engine.run(hop, x, labels if labels is not None else self.labels, lr)
             if reply.output is not None:  # activations and gradients as the wire carries them
                 reply = reply._replace(output=self.wire.encode(reply.output, crossing(hop, "out")))
@@ -241,3 +247,14 @@ CALLS: dict[str, Callable] = {name: getattr(Edge, name) for name in (
     "peer_state", "gather_average", "apply_average", "about", "rss", "finish")}
 """What the central and the peers may call (and the calls of the edge's data placement,
 ``EdgeSide.calls``): nothing else on the object is reachable."""
+
+
+def gradient_check(name: str, cfg: Config) -> Optional[GradientCheck]:
+    """The edge's check of the central's gradients (privacy.hijack_check), where it can see them
+    with the labels: its own data, a gradient at its first cut (the loss on the central, or a
+    U-shaped plan's), carried by the relay engine's calls (distributed autograd applies them unseen)."""
+    places = [segment.get("place") for segment in cfg.model.plan] if cfg.model.plan else ["edge", "central"]
+    if (cfg.privacy.hijack_check and cfg.data.placement == "edge" and cfg.train.edge_loss == "central"
+            and cfg.train.engine == "relay" and places[0] == "edge"):
+        return GradientCheck(name, cfg.privacy.hijack_check)
+    return None

@@ -28,7 +28,8 @@ from split_trainer.model.plan import Plan
 OWN_KEYS = ("model.name", "model.args", "model.split", "model.plan", "model.bottleneck", "model.merge",
             "data.name", "data.placement", "data.regions", "data.share_label_counts", "data.psi_max_ratio",
             "train.edge_loss", "privacy.edge_weights", "privacy.clip", "privacy.noise", "privacy.nopeek",
-            "privacy.label_noise", "privacy.adversary", "privacy.adversary_ssim", "privacy.raw_inputs")
+            "privacy.label_noise", "privacy.adversary", "privacy.adversary_ssim", "privacy.raw_inputs",
+            "privacy.hijack_check")
 """The keys an edge is the authority on: what its segment is (the model and its cuts), what it holds
 (its data and who takes the labels), and the defences it applies before anything leaves it."""
 
