@@ -154,8 +154,9 @@ def test_a_checkpoint_taken_with_two_edges_resumes_with_three_and_the_third_keep
                                                                                          tmp_path):
     """Edge-held data: edge2 leaves at step 7 and the run stops at step 8 (its checkpoint holds
     edge1 and edge3); the same command to step 16 with all three present: edge2 joins from the
-    checkpoint's average and goes on in its own shard from where it stopped."""
-    keys = {**ON_LOOPBACK, "data.placement": "edge"}
+    checkpoint's average (edge to edge: the edges hold the weights) and goes on in its own shard
+    from where it stopped."""
+    keys = {**ON_LOOPBACK, "data.placement": "edge", "privacy.edge_weights": "edges"}  # edge2 joins edge to edge
     monkeypatch.setenv("SPLIT_TRAINER_FAULT", "edge2:train:4:leave")
     loopback(tmp_path, 3, **{**keys, "train.max_steps": 8})
     monkeypatch.delenv("SPLIT_TRAINER_FAULT")
@@ -184,7 +185,8 @@ def test_a_vertical_party_that_leaves_pauses_the_step_and_comes_back_from_the_ne
     checkpoint of step 8; the step goes on from where it stopped, and no process restarts."""
     monkeypatch.setenv("SPLIT_TRAINER_FAULT", "edge2:train:12:leave, edge2:flush:2:join")
     summary = loopback(tmp_path, 3, **{**ON_LOOPBACK, "data.placement": "vertical", "topology.min_edges": "null",
-                                       "data.missing": 0.05, "data.limit_train": 1024})
+                                       "data.missing": 0.05, "data.limit_train": 1024,
+                                       "privacy.edge_weights": "edges"})  # its part from its own disk
     change, = [r for r in _records(tmp_path) if r.get("event") == "membership" and r["step"] > 0]
     assert change["left"] == change["joined"] == ["edge2"] and change["edges"] == ["edge1", "edge2", "edge3"]
     assert change["step"] == 10 and change["restored_from_step"] == {"edge2": 8}, change
