@@ -176,7 +176,7 @@ class PrivacyConfig:
     training stays stable): about the SSIM that the class-mean image reaches on MNIST."""
     hijack_check: float = 0.1
     """An edge's check of the gradients the central sends back, where the edge holds its data and
-    the loss is the central's or a U-shaped plan's (relay engine): an honest central's gradients
+    the loss is the central's or a U-shaped plan's (relay engine, no activation noise): an honest central's gradients
     depend on each sample's label, so the edge averages the label gap (mean cosine similarity of
     its per-sample gradients within classes minus across) over about its last 10 batches, and stops
     in one line when it falls below this: the central is sending gradients of its own choosing

@@ -15,6 +15,7 @@ same features for the edge's own batches).
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from typing import Any, Callable, Optional
 
 import torch
@@ -42,8 +43,9 @@ def hijack(cfg: Config, parts: dict[str, Any], target: AuditTarget, data: dict[s
     (``lever``, their bytes), and, where the edge's own check (privacy.hijack_check) stopped it,
     at which step and what the attacker's decoder scored then (``score``). The attack then goes on
     with the check set aside, to measure what an edge without it would have given away."""
-    cfg = dataclasses.replace(cfg, topology=dataclasses.replace(cfg.topology, transport="loopback",
-                                                                 membership="fixed"))
+    scratch = tempfile.TemporaryDirectory()  # the edge's parts folder: not the audited run's, which may be training
+    cfg = dataclasses.replace(cfg, topology=dataclasses.replace(cfg.topology, transport="loopback", membership="fixed"),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, dir=scratch.name))
     transport = loopback_transport(cfg)
     try:
         remote, = transport.connect([EDGE], cfg)
@@ -70,6 +72,7 @@ def hijack(cfg: Config, parts: dict[str, Any], target: AuditTarget, data: dict[s
         return decoded(), info
     finally:
         transport.shutdown(graceful=False)
+        scratch.cleanup()
 
 
 def _attack(link: Link, edge: Any, engine: Any, placement: EdgeData, hijacker: Hijacker, steps: int, lr: float,
