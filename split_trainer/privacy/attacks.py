@@ -159,10 +159,7 @@ def unsplit_attack(segment: nn.Module, received: Tensor, start: Tensor, rounds: 
                    tv: float = 0.05, tick: Tick = None) -> Tensor:
     """UnSplit: a fresh clone of the edge segment and the inputs, optimised in turn to match ``received``."""
     torch.manual_seed(seed)
-    clone = copy.deepcopy(segment).train()
-    for module in clone.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()  # the architecture, not the weights
+    clone = fresh_clone(segment)
     x = start.clone().requires_grad_()
     inputs, weights = torch.optim.Adam([x], lr=0.05), torch.optim.Adam(clone.parameters(), lr=1e-3)
     for done in range(rounds):
@@ -176,6 +173,15 @@ def unsplit_attack(segment: nn.Module, received: Tensor, start: Tensor, rounds: 
                 optimizer.step()
     _told(tick, "unsplit", rounds, rounds)
     return x.detach()
+
+
+def fresh_clone(segment: nn.Module) -> nn.Module:
+    """The architecture of ``segment``, not its weights: a copy initialised anew, in training mode."""
+    clone = copy.deepcopy(segment).train()
+    for module in clone.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return clone
 
 
 def kmeans(points: Tensor, k: int, seed: int, iterations: int = 50) -> Tensor:

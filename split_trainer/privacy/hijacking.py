@@ -16,23 +16,14 @@ attacker's own computation; training.malicious runs it against real edges.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from split_trainer.privacy.attacks import make_decoder
+from split_trainer.privacy.attacks import fresh_clone, make_decoder
 
 Tensor = torch.Tensor
 AUTOENCODER_LR, CRITIC_LR = 1e-3, 1e-4  # Adam; the pilot and decoder at the audit decoders' rate (1e-4 left them blurry in 400 steps)
-
-
-def _reset(module: nn.Module) -> nn.Module:
-    for layer in module.modules():
-        if hasattr(layer, "reset_parameters"):
-            layer.reset_parameters()
-    return module
 
 
 def discriminator(shape: tuple[int, ...]) -> nn.Module:
@@ -50,7 +41,7 @@ class Hijacker:
 
     def __init__(self, segment: nn.Module, public: Tensor, public_pixels: Tensor, seed: int, batch: int):
         torch.manual_seed(seed)
-        self.pilot = _reset(copy.deepcopy(segment)).train()
+        self.pilot = fresh_clone(segment)  # the edge segment's architecture, weights of its own
         with torch.no_grad():
             shape = tuple(self.pilot(public[:2]).shape[1:])
         self.decoder = make_decoder("residual", shape, tuple(public_pixels.shape[1:]))
