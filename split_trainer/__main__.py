@@ -12,7 +12,7 @@ import sys
 
 from split_trainer.config import ConfigError, load_config
 from split_trainer.core import faults
-from split_trainer.core.errors import JobError, short
+from split_trainer.core.errors import JobError, say, short
 from split_trainer.training.failures import Terminated
 
 
@@ -40,7 +40,7 @@ DESCRIPTIONS = {None: "Split-learning trainer.",
 
 
 def _say(where: str, message: str, level: str = "error") -> None:
-    print(f"split_trainer: {where}{level}: {message}", file=sys.stderr, flush=True)
+    say(f"split_trainer: {where}{level}: {message}")
 
 
 def main(argv: list[str] | None = None) -> int:

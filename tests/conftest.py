@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import gzip
+import itertools
 import json
 import os
 import queue
+import random
 import shutil
 import signal
 import socket
@@ -218,15 +220,51 @@ def run_and_kill(cmd: list[str], after_line: str, rank: int, sig: int = signal.S
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a listener a test starts by its own number (a torchrun host's rendezvous),
+    taken below the kernel's ephemeral range. Its clients dial it before it listens; an ephemeral
+    number could by then belong to another test's TensorPipe listener (each rank binds about 18 with
+    port 0), and TensorPipe aborts its whole process (std::bad_alloc) on bytes not its own."""
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(10000, first_ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 10000..{first_ephemeral - 1}")
 
 
-def launch(script: str, *args: str, **env: str) -> subprocess.Popen:
-    """A host started by one of the launch scripts, in a session of its own."""
-    return subprocess.Popen(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=child_env(**env),
+def launch(script: str, *args: str, within: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
+    """A host started by one of the launch scripts, in a session of its own (``within``: a command
+    prefix, such as own_loopback's)."""
+    return subprocess.Popen([*within, "bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=child_env(**env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.fixture
+def own_loopback():
+    """A command prefix that runs a host in a network namespace of this test's own, with only a
+    loopback interface (give its hosts IFNAME=lo). An elastic round leaves torch to pick its store's
+    port (free now, listened on seconds later, when the worker has started) and the other ranks
+    dial it meanwhile: on the shared loopback that port may by then be another test's TensorPipe
+    listener, which aborts on a stranger's bytes. Here nothing else listens. Without root or
+    iproute2: the shared loopback (an empty prefix)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        yield ()
+        return
+    name = f"stlo{os.getpid()}x{next(_NAMESPACES)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        yield ("ip", "netns", "exec", name)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+_NAMESPACES = itertools.count()
 
 
 class Lines:

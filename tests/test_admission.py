@@ -240,18 +240,20 @@ def test_a_fixed_fleet_stops_when_an_edge_host_has_no_secret(mnist_root, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.seconds(65)
-def test_an_elastic_fleet_refuses_a_host_with_another_secret_and_finishes_without_it(mnist_root, tmp_path):
+def test_an_elastic_fleet_refuses_a_host_with_another_secret_and_finishes_without_it(mnist_root, tmp_path,
+                                                                                    own_loopback):
     """Edge host 1 finds the job's secret in the run folder (the central's script made it there);
     edge host 2 holds another. Host 2 is refused, stops its own torchrun agent (without closing the
     job's rendezvous), the others meet again without it and the job finishes."""
     port, common = free_port(), _common(tmp_path, mnist_root)
     elastic = ["--hosts", "1:2", "--addr", "127.0.0.1", "--max-restarts", "3"]
-    central = launch("central.sh", "--port", str(port), "--wait", "2", *elastic, *common)
+    central = launch("central.sh", "--port", str(port), "--wait", "2", *elastic, *common, within=own_loopback,
+                     IFNAME="lo")
     out = Lines(central)
     out.wait_for(lambda line: line.startswith("central: edge hosts join with"), timeout=60)  # the secret is made
     wrong = secret_file(tmp_path / "other.secret", OTHER)
     hosts = [central] + [launch("edge.sh", "--central", f"127.0.0.1:{port}", "--node", str(node), "--edges", "1",
-                                *elastic, *extra, *common)
+                                *elastic, *extra, *common, within=own_loopback, IFNAME="lo")
                          for node, extra in ((1, []), (2, ["--secret-file", str(wrong)]))]
     try:
         refused = out.wait_for(lambda line: "refused" in line, timeout=300)

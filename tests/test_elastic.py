@@ -20,7 +20,7 @@ def _records(run_dir, event=None):
 
 
 @pytest.mark.seconds(115)
-def test_an_edge_host_lost_mid_run_leaves_a_job_that_finishes_and_takes_it_back(mnist_root, tmp_path):
+def test_an_edge_host_lost_mid_run_leaves_a_job_that_finishes_and_takes_it_back(mnist_root, tmp_path, own_loopback):
     """Edge host 2 (agent and worker) is killed with SIGKILL mid-run: the others meet again without
     it and go on; started again, it is admitted at the next rendezvous and trains."""
     # 3 epochs: the job alone must still be training when the host that comes back has started and
@@ -33,9 +33,10 @@ def test_an_edge_host_lost_mid_run_leaves_a_job_that_finishes_and_takes_it_back(
 
     def edge_host(node: int):
         return launch("edge.sh", "--central", f"127.0.0.1:{port}", "--node", str(node), "--edges", "1", *elastic,
-                      *common)
+                      *common, within=own_loopback, IFNAME="lo")
 
-    central = launch("central.sh", "--port", str(port), "--wait", "2", *elastic, *common)
+    central = launch("central.sh", "--port", str(port), "--wait", "2", *elastic, *common, within=own_loopback,
+                     IFNAME="lo")
     hosts = [central, edge_host(1), edge_host(2)]
     try:
         out = Lines(central)

@@ -319,6 +319,32 @@ def test_a_torchrun_job_on_grpc_survives_a_killed_edge_like_an_untouched_run(loo
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_an_edge_rank_dials_only_the_address_of_its_own_attempt(tmp_path, monkeypatch):
+    """In a torchrun group the run folder's grpc.address can still name the last attempt's dead
+    port: an edge rank takes the address this attempt's central put in torchrun's store (a real
+    TCPStore, as torchrun's agent holds it), and waits for it, bounded, when it is not there yet."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from split_trainer.transport.grpc_common import central_address, read_address, write_address
+    agent = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    write_address(tmp_path, "127.0.0.1:1111", 10)  # attempt 0's central
+    assert central_address(tmp_path, 10)() == "127.0.0.1:1111"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # its edge was killed: the group starts again
+    assert read_address(tmp_path, 1) == "127.0.0.1:1111"  # the file still names the dead port
+    with pytest.raises(ConfigError, match="this attempt's central announced no address within"):
+        central_address(tmp_path, 0.5)
+    write_address(tmp_path, "127.0.0.1:2222", 10)  # attempt 1's central
+    assert central_address(tmp_path, 10)() == "127.0.0.1:2222"
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")  # without torchrun: the file, as before
+    assert central_address(tmp_path, 1)() == "127.0.0.1:2222"
+
+
 def test_a_silent_edge_is_dropped_within_the_timeout_with_one_line(tmp_path, capsys):
     """An edge that attaches and then sends nothing, not even its heartbeat (a frozen process):
     the central drops it after rpc.timeout_s, and its call in flight fails with the line."""

@@ -16,6 +16,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from split_trainer.core.errors import say
 from split_trainer.transport.link import LinkSnapshot, statuses
 
 STYLE = {"ok": "green", "slow": "yellow", "lost": "bold red"}
@@ -49,7 +50,7 @@ class Console:
             self.out.print(text)
 
     def warn(self, text: str) -> None:
-        print(f"split_trainer: warning: {text}", file=sys.stderr, flush=True)
+        say(f"split_trainer: warning: {text}")
 
     def banner(self, rows: dict[str, Any], total_steps: int) -> None:
         self.total = total_steps

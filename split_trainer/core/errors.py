@@ -3,6 +3,7 @@ of the distributed job already phrased for the person."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 
@@ -34,3 +35,11 @@ def printable(text: object, limit: int = 100) -> str:
     """``text`` from a peer (a host name, an edge's word), fit for one line of ours: control
     characters escaped (a newline or an ANSI code would forge a line of the log), at most ``limit``."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[:limit])
+
+
+def say(line: str) -> None:
+    """One line on stderr in a single write. print() writes the text and its newline apart when
+    stderr is unbuffered (PYTHONUNBUFFERED), and a warning from another thread (TensorPipe's C++
+    logs) then lands inside the line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

@@ -15,14 +15,13 @@ of its checkpoint parts it keeps), training.hosting gives it straight to the edg
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from torch import nn
 
 from split_trainer.config import Config
-from split_trainer.core.errors import EdgeRefusal
+from split_trainer.core.errors import EdgeRefusal, say
 from split_trainer.model.plan import Plan
 
 OWN_KEYS = ("model.name", "model.args", "model.split", "model.plan", "model.bottleneck", "model.merge",
@@ -75,5 +74,5 @@ def said(name: str) -> Iterator[None]:
     try:
         yield
     except EdgeRefusal as exc:
-        print(f"split_trainer: [{name}] error: {exc}", file=sys.stderr, flush=True)
+        say(f"split_trainer: [{name}] error: {exc}")
         raise

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 from split_trainer.config import ConfigError, TopologyConfig, load_config
-from split_trainer.core.errors import JobError, printable, short
+from split_trainer.core.errors import JobError, printable, say, short
 
 SECRET = "SPLIT_TRAINER_SECRET"
 """The job's secret itself (an environment variable keeps it off every command line)."""
@@ -224,7 +224,7 @@ class EdgeSide:
         process ends (or it restarts the process into another refusal)."""
         if self.out is None:
             return
-        print(f"split_trainer: [{self.name}] error: {self.out}", file=sys.stderr, flush=True)
+        say(f"split_trainer: [{self.name}] error: {self.out}")
         try:
             if self.agent is not None:
                 stop_host(self.agent)
@@ -273,7 +273,7 @@ def admit(names: list[str], door: Door, key: Optional[bytes], topology: Topology
         raise JobError(f"{line}; the others meet again without {'it' if len(refused) == 1 else 'them'}")
     if elastic and len(admitted) >= topology.fewest:
         _confirm(door, confirm)
-        print(f"split_trainer: warning: {line}; going on with {', '.join(admitted)}", file=sys.stderr, flush=True)
+        say(f"split_trainer: warning: {line}; going on with {', '.join(admitted)}")
         return admitted
     _tell(door, {name: Verdict("stopped", reason=line) for name in admitted})
     need = "a fixed fleet needs every edge" if not elastic else \
@@ -334,7 +334,7 @@ def main(argv: list[str]) -> int:
         path = Path(given) if given else Path(load_config(argv[0], overrides).output.run_dir) / RUN_FOLDER_FILE
         ensure_file(path)
     except ConfigError as exc:
-        print(f"split_trainer: error: {exc}", file=sys.stderr)
+        say(f"split_trainer: error: {exc}")
         return 2
     print(path)
     return 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import itertools
 import queue
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,13 +31,15 @@ from typing import Any, Iterator, Optional
 import grpc
 
 from split_trainer.config import Config, ConfigError
-from split_trainer.core.errors import JobError, short
+from split_trainer.core.errors import JobError, say, short
 from split_trainer.transport import identity, revocation
 from split_trainer.transport.base import FuturePending
 from split_trainer.transport.codec import LIMITS, Answer, Call, Connect, Heartbeat, Hello, Relay, Sealed, decode, encode
 from split_trainer.transport.grpc_common import (ADDRESS_FILE, CERTS_FOLDER, CONNECT_ID, METHOD, SERVICE,
                                                  channel_options, heartbeat_every, write_address)
 from split_trainer.transport.schema import WireError, check_answer
+
+END_GRACE_S = 1.0  # how long the server gives each stream to send its end before it cancels it
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ class GrpcTransport:
             raise JobError(f"the central cannot listen on {self.listen}")
         self._server.start()
         self.address = f"{host}:{port}"
-        write_address(self.run_dir, self.address)
+        write_address(self.run_dir, self.address, self.cfg.rpc.startup_timeout_s)
 
     def _central_bundle(self) -> Path:
         """The central's folder. On one machine (no bundle given) the job's certificates are made in
@@ -192,7 +193,10 @@ class GrpcTransport:
         for peer in peers:
             peer.close("the central shut down", None if graceful else grpc.StatusCode.ABORTED)
         if self._server is not None:
-            self._server.stop(grace=1.0 if graceful else 0).wait(self.cfg.rpc.timeout_s)
+            # A grace even after a failure: with none, the server cancels each stream before its
+            # ABORTED goes out, and an edge that saw only a broken stream dials the dead port
+            # again for rpc.startup_timeout_s. The streams end at once, as their ends are queued.
+            self._server.stop(grace=END_GRACE_S).wait(self.cfg.rpc.timeout_s)
 
     # -- the Transport protocol ----------------------------------------------------------------------
     def members(self) -> list[str]:
@@ -428,4 +432,4 @@ class GrpcTransport:
 
     @staticmethod
     def _say(line: str) -> None:
-        print(f"split_trainer: [central] warning: {line}", file=sys.stderr, flush=True)
+        say(f"split_trainer: [central] warning: {line}")

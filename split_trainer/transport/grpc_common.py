@@ -9,13 +9,16 @@ transport.codec message (msgpack bytes); gRPC sees raw bytes (no protobuf, no co
 
 from __future__ import annotations
 
+import os
 import time
+from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from split_trainer.config import ConfigError
 from split_trainer.core.files import write_text
 from split_trainer.transport.codec import LIMITS
+from split_trainer.transport.topology import attempt_prefix
 
 SERVICE, METHOD = "split_trainer.Fleet", "Attach"
 PATH = f"/{SERVICE}/{METHOD}"
@@ -50,8 +53,42 @@ def channel_options(timeout_s: float, server: bool) -> list[tuple[str, int]]:
     return options
 
 
-def write_address(run_dir: Path, address: str) -> None:
+def write_address(run_dir: Path, address: str, timeout_s: float) -> None:
+    """The run folder's ``grpc.address`` (for people, and for edges started by hand on this
+    machine), and, in a torchrun group, the same under this attempt's key in torchrun's store."""
     write_text(Path(run_dir) / ADDRESS_FILE, address + "\n")
+    store = _attempt_store(timeout_s)
+    if store is not None:
+        store.set(ADDRESS_FILE, address)
+
+
+def central_address(run_dir: Path, timeout_s: float) -> Callable[[], str]:
+    """How an edge rank on the central's machine finds it, asked again at each dial. In a torchrun
+    group: the address this attempt's central put in torchrun's store, waited for up to
+    ``timeout_s``. The run folder's file may still hold the previous attempt's port, now dead, and
+    by the next dial another program may listen there (another job's TensorPipe listener aborts its
+    whole process on a stranger's bytes). Without torchrun's store: the run folder's file."""
+    store = _attempt_store(timeout_s)
+    if store is None:
+        return lambda: read_address(run_dir, timeout_s)
+    try:
+        store.wait([ADDRESS_FILE], timedelta(seconds=timeout_s))
+    except RuntimeError:  # torch's DistStoreError: the key never came
+        raise ConfigError(f"this attempt's central announced no address within rpc.startup_timeout_s={timeout_s:g} "
+                          f"s (did its rank start, with topology.transport=grpc?)") from None
+    address = store.get(ADDRESS_FILE).decode()
+    return lambda: address
+
+
+def _attempt_store(timeout_s: float) -> Optional[Any]:
+    """torchrun's own store under this attempt's prefix (every attempt meets on fresh keys, as
+    the RPC ranks do: transport.topology); None outside torchrun, or with its store not shared."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(attempt_prefix(), store)
 
 
 def read_address(run_dir: Path, timeout_s: float, poll_s: float = 0.1) -> str:

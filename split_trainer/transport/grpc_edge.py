@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import os
 import queue
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,13 +25,13 @@ import grpc
 import torch
 
 from split_trainer.config import Config, ConfigError
-from split_trainer.core.errors import JobError, short
+from split_trainer.core.errors import JobError, say, short
 from split_trainer.transport import identity, sealing
 from split_trainer.transport.base import Host, Served
 from split_trainer.transport.codec import (LIMITS, NONCE_BYTES, Answer, Call, Connect, Heartbeat, Hello, Relay, Sealed,
                                            decode, decode_answer, encode)
-from split_trainer.transport.grpc_common import (CERTS_FOLDER, CONNECT_ID, PATH, channel_options, heartbeat_every,
-                                                 read_address)
+from split_trainer.transport.grpc_common import (CERTS_FOLDER, CONNECT_ID, PATH, central_address, channel_options,
+                                                 heartbeat_every)
 from split_trainer.transport.schema import WireError
 from split_trainer.transport.topology import edge_number
 
@@ -84,9 +83,10 @@ def serve_edge_in_run_folder(run_dir: Path, name: str, host: Host, own: Config) 
     from the run folder (``grpc.address``, ``certs/<name>``), both waited for: the central's rank
     makes them once it has loaded its data."""
     run_dir = Path(run_dir)
-    read_address(run_dir, own.rpc.startup_timeout_s)
+    address = central_address(run_dir, own.rpc.startup_timeout_s)
+    address()
     bundle = identity.load_bundle(run_dir / CERTS_FOLDER / name)
-    serve_edge_grpc(lambda: read_address(run_dir, own.rpc.startup_timeout_s), bundle, host, own)
+    serve_edge_grpc(address, bundle, host, own)
 
 
 def serve_edge_grpc(address: Callable[[], str], bundle: identity.Bundle, host: Host, own: Config) -> None:
@@ -122,7 +122,7 @@ def serve_edge_grpc(address: Callable[[], str], bundle: identity.Bundle, host: H
 
 
 def _say(name: str, line: str) -> None:
-    print(f"split_trainer: [{name}] warning: {line}", file=sys.stderr, flush=True)
+    say(f"split_trainer: [{name}] warning: {line}")
 
 
 class _Unavailable(Exception):

@@ -15,7 +15,6 @@ so dropout and the privacy defences draw what they would draw on RPC.
 from __future__ import annotations
 
 import itertools
-import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -25,6 +24,7 @@ import torch
 
 from split_trainer.config import Config
 from split_trainer.core import faults
+from split_trainer.core.errors import say
 from split_trainer.transport import admission
 from split_trainer.transport.base import FuturePending, Host, Served
 from split_trainer.transport.topology import edge_number
@@ -128,7 +128,7 @@ class LoopbackTransport:
     def _hear(side: admission.EdgeSide, verdict: admission.Verdict) -> Optional[str]:
         answer = side.hear(verdict)
         if side.out is not None:  # the line the edge's own process would print as it leaves
-            print(f"split_trainer: [{side.name}] error: {side.out}", file=sys.stderr, flush=True)
+            say(f"split_trainer: [{side.name}] error: {side.out}")
         return answer
 
     def connect(self, names: list[str], cfg: Config) -> list[LoopbackRemote]:

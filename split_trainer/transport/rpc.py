@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import threading
 import time
 import warnings
@@ -26,7 +25,7 @@ import torch.distributed.autograd as dist_autograd
 from torch.distributed import rpc
 
 from split_trainer.config import Config
-from split_trainer.core.errors import EdgeRefusal, printable
+from split_trainer.core.errors import EdgeRefusal, printable, say
 from split_trainer.transport import admission
 from split_trainer.transport.base import Host, Served
 from split_trainer.transport.topology import ROLE, Topology, edge_number, init_rpc, members
@@ -237,8 +236,8 @@ def serve_edge(topo: Topology, cfg: Config, host: Callable[[], Host]) -> None:
     silent. ``host()`` loads this edge's data (training.hosting.EdgeHost), before RPC comes up."""
     torch.manual_seed(cfg.train.seed + edge_number(topo.name))
     # An edge prints only warnings and errors, each on one line under its own name.
-    warnings.showwarning = lambda message, category, *_args, **_kw: print(
-        f"split_trainer: [{topo.name}] warning: {category.__name__}: {message}", file=sys.stderr, flush=True)
+    warnings.showwarning = lambda message, category, *_args, **_kw: say(
+        f"split_trainer: [{topo.name}] warning: {category.__name__}: {message}")
     _host[0] = host()  # a missing data folder fails here, before RPC
     # The secret is read before RPC comes up (a bad one is one line, exit 2); an edge host of an
     # elastic fleet (launch/edge.sh) runs only edges, so a refused one stops its own agent.

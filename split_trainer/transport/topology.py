@@ -10,7 +10,6 @@ meet in a store of their own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) without a pr
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed import rpc
 
 from split_trainer.config import Config, ConfigError
-from split_trainer.core.errors import JobError, short
+from split_trainer.core.errors import JobError, say, short
 
 SCHEME = "split-trainer"
 
@@ -144,6 +143,11 @@ def device_for(requested: str, option: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def attempt_prefix() -> str:
+    """The keys of this torchrun attempt in torchrun's own store (TORCHELASTIC_RESTART_COUNT)."""
+    return f"split_trainer/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 def _attempt_rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **kwargs):
     query = {k: v[0] for k, v in parse_qs(urlparse(url).query).items()}
     env_url = "env://?" + "&".join(f"{k}={v}" for k, v in query.items())
@@ -151,8 +155,7 @@ def _attempt_rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         yield store, rank, world  # a fresh store for every round (the elastic launch scripts' choice)
     else:  # torchrun's own store, reused by every attempt; in a group that restarts together, counts agree
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        yield dist.PrefixStore(f"split_trainer/attempt{attempt}", store), rank, world
+        yield dist.PrefixStore(attempt_prefix(), store), rank, world
     raise RuntimeError("split_trainer rendezvous cannot be re-entered")
 
 
@@ -192,6 +195,6 @@ UNREACHABLE = ("torch RPC needs every host to accept connections from every othe
 
 
 def _never_formed(name: str, timeout_s: float) -> None:
-    print(f"split_trainer: [{name}] error: the RPC group did not form within rpc.startup_timeout_s={timeout_s:g} s: "
-          f"{UNREACHABLE}", file=sys.stderr, flush=True)
+    say(f"split_trainer: [{name}] error: the RPC group did not form within rpc.startup_timeout_s={timeout_s:g} s: "
+        f"{UNREACHABLE}")
     os._exit(1)
