@@ -54,8 +54,8 @@ def channel_options(timeout_s: float, server: bool) -> list[tuple[str, int]]:
 
 
 def write_address(run_dir: Path, address: str, timeout_s: float) -> None:
-    """The run folder's ``grpc.address`` (for people, and for edges started by hand on this
-    machine), and, in a torchrun group, the same under this attempt's key in torchrun's store."""
+    """The run folder's ``grpc.address`` (for people, and for edge ranks with no torchrun store to
+    read), and, in a torchrun group, the same under this attempt's key in torchrun's store."""
     write_text(Path(run_dir) / ADDRESS_FILE, address + "\n")
     store = _attempt_store(timeout_s)
     if store is not None:
