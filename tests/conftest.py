@@ -223,18 +223,19 @@ def free_port() -> int:
     """A free port for a listener a test starts by its own number (a torchrun host's rendezvous),
     taken below the kernel's ephemeral range. Its clients dial it before it listens; an ephemeral
     number could by then belong to another test's TensorPipe listener (each rank binds about 18 with
-    port 0), and TensorPipe aborts its whole process (std::bad_alloc) on bytes not its own."""
+    port 0), and TensorPipe aborts its whole process (std::bad_alloc) on bytes not its own. A machine
+    whose ephemeral range leaves no room below it gets a port-0 one, as before."""
     first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    below = range(10000, first_ephemeral) if first_ephemeral > 11000 else range(0)  # else: none to take
     rng = random.SystemRandom()
-    for _ in range(100):
-        port = rng.randrange(10000, first_ephemeral)
+    for port in [rng.choice(below) for _ in range(100) if below] + [0]:
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError(f"no free port in 10000..{first_ephemeral - 1}")
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
 
 
 def launch(script: str, *args: str, within: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
